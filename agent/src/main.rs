@@ -1,0 +1,115 @@
+//! `archy-agent`: the thin binary over the `archy_agent` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use archy_agent::manifest::{Catalog, Problems};
+use archy_agent::quadlet::{self, PodmanVersion};
+use archy_agent::secrets::{self, Outcome};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "archy-agent", version, about = "On-node agent for rootless Podman/Quadlet apps")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate every manifest of a catalog; exits 1 listing every problem found.
+    Check {
+        /// Catalog directory holding `<id>/manifest.yml`.
+        #[arg(default_value = "apps")]
+        dir: PathBuf,
+    },
+    /// Print the Quadlet `.container` unit of one app.
+    Render {
+        app: String,
+        #[arg(long, default_value = "apps")]
+        catalog: PathBuf,
+        /// Version of the podman that will run the container (e.g. `podman --version` on the node).
+        #[arg(long, default_value = "4.3.1")]
+        podman_version: PodmanVersion,
+        /// Node data root: app data in `DATA_ROOT/apps/<id>`, secrets in `DATA_ROOT/secrets`.
+        #[arg(long, default_value = "/var/lib/archy")]
+        data_root: PathBuf,
+    },
+    /// Operator commands for generated secrets.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Create missing and heal damaged secrets of one app; never rotates a valid one.
+    /// Run it as the service user: the files it writes are owned by whoever runs it.
+    Ensure {
+        app: String,
+        /// Secrets root; the app's secrets go to `DIR/<app>/`.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "apps")]
+        catalog: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("ARCHY_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(dir: &std::path::Path) -> Result<Catalog> {
+    Catalog::load(dir).map_err(|Problems(p)| {
+        let n = p.len();
+        anyhow::anyhow!("{}\n{n} problem(s) in catalog {}", Problems(p), dir.display())
+    })
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Check { dir } => {
+            let catalog = load(&dir)?;
+            println!("{}: {} apps, all valid", dir.display(), catalog.apps.len());
+        }
+        Command::Render { app, catalog, podman_version, data_root } => {
+            let catalog = load(&catalog)?;
+            let m = catalog.get(&app).with_context(|| format!("no app `{app}` in the catalog"))?;
+            let unit = quadlet::render(m, &quadlet::Target { podman: podman_version, data_root });
+            print!("{}", unit.text);
+        }
+        Command::Secrets { command: SecretsCommand::Ensure { app, dir, catalog } } => {
+            let catalog = load(&catalog)?;
+            let m = catalog.get(&app).with_context(|| format!("no app `{app}` in the catalog"))?;
+            for e in secrets::ensure(&dir, m)? {
+                let what = match e.outcome {
+                    Outcome::Kept => "kept".to_string(),
+                    Outcome::Generated => "generated".to_string(),
+                    Outcome::Healed(r) => format!("healed ({})", r.as_str()),
+                };
+                println!("{app}/{} ({}): {what}", e.target, e.kind.as_str());
+            }
+            secrets::write_env_file(&dir, m)?;
+            let missing = secrets::check_complete(&dir, m, &catalog)?;
+            for i in &missing {
+                println!("{app}: reads {} which is {}", i.reference, i.reason.as_str());
+            }
+            if !missing.is_empty() {
+                return Ok(ExitCode::from(3));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,338 @@
+//! Generated secrets: created once, never rotated while valid, healed when damaged.
+//!
+//! Layout: `<root>/<app>/<target>` (mode 0600) in directories of mode 0700, all owned by
+//! the service user the agent runs as. A bcrypt secret is two files: `<target>.pw` holds the
+//! password and `<target>` its hash, so the app that needs the password and the app that
+//! needs the hash always agree.
+//!
+//! Healing never needs privilege: a damaged file (even one owned by root) is replaced by
+//! renaming a fresh file over it, which only takes write access to the directory we own.
+//! Values never reach a log line, an error or a `Debug` output: only names and paths do.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rand::RngCore;
+
+use crate::manifest::{Catalog, GeneratedSecret, Manifest, SecretKind, SecretRef, BCRYPT_PLAINTEXT_SUFFIX};
+
+/// bcrypt work factor: ~50 ms per hash here, paid once per generated secret.
+const BCRYPT_COST: u32 = 10;
+/// Name of the per-app environment file holding values read from secrets (hidden names
+/// cannot collide with secret targets, which may not start with `.`).
+pub const ENV_FILE: &str = ".env";
+const LOCK_FILE: &str = ".lock";
+const TMP_SUFFIX: &str = ".tmp";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: cannot {op}: {source}")]
+    Io { path: PathBuf, op: &'static str, source: io::Error },
+    #[error("{path} is owned by uid {owner}, not by the service user (uid {me}): chown it to the service user, or remove it so the agent recreates it")]
+    ForeignDir { path: PathBuf, owner: u32, me: u32 },
+    #[error("{path} is not a directory: remove it so the agent recreates it")]
+    NotADir { path: PathBuf },
+    #[error("cannot hash secret {path}: {source}")]
+    Hash { path: PathBuf, source: bcrypt::BcryptError },
+    #[error("app `{app}` reads secret `{reference}`, which no app in the catalog generates")]
+    UnknownRef { app: String, reference: SecretRef },
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error::Io { path: path.into(), op, source }
+}
+
+/// Why a secret file was recreated or found unusable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HealReason {
+    /// Deleted after the app's secrets directory had been created.
+    Missing,
+    Empty,
+    /// Wrong length, not hex, not a bcrypt hash, or not a regular file.
+    Malformed,
+    /// A bcrypt hash that does not verify against its password.
+    HashMismatch,
+    WrongMode,
+    WrongOwner,
+}
+
+impl HealReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealReason::Missing => "missing",
+            HealReason::Empty => "empty",
+            HealReason::Malformed => "malformed",
+            HealReason::HashMismatch => "hash_mismatch",
+            HealReason::WrongMode => "wrong_mode",
+            HealReason::WrongOwner => "wrong_owner",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Valid and left untouched (same inode, bytes and mtime).
+    Kept,
+    /// Created for the first time.
+    Generated,
+    /// Recreated because it was damaged.
+    Healed(HealReason),
+}
+
+/// What [`ensure`] did to one declared secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ensured {
+    pub target: String,
+    pub kind: SecretKind,
+    pub outcome: Outcome,
+}
+
+/// A secret another app reads that is not usable right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incomplete {
+    pub reference: SecretRef,
+    pub reason: HealReason,
+}
+
+/// Makes every generated secret of `app` exist and be valid under `root`, and writes the
+/// app's environment file when its environment reads secrets. Serialised per app by a lock
+/// file, so concurrent calls cannot interleave.
+pub fn ensure(root: &Path, app: &Manifest) -> Result<Vec<Ensured>, Error> {
+    let dir = root.join(&app.id);
+    ensure_dir(root)?;
+    let had_dir = dir.exists();
+    ensure_dir(&dir)?;
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path, "open lock file"))?;
+    lock.lock().map_err(io_err(&lock_path, "lock"))?;
+    remove_stale_temps(&dir)?;
+
+    let mut out = Vec::with_capacity(app.generated_secrets.len());
+    for s in &app.generated_secrets {
+        let reason = repair(&dir, s)?;
+        let outcome = match reason {
+            None => Outcome::Kept,
+            Some(HealReason::Missing) if !had_dir => Outcome::Generated,
+            Some(r) => Outcome::Healed(r),
+        };
+        if outcome != Outcome::Kept {
+            tracing::info!(app = %app.id, secret = %s.target, outcome = ?outcome, "secret written");
+        }
+        out.push(Ensured { target: s.target.clone(), kind: s.kind, outcome });
+    }
+    Ok(out)
+}
+
+/// Writes `<root>/<app>/.env` with the values of the environment variables that read a
+/// secret, or removes it when none do. Rewrites only on change, so a converged node writes
+/// nothing. Returns whether the file exists afterwards.
+pub fn write_env_file(root: &Path, app: &Manifest) -> Result<bool, Error> {
+    let dir = root.join(&app.id);
+    let path = dir.join(ENV_FILE);
+    let mut text = String::new();
+    for (key, value) in &app.environment {
+        if let crate::manifest::EnvValue::Secret { secret } = value {
+            let owner = app.secret_files.iter().find(|r| &r.name == secret).map_or(app.id.as_str(), |r| r.app.as_str());
+            let file = root.join(owner).join(secret);
+            let v = fs::read_to_string(&file).map_err(io_err(&file, "read secret"))?;
+            text.push_str(&format!("{key}={v}\n"));
+        }
+    }
+    if text.is_empty() {
+        return match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path, "remove")(e)),
+            _ => Ok(false),
+        };
+    }
+    if fs::read(&path).ok().as_deref() != Some(text.as_bytes()) || !owned_0600(&path) {
+        ensure_dir(&dir)?;
+        write_atomic(&dir, ENV_FILE, text.as_bytes())?;
+    }
+    Ok(true)
+}
+
+/// Checks that every secret `app` reads through `secret_files` exists and is valid.
+pub fn check_complete(root: &Path, app: &Manifest, catalog: &Catalog) -> Result<Vec<Incomplete>, Error> {
+    let mut out = Vec::new();
+    for r in &app.secret_files {
+        let s = catalog.generated(r).ok_or_else(|| Error::UnknownRef { app: app.id.clone(), reference: r.clone() })?;
+        if let Some(reason) = inspect(&root.join(&r.app), s)? {
+            out.push(Incomplete { reference: r.clone(), reason });
+        }
+    }
+    Ok(out)
+}
+
+/// Why `s` in `dir` is unusable, or `None` when it is valid.
+pub fn inspect(dir: &Path, s: &GeneratedSecret) -> Result<Option<HealReason>, Error> {
+    let path = dir.join(&s.target);
+    Ok(match s.kind {
+        SecretKind::Hex16 => check(&path, |v| hex_check(v, 32))?.err(),
+        SecretKind::Hex32 => check(&path, |v| hex_check(v, 64))?.err(),
+        SecretKind::Bcrypt => match check(&pw_path(dir, s), |v| hex_check(v, 32))? {
+            Err(r) => Some(r),
+            Ok(pw) => check(&path, |h| bcrypt_check(&pw, h))?.err(),
+        },
+    })
+}
+
+/// Recreates what is damaged; returns the reason, or `None` if `s` was valid.
+fn repair(dir: &Path, s: &GeneratedSecret) -> Result<Option<HealReason>, Error> {
+    let path = dir.join(&s.target);
+    let hex = |n| -> Result<Option<HealReason>, Error> {
+        let reason = check(&path, |v| hex_check(v, n * 2))?.err();
+        if reason.is_some() {
+            write_atomic(dir, &s.target, random_hex(n).as_bytes())?;
+        }
+        Ok(reason)
+    };
+    match s.kind {
+        SecretKind::Hex16 => hex(16),
+        SecretKind::Hex32 => hex(32),
+        SecretKind::Bcrypt => {
+            // A valid password is kept and only its hash redone: rotating the password
+            // would break the app that already uses it.
+            let (pw, pw_reason) = match check(&pw_path(dir, s), |v| hex_check(v, 32))? {
+                Ok(pw) => (pw, None),
+                Err(r) => {
+                    let pw = random_hex(16).into_bytes();
+                    write_atomic(dir, &format!("{}{BCRYPT_PLAINTEXT_SUFFIX}", s.target), &pw)?;
+                    (pw, Some(r))
+                }
+            };
+            let hash_reason = check(&path, |h| bcrypt_check(&pw, h))?.err();
+            if let Some(r) = hash_reason {
+                let text = std::str::from_utf8(&pw).expect("checked hex");
+                let hash = bcrypt::hash(text, BCRYPT_COST).map_err(|source| Error::Hash { path: path.clone(), source })?;
+                write_atomic(dir, &s.target, hash.as_bytes())?;
+                return Ok(pw_reason.or(Some(r)));
+            }
+            Ok(pw_reason)
+        }
+    }
+}
+
+fn pw_path(dir: &Path, s: &GeneratedSecret) -> PathBuf {
+    dir.join(format!("{}{BCRYPT_PLAINTEXT_SUFFIX}", s.target))
+}
+
+/// Reads `path` if it is a regular file of ours with mode 0600 and content `valid` accepts.
+fn check(path: &Path, valid: impl Fn(&[u8]) -> Option<HealReason>) -> Result<Result<Vec<u8>, HealReason>, Error> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Err(HealReason::Missing)),
+        Err(e) => return Err(io_err(path, "stat")(e)),
+    };
+    if !meta.file_type().is_file() {
+        return Ok(Err(HealReason::Malformed));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Ok(Err(HealReason::WrongOwner));
+    }
+    if meta.mode() & 0o7777 != 0o600 {
+        return Ok(Err(HealReason::WrongMode));
+    }
+    if meta.len() == 0 {
+        return Ok(Err(HealReason::Empty));
+    }
+    let bytes = fs::read(path).map_err(io_err(path, "read"))?;
+    Ok(match valid(&bytes) {
+        None => Ok(bytes),
+        Some(r) => Err(r),
+    })
+}
+
+fn owned_0600(path: &Path) -> bool {
+    fs::symlink_metadata(path)
+        .is_ok_and(|m| m.is_file() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o7777 == 0o600)
+}
+
+fn hex_check(v: &[u8], len: usize) -> Option<HealReason> {
+    let ok = v.len() == len && v.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+    (!ok).then_some(HealReason::Malformed)
+}
+
+fn bcrypt_check(pw: &[u8], hash: &[u8]) -> Option<HealReason> {
+    let Ok(hash) = std::str::from_utf8(hash) else { return Some(HealReason::Malformed) };
+    match bcrypt::verify(pw, hash) {
+        Ok(true) => None,
+        Ok(false) => Some(HealReason::HashMismatch),
+        Err(_) => Some(HealReason::Malformed),
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Creates `dir` (mode 0700) if needed, and checks that an existing one is ours.
+fn ensure_dir(dir: &Path) -> Result<(), Error> {
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir, "create directory"))
+        }
+        Err(e) => Err(io_err(dir, "stat")(e)),
+        Ok(m) if !m.is_dir() => Err(Error::NotADir { path: dir.into() }),
+        Ok(m) => {
+            let me = nix::unistd::geteuid().as_raw();
+            if m.uid() != me {
+                return Err(Error::ForeignDir { path: dir.into(), owner: m.uid(), me });
+            }
+            if m.mode() & 0o7777 != 0o700 {
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir, "chmod 0700"))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Temp files left by a writer that died between create and rename.
+fn remove_stale_temps(dir: &Path) -> Result<(), Error> {
+    for entry in fs::read_dir(dir).map_err(io_err(dir, "list"))?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
+            let p = entry.path();
+            fs::remove_file(&p).map_err(io_err(&p, "remove stale temp file"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Atomically replaces `dir/name` with `bytes`, mode 0600: a temp file created exclusively
+/// in the same directory, fsynced, renamed over the target, then the directory fsynced. The
+/// rename replaces whatever was there (even a root-owned file) without privilege.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = dir.join(format!(".{name}.{}.{:08x}{TMP_SUFFIX}", std::process::id(), rand::rng().next_u32()));
+    let target = dir.join(name);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io_err(&tmp, "create"))?;
+        // The umask may have taken bits away from 0600; set it exactly.
+        f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io_err(&tmp, "chmod 0600"))?;
+        f.write_all(bytes).map_err(io_err(&tmp, "write"))?;
+        f.sync_all().map_err(io_err(&tmp, "fsync"))?;
+        fs::rename(&tmp, &target).map_err(io_err(&target, "rename into place"))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "fsync directory"))
+}
