@@ -38,7 +38,8 @@ pub struct PodmanVersion {
 impl FromStr for PodmanVersion {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let core = s.trim().trim_start_matches("podman version ").split(['-', '+', '~']).next().unwrap_or_default();
+        let core =
+            s.trim().trim_start_matches("podman version ").split(['-', '+', '~']).next().unwrap_or_default();
         let mut n = core.split('.').map(str::parse::<u32>);
         match (n.next(), n.next(), n.next().unwrap_or(Ok(0)), n.next()) {
             (Some(Ok(major)), Some(Ok(minor)), Ok(patch), None) => Ok(PodmanVersion { major, minor, patch }),
@@ -122,11 +123,12 @@ pub fn render(m: &Manifest, target: &Target) -> Unit {
         let ro = if v.read_only { ":ro" } else { "" };
         kv(w, "Volume", &format!("{}:{}{ro}", app_data.join(&v.name).display(), v.path));
     }
-    // One bind mount per file, not the directory: an app sees only the secrets it declares.
+    // One bind mount per file, not the directory: an app sees only the secrets it declares,
+    // and of its own bcrypt secrets only the hash (the password is for the apps that log in).
     let secrets_root = target.secrets_root();
     let own = secrets_root.join(&m.id);
-    for f in m.generated_secrets.iter().flat_map(|s| s.files()) {
-        kv(w, "Volume", &format!("{}:{SECRETS_MOUNT}/{f}:ro", own.join(&f).display()));
+    for s in &m.generated_secrets {
+        kv(w, "Volume", &format!("{}:{SECRETS_MOUNT}/{}:ro", own.join(&s.target).display(), s.target));
     }
     for r in &m.secret_files {
         let src = secrets_root.join(&r.app).join(&r.name);

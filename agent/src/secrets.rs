@@ -141,7 +141,11 @@ pub fn write_env_file(root: &Path, app: &Manifest) -> Result<bool, Error> {
     let mut text = String::new();
     for (key, value) in &app.environment {
         if let crate::manifest::EnvValue::Secret { secret } = value {
-            let owner = app.secret_files.iter().find(|r| &r.name == secret).map_or(app.id.as_str(), |r| r.app.as_str());
+            let owner = app
+                .secret_files
+                .iter()
+                .find(|r| &r.name == secret)
+                .map_or(app.id.as_str(), |r| r.app.as_str());
             let file = root.join(owner).join(secret);
             let v = fs::read_to_string(&file).map_err(io_err(&file, "read secret"))?;
             text.push_str(&format!("{key}={v}\n"));
@@ -164,7 +168,9 @@ pub fn write_env_file(root: &Path, app: &Manifest) -> Result<bool, Error> {
 pub fn check_complete(root: &Path, app: &Manifest, catalog: &Catalog) -> Result<Vec<Incomplete>, Error> {
     let mut out = Vec::new();
     for r in &app.secret_files {
-        let s = catalog.generated(r).ok_or_else(|| Error::UnknownRef { app: app.id.clone(), reference: r.clone() })?;
+        let s = catalog
+            .generated(r)
+            .ok_or_else(|| Error::UnknownRef { app: app.id.clone(), reference: r.clone() })?;
         if let Some(reason) = inspect(&root.join(&r.app), s)? {
             out.push(Incomplete { reference: r.clone(), reason });
         }
@@ -212,7 +218,8 @@ fn repair(dir: &Path, s: &GeneratedSecret) -> Result<Option<HealReason>, Error> 
             let hash_reason = check(&path, |h| bcrypt_check(&pw, h))?.err();
             if let Some(r) = hash_reason {
                 let text = std::str::from_utf8(&pw).expect("checked hex");
-                let hash = bcrypt::hash(text, BCRYPT_COST).map_err(|source| Error::Hash { path: path.clone(), source })?;
+                let hash = bcrypt::hash(text, BCRYPT_COST)
+                    .map_err(|source| Error::Hash { path: path.clone(), source })?;
                 write_atomic(dir, &s.target, hash.as_bytes())?;
                 return Ok(pw_reason.or(Some(r)));
             }
@@ -226,7 +233,10 @@ fn pw_path(dir: &Path, s: &GeneratedSecret) -> PathBuf {
 }
 
 /// Reads `path` if it is a regular file of ours with mode 0600 and content `valid` accepts.
-fn check(path: &Path, valid: impl Fn(&[u8]) -> Option<HealReason>) -> Result<Result<Vec<u8>, HealReason>, Error> {
+fn check(
+    path: &Path,
+    valid: impl Fn(&[u8]) -> Option<HealReason>,
+) -> Result<Result<Vec<u8>, HealReason>, Error> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Err(HealReason::Missing)),
@@ -252,8 +262,9 @@ fn check(path: &Path, valid: impl Fn(&[u8]) -> Option<HealReason>) -> Result<Res
 }
 
 fn owned_0600(path: &Path) -> bool {
-    fs::symlink_metadata(path)
-        .is_ok_and(|m| m.is_file() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o7777 == 0o600)
+    fs::symlink_metadata(path).is_ok_and(|m| {
+        m.is_file() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o7777 == 0o600
+    })
 }
 
 fn hex_check(v: &[u8], len: usize) -> Option<HealReason> {
@@ -279,9 +290,11 @@ fn random_hex(bytes: usize) -> String {
 /// Creates `dir` (mode 0700) if needed, and checks that an existing one is ours.
 fn ensure_dir(dir: &Path) -> Result<(), Error> {
     match fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir, "create directory"))
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir, "create directory")),
         Err(e) => Err(io_err(dir, "stat")(e)),
         Ok(m) if !m.is_dir() => Err(Error::NotADir { path: dir.into() }),
         Ok(m) => {
@@ -290,7 +303,8 @@ fn ensure_dir(dir: &Path) -> Result<(), Error> {
                 return Err(Error::ForeignDir { path: dir.into(), owner: m.uid(), me });
             }
             if m.mode() & 0o7777 != 0o700 {
-                fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir, "chmod 0700"))?;
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                    .map_err(io_err(dir, "chmod 0700"))?;
             }
             Ok(())
         }

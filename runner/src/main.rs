@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 const EXIT_UNKNOWN: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "archy-chaos", version, about = "Chaos and performance gate for rootless Podman/Quadlet apps")]
+#[command(
+    name = "archy-chaos",
+    version,
+    about = "Chaos and performance gate for rootless Podman/Quadlet apps"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,157 @@
+//! Manifest parsing and validation rules, and the parser's robustness on arbitrary input.
+
+mod support;
+
+use std::path::Path;
+
+use archy_agent::manifest::{check_image, is_bare_name, Manifest};
+use proptest::prelude::*;
+use support::*;
+
+fn parse(text: &str) -> Result<Manifest, String> {
+    Manifest::parse(Path::new("t/manifest.yml"), text).map_err(|e| e.to_string())
+}
+
+const MINIMAL: &str = "id: t\nname: T\nversion: '1'\nimage: localhost/t:1\n";
+
+#[test]
+fn minimal_manifest_gets_safe_defaults() {
+    let m = parse(MINIMAL).unwrap();
+    assert!(m.ports.is_empty() && m.capabilities.is_empty() && m.health.is_none() && !m.fixture);
+    assert_eq!(m.restart.as_str(), "on-failure");
+    assert_eq!(m.stop_timeout.0.as_secs(), 10);
+    let m = parse(&format!("{MINIMAL}ports: [{{host: 18000, container: 8000}}]\n")).unwrap();
+    assert_eq!(m.ports[0].bind.to_string(), "127.0.0.1", "ports bind to loopback unless told otherwise");
+}
+
+#[test]
+fn there_is_no_way_to_ask_for_privilege() {
+    for field in ["privileged: true", "user: root", "cap_add: [SYS_ADMIN]", "security_opt: [label=disable]"] {
+        let err = parse(&format!("{MINIMAL}{field}\n")).unwrap_err();
+        assert!(err.contains("unknown field"), "{field}: {err}");
+    }
+    let err = parse(&format!("{MINIMAL}capabilities: [ALL]\n")).unwrap_err();
+    assert!(err.contains("`ALL` is not a capability name"), "{err}");
+}
+
+#[test]
+fn restart_no_is_the_string_no() {
+    // YAML 1.1 would read `no` as false; the manifest means systemd's `Restart=no`.
+    assert_eq!(parse(&format!("{MINIMAL}restart: no\n")).unwrap().restart.as_str(), "no");
+}
+
+#[test]
+fn durations() {
+    let m = parse(&format!("{MINIMAL}stop_timeout: 5m\n")).unwrap();
+    assert_eq!(m.stop_timeout.0.as_secs(), 300);
+    for bad in ["5", "five", "-1s", "1.5s", "s", "10d"] {
+        let err = parse(&format!("{MINIMAL}stop_timeout: {bad}\n")).unwrap_err();
+        assert!(err.contains("stop_timeout: ") && err.contains("at line 5"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn bare_names_reject_every_trick() {
+    for ok in ["rpc-password", "fmcd-password", "a", "x.y_z-1", "A1"] {
+        assert!(is_bare_name(ok), "{ok}");
+    }
+    for bad in [
+        "",
+        "/etc/passwd",
+        "a/b",
+        "..",
+        "a..b",
+        ".hidden",
+        "-flag",
+        "a\0b",
+        "a\nb",
+        "a b",
+        "a\\b",
+        "a\u{2215}b",
+        "a\u{ff0f}b",
+        "\u{2024}\u{2024}",
+        "é",
+        "a:b",
+        &"x".repeat(65),
+    ] {
+        assert!(!is_bare_name(bad), "{bad:?} must be rejected");
+    }
+}
+
+#[test]
+fn image_references() {
+    for ok in [
+        "docker.io/lightninglabs/lnd:v0.20.1-beta",
+        "localhost/archy-fixture:1",
+        "localhost:5000/a/b:1.0",
+        "ghcr.io/x/y@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "quay.io/a/b_c__d:tag_1",
+    ] {
+        assert_eq!(check_image(ok), Ok(()), "{ok}");
+    }
+    for (bad, why) in [
+        ("lnd:v1", "not fully qualified"),
+        ("docker.io/lightninglabs/lnd", "no tag or digest"),
+        ("docker.io/Upper/lnd:1", "path component `Upper`"),
+        ("docker.io/a/b:", "tag ``"),
+        ("docker.io/a/b:-x", "tag `-x`"),
+        ("docker.io/a/b@sha256:abc", "64 lowercase hex"),
+        ("docker.io/a/b@md5:abc", "sha256"),
+        ("docker.io//b:1", "path component ``"),
+        ("docker..io/a:1", "registry"),
+        ("docker.io:99999/a:1", "registry"),
+        ("", "no tag or digest"),
+    ] {
+        let err = check_image(bad).unwrap_err();
+        assert!(err.contains(why), "{bad:?}: {err}");
+    }
+}
+
+#[test]
+fn every_problem_of_a_manifest_is_reported_at_once() {
+    let text = "id: Bad_Id\nname: ''\nversion: '1'\nimage: nope\ncapabilities: [cap_net_raw]\n\
+                generated_secrets: [{target: ../x, kind: hex16}]\nports: [{host: 80}]\n";
+    let err = parse(text).unwrap_err();
+    for want in [
+        "id:",
+        "name:",
+        "image:",
+        "capabilities[0]",
+        "generated_secrets[0].target",
+        "ports[0].container",
+        "ports[0].host",
+    ] {
+        assert!(err.contains(&format!("t/manifest.yml: {want}")), "missing {want} in:\n{err}");
+    }
+}
+
+#[test]
+fn every_catalog_manifest_parses_on_its_own() {
+    let apps = repo_root().join("apps");
+    for entry in std::fs::read_dir(&apps).unwrap() {
+        let path = entry.unwrap().path().join("manifest.yml");
+        Manifest::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn parser_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = parse(&String::from_utf8_lossy(&bytes));
+    }
+
+    #[test]
+    fn parser_never_panics_on_manifest_shaped_input(
+        key in prop::sample::select(vec!["id", "image", "ports", "volumes", "environment", "secret_files",
+            "generated_secrets", "capabilities", "health", "depends_on", "memory", "restart", "stop_timeout",
+            "network", "build", "command"]),
+        value in "[ -~\\n]{0,40}",
+        image in "[a-zA-Z0-9./:@_-]{0,60}",
+    ) {
+        let text = format!("id: t\nname: T\nversion: '1'\nimage: '{}'\n{key}: {value}\n", image.replace('\'', ""));
+        let _ = parse(&text);
+        let _ = check_image(&image);
+    }
+}
