@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Where secrets appear inside a container: `/run/secrets/<file name>`.
+pub const SECRETS_MOUNT: &str = "/run/secrets";
+
 /// One problem found in one manifest: which file, which field, what is wrong and the fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -156,17 +159,24 @@ pub struct Volume {
     expecting = "a string, number or boolean, or `{ secret: NAME }` to read the value from a secret file"
 )]
 pub enum EnvValue {
-    Secret { secret: String },
+    Secret(SecretSource),
     Text(String),
     Number(serde_yaml::Number),
     Bool(bool),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// File name of a secret the app can read: one it generates or one in `secret_files`.
+    pub secret: String,
 }
 
 impl EnvValue {
     /// The literal value, or `None` for a secret reference.
     pub fn literal(&self) -> Option<String> {
         match self {
-            EnvValue::Secret { .. } => None,
+            EnvValue::Secret(_) => None,
             EnvValue::Text(s) => Some(s.clone()),
             EnvValue::Number(n) => Some(n.to_string()),
             EnvValue::Bool(b) => Some(b.to_string()),
@@ -294,7 +304,8 @@ impl FromStr for Dur {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
-            _ => return Err(format!("`{s}` has no unit: write e.g. `30s`, `5m`, `500ms`")),
+            "" => return Err(format!("`{s}` has no unit: write e.g. `30s`, `5m`, `500ms`")),
+            u => return Err(format!("`{s}`: unknown unit `{u}`: use `ms`, `s`, `m` or `h`")),
         };
         Ok(Dur(d))
     }
@@ -391,6 +402,15 @@ const CAPABILITIES: &[&str] = &[
     "WAKE_ALARM",
 ];
 
+const BARE_NAME: &str = "letters, digits, `.`, `_`, `-`, at most 64, not starting with `.`, no `/` or `..`";
+const UNIT_TEXT: &str = "must not contain control characters (newline, NUL, ...) or end with `\\`";
+
+/// `s` in backticks with everything outside printable ASCII escaped, so that a look-alike
+/// slash or an invisible character shows in the message.
+fn show(s: &str) -> String {
+    format!("`{}`", s.escape_default())
+}
+
 /// A bare file or directory name: no separator, no `..`, not hidden, printable ASCII only,
 /// so that no encoding trick (NUL, unicode look-alike slashes, control bytes) gets through.
 pub fn is_bare_name(s: &str) -> bool {
@@ -456,18 +476,11 @@ pub fn check_image(image: &str) -> Result<(), String> {
             && !l.ends_with('-')
             && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
     });
-    if !host_ok || port.parse::<u16>().is_err() {
+    if !host_ok || !port.parse::<u16>().is_ok_and(|p| p > 0) {
         return Err(format!("registry `{domain}` is not a valid host[:port]"));
     }
     for comp in path {
-        // [a-z0-9]+ separated by `.`, `_`, `__` or `-`s.
-        let ok = !comp.is_empty()
-            && comp.as_bytes()[0].is_ascii_alphanumeric()
-            && comp.as_bytes()[comp.len() - 1].is_ascii_alphanumeric()
-            && comp.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(&c))
-            && !comp.contains("..")
-            && !comp.contains("___");
-        if !ok {
+        if !is_path_component(comp) {
             return Err(format!(
                 "path component `{comp}` is invalid: lowercase letters, digits and separators"
             ));
@@ -476,12 +489,38 @@ pub fn check_image(image: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_memory(m: &str) -> bool {
-    let digits = m.trim_end_matches(|c: char| "bkmgBKMG".contains(c));
-    m.len() - digits.len() <= 1
-        && !digits.is_empty()
-        && digits.bytes().all(|c| c.is_ascii_digit())
-        && digits.parse::<u64>().is_ok_and(|n| n > 0)
+/// `[a-z0-9]+` runs joined by exactly one separator: `.`, `_`, `__` or any run of `-`.
+fn is_path_component(comp: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    comp.starts_with(alnum)
+        && comp.ends_with(alnum)
+        && comp.chars().all(|c| alnum(c) || "._-".contains(c))
+        && comp
+            .split(alnum)
+            .filter(|s| !s.is_empty())
+            .all(|s| matches!(s, "." | "_" | "__") || s.bytes().all(|c| c == b'-'))
+}
+
+/// Podman refuses memory limits under 6 MiB.
+const MIN_MEMORY: u64 = 6 << 20;
+
+/// Bytes of a podman memory size such as `512m`, if it is one.
+fn memory_bytes(m: &str) -> Option<u64> {
+    let (digits, unit) = m.split_at(m.find(|c: char| !c.is_ascii_digit()).unwrap_or(m.len()));
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// Text that lands in a unit file: no control characters (a newline would start a new key)
+/// and no trailing backslash (systemd would join the next line).
+fn is_unit_text(s: &str) -> bool {
+    !s.chars().any(char::is_control) && !s.ends_with('\\')
 }
 
 impl Manifest {
@@ -520,7 +559,7 @@ impl Manifest {
             bad("id".into(), format!("`{}` is not a valid app id: lowercase letters, digits and `-`, starting with a letter, at most 40", self.id));
         }
         for (field, v) in [("name", &self.name), ("version", &self.version)] {
-            if v.trim().is_empty() || v.chars().any(char::is_control) {
+            if v.trim().is_empty() || !is_unit_text(v) {
                 bad(field.into(), "must be non-empty text without control characters".into());
             }
         }
@@ -543,8 +582,8 @@ impl Manifest {
             }
         }
         for (i, a) in self.command.iter().enumerate() {
-            if a.contains('\0') || a.contains('\n') {
-                bad(format!("command[{i}]"), "must not contain NUL or newline".into());
+            if !is_unit_text(a) {
+                bad(format!("command[{i}]"), UNIT_TEXT.into());
             }
         }
 
@@ -561,10 +600,10 @@ impl Manifest {
             if self.network == Network::Host && p.container.is_some_and(|c| c != p.host) {
                 bad(field.clone(), "under `network: host` the app listens on the host port itself: drop `container` or make it equal `host`".into());
             }
-            if p.container_port() < 1024 && !has_cap("NET_BIND_SERVICE") {
+            if p.container_port() != 0 && p.container_port() < 1024 && !has_cap("NET_BIND_SERVICE") {
                 bad(format!("{field}.container"), format!("port {} is below 1024: add `NET_BIND_SERVICE` to capabilities or listen on a port >= 1024", p.container_port()));
             }
-            if p.host < 1024 {
+            if p.host != 0 && p.host < 1024 {
                 bad(
                     format!("{field}.host"),
                     format!(
@@ -581,19 +620,30 @@ impl Manifest {
             if !is_bare_name(&v.name) {
                 bad(
                     format!("volumes[{i}].name"),
-                    format!("`{}` must be a bare directory name (letters, digits, `.`, `_`, `-`)", v.name),
+                    format!("{} must be a bare directory name: {BARE_NAME}", show(&v.name)),
                 );
             }
             if !vol_names.insert(&v.name) {
                 bad(format!("volumes[{i}].name"), format!("`{}` is declared twice", v.name));
             }
-            if !v.path.starts_with('/') || v.path.split('/').any(|c| c == "..") || v.path.contains(':') {
+            let path = v.path.trim_end_matches('/');
+            if !v.path.starts_with('/')
+                || path.is_empty()
+                || path.split('/').any(|c| c == "..")
+                || v.path.contains(':')
+                || !is_unit_text(&v.path)
+            {
                 bad(
                     format!("volumes[{i}].path"),
-                    format!("`{}` must be an absolute container path without `..` or `:`", v.path),
+                    format!("`{}` must be an absolute container path other than `/`, without `..`, `:` or control characters", v.path.escape_default()),
+                );
+            } else if path == SECRETS_MOUNT || path.starts_with(&format!("{SECRETS_MOUNT}/")) {
+                bad(
+                    format!("volumes[{i}].path"),
+                    format!("`{}` would cover the secrets mounted at {SECRETS_MOUNT}", v.path),
                 );
             }
-            if !mounts.insert(v.path.clone()) {
+            if !mounts.insert(path) {
                 bad(format!("volumes[{i}].path"), format!("`{}` is mounted twice", v.path));
             }
         }
@@ -603,7 +653,7 @@ impl Manifest {
         for (i, s) in self.generated_secrets.iter().enumerate() {
             let field = format!("generated_secrets[{i}].target");
             if !is_bare_name(&s.target) {
-                bad(field, format!("`{}` must be a bare file name: letters, digits, `.`, `_`, `-`, not starting with `.`, no `/` or `..`", s.target.escape_debug()));
+                bad(field, format!("{} must be a bare file name: {BARE_NAME}", show(&s.target)));
                 continue;
             }
             for f in s.files() {
@@ -619,8 +669,8 @@ impl Manifest {
                 bad(
                     field,
                     format!(
-                        "`{}` must be `APP/NAME` with a valid app id and a bare file name",
-                        r.to_string().escape_debug()
+                        "{} must be `APP/NAME` with a valid app id and a bare file name ({BARE_NAME})",
+                        show(&r.to_string())
                     ),
                 );
             } else if r.app == self.id {
@@ -647,15 +697,14 @@ impl Manifest {
                 );
             }
             match v {
-                EnvValue::Secret { secret } if !readable.contains(secret) => bad(
-                    field,
-                    format!(
-                        "secret `{secret}` is neither generated by this app nor listed in `secret_files`"
-                    ),
-                ),
-                EnvValue::Text(t) if t.contains('\0') || t.contains('\n') => {
-                    bad(field, "must not contain NUL or newline".into())
+                EnvValue::Secret(SecretSource { secret }) if !readable.contains(secret) => {
+                    let hint = match secret.rsplit_once('/') {
+                        Some((_, name)) => format!(": refer to a secret by its file name, e.g. `{name}`"),
+                        None => String::new(),
+                    };
+                    bad(field, format!("secret `{secret}` is neither generated by this app nor listed in `secret_files`{hint}"))
                 }
+                EnvValue::Text(t) if !is_unit_text(t) => bad(field, UNIT_TEXT.into()),
                 _ => {}
             }
         }
@@ -670,8 +719,11 @@ impl Manifest {
             }
         }
         if let Some(h) = &self.health {
-            if h.command.trim().is_empty() || h.command.contains('\n') {
-                bad("health.command".into(), "must be a one-line shell command".into());
+            if h.command.trim().is_empty() || !is_unit_text(&h.command) {
+                bad(
+                    "health.command".into(),
+                    format!("must be a non-empty one-line shell command: {UNIT_TEXT}"),
+                );
             }
             if h.interval.0 < Duration::from_secs(1) || h.timeout.0 < Duration::from_secs(1) {
                 bad("health".into(), "interval and timeout must be at least 1s".into());
@@ -689,8 +741,14 @@ impl Manifest {
             }
         }
         if let Some(m) = &self.memory {
-            if !check_memory(m) {
-                bad("memory".into(), format!("`{m}` is not a memory size: write e.g. `512m` or `2g`"));
+            match memory_bytes(m) {
+                None => {
+                    bad("memory".into(), format!("`{m}` is not a memory size: write e.g. `512m` or `2g`"))
+                }
+                Some(b) if b < MIN_MEMORY => {
+                    bad("memory".into(), format!("`{m}` is below podman's minimum of 6m"))
+                }
+                Some(_) => {}
             }
         }
         if self.stop_timeout.0 < Duration::from_secs(1) || self.stop_timeout.0 > Duration::from_secs(3600) {
@@ -734,15 +792,27 @@ impl Catalog {
         let mut subdirs: Vec<PathBuf> =
             entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
         subdirs.sort();
+        // Apps that failed to load: references to them are not reported again as unknown.
+        let mut broken = BTreeSet::new();
         for sub in subdirs {
+            let dir_name = sub.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if dir_name.starts_with('.') {
+                continue;
+            }
             let path = sub.join("manifest.yml");
             if !path.is_file() {
+                problems.push(Problem {
+                    file: sub.clone(),
+                    field: String::new(),
+                    message: "no manifest.yml: every directory of a catalog is an app (the name is exactly `manifest.yml`)".into(),
+                });
+                broken.insert(dir_name);
                 continue;
             }
             match Manifest::load(&path) {
                 Ok(m) => {
-                    let dir_name = sub.file_name().unwrap_or_default().to_string_lossy();
                     if m.id != dir_name {
+                        broken.insert(dir_name.clone());
                         problems.push(Problem {
                             file: path.clone(),
                             field: "id".into(),
@@ -762,11 +832,14 @@ impl Catalog {
                     paths.insert(m.id.clone(), path);
                     apps.insert(m.id.clone(), m);
                 }
-                Err(Problems(p)) => problems.extend(p),
+                Err(Problems(p)) => {
+                    broken.insert(dir_name);
+                    problems.extend(p);
+                }
             }
         }
         let catalog = Catalog { dir: dir.into(), apps };
-        problems.extend(catalog.cross_check(&paths));
+        problems.extend(catalog.cross_check(&paths, &broken));
         if problems.is_empty() {
             Ok(catalog)
         } else {
@@ -783,7 +856,7 @@ impl Catalog {
         self.apps.get(&r.app)?.generated_secrets.iter().find(|g| g.files().contains(&r.name))
     }
 
-    fn cross_check(&self, paths: &BTreeMap<String, PathBuf>) -> Vec<Problem> {
+    fn cross_check(&self, paths: &BTreeMap<String, PathBuf>, broken: &BTreeSet<String>) -> Vec<Problem> {
         let mut out = Vec::new();
         let mut host_ports: BTreeMap<(u16, Protocol), &str> = BTreeMap::new();
         for (id, m) in &self.apps {
@@ -791,12 +864,12 @@ impl Catalog {
             let mut bad =
                 |field: String, message: String| out.push(Problem { file: file.clone(), field, message });
             for (i, r) in m.secret_files.iter().enumerate() {
-                if self.generated(r).is_none() {
+                if self.generated(r).is_none() && !broken.contains(&r.app) {
                     bad(format!("secret_files[{i}]"), format!("`{r}` is not generated by any app in the catalog: add it to `{}`'s generated_secrets or fix the name", r.app));
                 }
             }
             for (i, d) in m.depends_on.iter().enumerate() {
-                if !self.apps.contains_key(d) {
+                if !self.apps.contains_key(d) && !broken.contains(d) {
                     bad(format!("depends_on[{i}]"), format!("`{d}` is not an app in the catalog"));
                 }
             }

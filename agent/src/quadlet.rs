@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use sha2::{Digest, Sha256};
 
-use crate::manifest::{EnvValue, Manifest, Network};
+use crate::manifest::{EnvValue, Manifest, Network, SECRETS_MOUNT};
 use crate::secrets::ENV_FILE;
 
 pub const RENDERER_VERSION: u32 = 1;
@@ -20,8 +20,6 @@ pub const RENDERER_VERSION: u32 = 1;
 pub const LABEL_APP: &str = "io.archy.app";
 /// Label carrying the hash of the rendered unit.
 pub const LABEL_SPEC_HASH: &str = "io.archy.spec-hash";
-/// Where secrets appear inside a container.
-pub const SECRETS_MOUNT: &str = "/run/secrets";
 /// systemd waits this long for a health-gated start (the platform's 600 s fix).
 const START_TIMEOUT_SECS: u64 = 600;
 /// Margin systemd grants over the container's own stop timeout before it kills.
@@ -138,7 +136,7 @@ pub fn render(m: &Manifest, target: &Target) -> Unit {
     for (k, v) in &m.environment {
         match v.literal() {
             Some(value) => kv(w, "Environment", &quote(&format!("{k}={value}"))),
-            None => reads_secrets |= matches!(v, EnvValue::Secret { .. }),
+            None => reads_secrets |= matches!(v, EnvValue::Secret(_)),
         }
     }
     if reads_secrets {

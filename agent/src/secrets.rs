@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 
 use rand::RngCore;
 
-use crate::manifest::{Catalog, GeneratedSecret, Manifest, SecretKind, SecretRef, BCRYPT_PLAINTEXT_SUFFIX};
+use crate::manifest::{
+    Catalog, EnvValue, GeneratedSecret, Manifest, SecretKind, SecretRef, SecretSource,
+    BCRYPT_PLAINTEXT_SUFFIX,
+};
 
 /// bcrypt work factor: ~50 ms per hash here, paid once per generated secret.
 const BCRYPT_COST: u32 = 10;
@@ -140,7 +143,7 @@ pub fn write_env_file(root: &Path, app: &Manifest) -> Result<bool, Error> {
     let path = dir.join(ENV_FILE);
     let mut text = String::new();
     for (key, value) in &app.environment {
-        if let crate::manifest::EnvValue::Secret { secret } = value {
+        if let EnvValue::Secret(SecretSource { secret }) = value {
             let owner = app
                 .secret_files
                 .iter()

@@ -86,6 +86,7 @@ fn image_references() {
         "localhost:5000/a/b:1.0",
         "ghcr.io/x/y@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         "quay.io/a/b_c__d:tag_1",
+        "localhost/a---b.c:1",
     ] {
         assert_eq!(check_image(ok), Ok(()), "{ok}");
     }
@@ -100,6 +101,10 @@ fn image_references() {
         ("docker.io//b:1", "path component ``"),
         ("docker..io/a:1", "registry"),
         ("docker.io:99999/a:1", "registry"),
+        ("localhost:0/a:1", "registry"),
+        ("localhost/a._b:1", "path component `a._b`"),
+        ("localhost/a-_b:1", "path component `a-_b`"),
+        ("localhost/a___b:1", "path component `a___b`"),
         ("", "no tag or digest"),
     ] {
         let err = check_image(bad).unwrap_err();

@@ -129,3 +129,52 @@ fn real_generator_check_rejects_a_bad_unit() {
     let err = quadlet_dryrun(dir.path()).expect_err("a unit with an unsupported key must be rejected");
     assert!(err.contains("unsupported key 'Privileged'"), "{err}");
 }
+
+/// The `podman run` arguments Quadlet generates for `unit`, minus what only makes sense
+/// under systemd (cidfile, sd-notify, cgroup split, detach, replace).
+fn generated_podman_args(unit: &archy_agent::quadlet::Unit) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(&unit.file_name), &unit.text).unwrap();
+    let out = quadlet_dryrun(dir.path()).unwrap();
+    let exec = out.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("no ExecStart");
+    let words = systemd_words(exec);
+    assert!(words[0].ends_with("podman") && words[1] == "run", "{exec}");
+    words[2..]
+        .iter()
+        .filter(|w| {
+            !(w.starts_with("--cidfile") || w.starts_with("--sdnotify") || w.starts_with("--cgroups"))
+        })
+        .filter(|w| !["-d", "--replace", "--rm"].contains(&w.as_str()))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn host_network_unit_is_accepted_by_real_podman_and_publishing_would_not_be() {
+    let podman = UserPodman::new();
+    let m = catalog().get("fx-hostnet").unwrap().clone();
+    let unit = render(&m, &target("4.3.1"));
+    let mut cmd = podman.podman();
+    cmd.arg("create").args(generated_podman_args(&unit));
+    let out = expect_code(&mut cmd, 0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("Port mappings have been discarded"), "{}", describe(&cmd, &out));
+
+    // The combination the renderer avoids: podman 5 rejects it (exit 125); podman 4 drops
+    // the mappings with a warning, which the platform would then chase as port drift.
+    let bad = archy_agent::quadlet::Unit {
+        text: unit.text.replace("Network=host\n", "Network=host\nPublishPort=127.0.0.1:18090:18090\n"),
+        ..unit
+    };
+    let mut cmd = podman.podman();
+    cmd.arg("create")
+        .arg("--name=published")
+        .args(generated_podman_args(&bad).into_iter().filter(|a| !a.starts_with("--name")));
+    let out = run(&mut cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(125) || stderr.contains("Port mappings have been discarded"),
+        "podman accepted published ports under host networking silently:\n{}",
+        describe(&cmd, &out)
+    );
+}

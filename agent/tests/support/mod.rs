@@ -108,3 +108,93 @@ pub fn as_user(user: &str, home: &Path, program: &Path) -> Command {
         .env("XDG_RUNTIME_DIR", home.join("run"));
     cmd
 }
+
+/// Rootless podman as the service user, with its own HOME, storage and runtime dir so it
+/// never shares state with another test or node, and the fixture image imported.
+pub struct UserPodman {
+    pub user: String,
+    pub home: tempfile::TempDir,
+}
+
+impl UserPodman {
+    pub fn new() -> UserPodman {
+        let (user, uid, gid) = service_user();
+        let home = tempfile::Builder::new().prefix("archy-podman-").tempdir().unwrap();
+        let conf = home.path().join(".config/containers");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::create_dir_all(home.path().join("run")).unwrap();
+        // What this machine needs (see testbed-findings): runc, bounded ulimits, vfs.
+        std::fs::write(
+            conf.join("containers.conf"),
+            "[engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
+        )
+        .unwrap();
+        std::fs::write(conf.join("storage.conf"), "[storage]\ndriver = \"vfs\"\n").unwrap();
+        let status =
+            Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(home.path()).status().unwrap();
+        assert!(status.success());
+        std::fs::set_permissions(
+            home.path().join("run"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let p = UserPodman { user, home };
+        let rootfs = "/var/lib/archy-chaos/fixture-rootfs.tar";
+        assert!(Path::new(rootfs).is_file(), "{rootfs} missing: run scripts/setup-host");
+        expect_code(p.podman().args(["import", "-q", rootfs, "localhost/archy-fixture:1"]), 0);
+        p
+    }
+
+    pub fn podman(&self) -> Command {
+        let podman = which("podman").expect("podman is not installed: run scripts/setup-host");
+        as_user(&self.user, self.home.path(), &podman)
+    }
+}
+
+impl Drop for UserPodman {
+    fn drop(&mut self) {
+        let _ = self.podman().args(["rm", "-af", "-t", "0"]).output();
+        // Rootless podman leaves a pause process holding the user namespace.
+        if let Ok(pid) = std::fs::read_to_string(self.home.path().join("run/libpod/tmp/pause.pid")) {
+            if let Ok(pid) = pid.trim().parse() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            }
+        }
+    }
+}
+
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
+}
+
+/// Splits one systemd command line (as Quadlet writes `ExecStart=`) into arguments, undoing
+/// its quoting and `$$`/`%%` escapes.
+pub fn systemd_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let (mut in_word, mut quoted) = (false, false);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            '\\' if quoted => cur.extend(chars.next()),
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    words.into_iter().map(|w| w.replace("$$", "$").replace("%%", "%")).collect()
+}
