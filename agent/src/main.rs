@@ -18,6 +18,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: reconciler, JSON-RPC API and metrics. Run it as the service user.
+    Run(Box<archy_agent::config::RunArgs>),
+    /// Check that this user and host can run rootless apps; names each problem and its fix.
+    Doctor(Box<archy_agent::config::RunArgs>),
     /// Validate every manifest of a catalog; exits 1 listing every problem found.
     Check {
         /// Catalog directory holding `<id>/manifest.yml`.
@@ -80,6 +84,15 @@ fn load(dir: &std::path::Path) -> Result<Catalog> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => {
+            let config = archy_agent::config::Config::resolve(*args)?;
+            return archy_agent::agent::run(config).map(|()| ExitCode::SUCCESS);
+        }
+        Command::Doctor(args) => {
+            let config = archy_agent::config::Config::resolve(*args)?;
+            let ok = archy_agent::doctor::run(&config);
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        }
         Command::Check { dir } => {
             let catalog = load(&dir)?;
             println!("{}: {} apps, all valid", dir.display(), catalog.apps.len());

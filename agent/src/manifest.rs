@@ -85,6 +85,10 @@ pub struct Manifest {
     /// A small app built here to exercise the platform; the runner picks these.
     #[serde(default)]
     pub fixture: bool,
+    /// Content hash of the build context (every file beside the manifest but the manifest),
+    /// set by [`Catalog::load`] for apps with `build`.
+    #[serde(skip)]
+    pub context_hash: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -768,6 +772,35 @@ impl Manifest {
     }
 }
 
+/// sha256 over the relative paths and contents of every file under `dir` except the
+/// manifest, in sorted order; `None` if the directory cannot be read.
+pub fn context_hash(dir: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    fn walk(dir: &Path, rel: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let rel = rel.join(entry.file_name());
+            if entry.file_type()?.is_dir() {
+                walk(&entry.path(), &rel, files)?;
+            } else if rel != Path::new("manifest.yml") {
+                files.push(rel);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, Path::new(""), &mut files).ok()?;
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        h.update(std::fs::read(dir.join(&f)).ok()?);
+        h.update([0]);
+    }
+    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Every app of a catalog directory, validated as a whole.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -779,16 +812,26 @@ impl Catalog {
     /// Loads `DIR/*/manifest.yml`, validates every manifest and the catalog as a whole, and
     /// returns every problem found, not just the first.
     pub fn load(dir: &Path) -> Result<Catalog, Problems> {
+        match Catalog::load_lenient(dir) {
+            (catalog, problems) if problems.is_empty() => Ok(catalog),
+            (_, problems) => Err(Problems(problems)),
+        }
+    }
+
+    /// The valid apps of `dir`, and every problem found: the agent keeps running the apps
+    /// it can while a broken manifest becomes its app's error.
+    pub fn load_lenient(dir: &Path) -> (Catalog, Vec<Problem>) {
         let mut problems = Vec::new();
         let mut apps = BTreeMap::new();
         let mut paths = BTreeMap::new();
-        let entries = std::fs::read_dir(dir).map_err(|e| {
-            Problems(vec![Problem {
-                file: dir.into(),
-                field: String::new(),
-                message: format!("cannot read the catalog directory: {e}"),
-            }])
-        })?;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                let message = format!("cannot read the catalog directory: {e}");
+                let empty = Catalog { dir: dir.into(), apps: BTreeMap::new() };
+                return (empty, vec![Problem { file: dir.into(), field: String::new(), message }]);
+            }
+        };
         let mut subdirs: Vec<PathBuf> =
             entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
         subdirs.sort();
@@ -820,7 +863,9 @@ impl Catalog {
                         });
                         continue;
                     }
+                    let mut m = m;
                     if let Some(b) = &m.build {
+                        m.context_hash = context_hash(&sub);
                         if !sub.join(&b.containerfile).is_file() {
                             problems.push(Problem {
                                 file: path.clone(),
@@ -838,13 +883,14 @@ impl Catalog {
                 }
             }
         }
-        let catalog = Catalog { dir: dir.into(), apps };
-        problems.extend(catalog.cross_check(&paths, &broken));
-        if problems.is_empty() {
-            Ok(catalog)
-        } else {
-            Err(Problems(problems))
+        let mut catalog = Catalog { dir: dir.into(), apps };
+        let cross = catalog.cross_check(&paths, &broken);
+        // An app with a cross-app problem cannot run either.
+        for p in &cross {
+            catalog.apps.retain(|_, m| paths.get(&m.id) != Some(&p.file));
         }
+        problems.extend(cross);
+        (catalog, problems)
     }
 
     pub fn get(&self, id: &str) -> Option<&Manifest> {

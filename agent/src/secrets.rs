@@ -9,12 +9,17 @@
 //! renaming a fresh file over it, which only takes write access to the directory we own.
 //! Values never reach a log line, an error or a `Debug` output: only names and paths do.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::collections::HashSet;
+use std::fs::{self, OpenOptions};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::atomic;
 
 use crate::manifest::{
     Catalog, EnvValue, GeneratedSecret, Manifest, SecretKind, SecretRef, SecretSource,
@@ -27,12 +32,13 @@ const BCRYPT_COST: u32 = 10;
 /// cannot collide with secret targets, which may not start with `.`).
 pub const ENV_FILE: &str = ".env";
 const LOCK_FILE: &str = ".lock";
-const TMP_SUFFIX: &str = ".tmp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: cannot {op}: {source}")]
     Io { path: PathBuf, op: &'static str, source: io::Error },
+    #[error(transparent)]
+    Write(#[from] atomic::Error),
     #[error("{path} is owned by uid {owner}, not by the service user (uid {me}): chown it to the service user, or remove it so the agent recreates it")]
     ForeignDir { path: PathBuf, owner: u32, me: u32 },
     #[error("{path} is not a directory: remove it so the agent recreates it")]
@@ -103,10 +109,18 @@ pub struct Incomplete {
 /// app's environment file when its environment reads secrets. Serialised per app by a lock
 /// file, so concurrent calls cannot interleave.
 pub fn ensure(root: &Path, app: &Manifest) -> Result<Vec<Ensured>, Error> {
-    let dir = root.join(&app.id);
     ensure_dir(root)?;
+    let out = ensure_in(&root.join(&app.id), &app.generated_secrets)?;
+    for e in out.iter().filter(|e| e.outcome != Outcome::Kept) {
+        tracing::info!(app = %app.id, secret = %e.target, outcome = ?e.outcome, "secret written");
+    }
+    Ok(out)
+}
+
+/// [`ensure`] for secrets that belong to no app, such as the agent's own API token.
+pub fn ensure_in(dir: &Path, secrets: &[GeneratedSecret]) -> Result<Vec<Ensured>, Error> {
     let had_dir = dir.exists();
-    ensure_dir(&dir)?;
+    ensure_dir(dir)?;
     let lock_path = dir.join(LOCK_FILE);
     let lock = OpenOptions::new()
         .create(true)
@@ -117,19 +131,14 @@ pub fn ensure(root: &Path, app: &Manifest) -> Result<Vec<Ensured>, Error> {
         .open(&lock_path)
         .map_err(io_err(&lock_path, "open lock file"))?;
     lock.lock().map_err(io_err(&lock_path, "lock"))?;
-    remove_stale_temps(&dir)?;
-
-    let mut out = Vec::with_capacity(app.generated_secrets.len());
-    for s in &app.generated_secrets {
-        let reason = repair(&dir, s)?;
-        let outcome = match reason {
+    atomic::remove_stale_temps(dir)?;
+    let mut out = Vec::with_capacity(secrets.len());
+    for s in secrets {
+        let outcome = match repair(dir, s)? {
             None => Outcome::Kept,
             Some(HealReason::Missing) if !had_dir => Outcome::Generated,
             Some(r) => Outcome::Healed(r),
         };
-        if outcome != Outcome::Kept {
-            tracing::info!(app = %app.id, secret = %s.target, outcome = ?outcome, "secret written");
-        }
         out.push(Ensured { target: s.target.clone(), kind: s.kind, outcome });
     }
     Ok(out)
@@ -162,7 +171,7 @@ pub fn write_env_file(root: &Path, app: &Manifest) -> Result<bool, Error> {
     }
     if fs::read(&path).ok().as_deref() != Some(text.as_bytes()) || !owned_0600(&path) {
         ensure_dir(&dir)?;
-        write_atomic(&dir, ENV_FILE, text.as_bytes())?;
+        atomic::write(&dir, ENV_FILE, text.as_bytes(), 0o600)?;
     }
     Ok(true)
 }
@@ -200,7 +209,7 @@ fn repair(dir: &Path, s: &GeneratedSecret) -> Result<Option<HealReason>, Error> 
     let hex = |n| -> Result<Option<HealReason>, Error> {
         let reason = check(&path, |v| hex_check(v, n * 2))?.err();
         if reason.is_some() {
-            write_atomic(dir, &s.target, random_hex(n).as_bytes())?;
+            atomic::write(dir, &s.target, random_hex(n).as_bytes(), 0o600)?;
         }
         Ok(reason)
     };
@@ -214,7 +223,7 @@ fn repair(dir: &Path, s: &GeneratedSecret) -> Result<Option<HealReason>, Error> 
                 Ok(pw) => (pw, None),
                 Err(r) => {
                     let pw = random_hex(16).into_bytes();
-                    write_atomic(dir, &format!("{}{BCRYPT_PLAINTEXT_SUFFIX}", s.target), &pw)?;
+                    atomic::write(dir, &format!("{}{BCRYPT_PLAINTEXT_SUFFIX}", s.target), &pw, 0o600)?;
                     (pw, Some(r))
                 }
             };
@@ -223,7 +232,7 @@ fn repair(dir: &Path, s: &GeneratedSecret) -> Result<Option<HealReason>, Error> 
                 let text = std::str::from_utf8(&pw).expect("checked hex");
                 let hash = bcrypt::hash(text, BCRYPT_COST)
                     .map_err(|source| Error::Hash { path: path.clone(), source })?;
-                write_atomic(dir, &s.target, hash.as_bytes())?;
+                atomic::write(dir, &s.target, hash.as_bytes(), 0o600)?;
                 return Ok(pw_reason.or(Some(r)));
             }
             Ok(pw_reason)
@@ -275,10 +284,27 @@ fn hex_check(v: &[u8], len: usize) -> Option<HealReason> {
     (!ok).then_some(HealReason::Malformed)
 }
 
+/// Digests of (password, hash) pairs already verified: bcrypt costs ~50 ms by design, and
+/// the reconciler checks every secret on every tick. Digests, so no value stays in memory.
+static VERIFIED: Mutex<Option<HashSet<[u8; 32]>>> = Mutex::new(None);
+
 fn bcrypt_check(pw: &[u8], hash: &[u8]) -> Option<HealReason> {
-    let Ok(hash) = std::str::from_utf8(hash) else { return Some(HealReason::Malformed) };
-    match bcrypt::verify(pw, hash) {
-        Ok(true) => None,
+    let key: [u8; 32] = Sha256::new().chain_update(pw).chain_update([0]).chain_update(hash).finalize().into();
+    let verified = || VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+    if verified().as_ref().is_some_and(|set| set.contains(&key)) {
+        return None;
+    }
+    let Ok(text) = std::str::from_utf8(hash) else { return Some(HealReason::Malformed) };
+    match bcrypt::verify(pw, text) {
+        Ok(true) => {
+            let mut cache = verified();
+            let set = cache.get_or_insert_with(HashSet::new);
+            if set.len() >= 1024 {
+                set.clear(); // bounded, whatever a heal storm does
+            }
+            set.insert(key);
+            None
+        }
         Ok(false) => Some(HealReason::HashMismatch),
         Err(_) => Some(HealReason::Malformed),
     }
@@ -312,44 +338,4 @@ fn ensure_dir(dir: &Path) -> Result<(), Error> {
             Ok(())
         }
     }
-}
-
-/// Temp files left by a writer that died between create and rename.
-fn remove_stale_temps(dir: &Path) -> Result<(), Error> {
-    for entry in fs::read_dir(dir).map_err(io_err(dir, "list"))?.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
-            let p = entry.path();
-            fs::remove_file(&p).map_err(io_err(&p, "remove stale temp file"))?;
-        }
-    }
-    Ok(())
-}
-
-/// Atomically replaces `dir/name` with `bytes`, mode 0600: a temp file created exclusively
-/// in the same directory, fsynced, renamed over the target, then the directory fsynced. The
-/// rename replaces whatever was there (even a root-owned file) without privilege.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
-    let tmp = dir.join(format!(".{name}.{}.{:08x}{TMP_SUFFIX}", std::process::id(), rand::rng().next_u32()));
-    let target = dir.join(name);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io_err(&tmp, "create"))?;
-        // The umask may have taken bits away from 0600; set it exactly.
-        f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io_err(&tmp, "chmod 0600"))?;
-        f.write_all(bytes).map_err(io_err(&tmp, "write"))?;
-        f.sync_all().map_err(io_err(&tmp, "fsync"))?;
-        fs::rename(&tmp, &target).map_err(io_err(&target, "rename into place"))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "fsync directory"))
 }

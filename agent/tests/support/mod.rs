@@ -198,3 +198,192 @@ pub fn systemd_words(line: &str) -> Vec<String> {
     }
     words.into_iter().map(|w| w.replace("$$", "$").replace("%%", "%")).collect()
 }
+
+/// A free loopback port (bound then released; the race with another binder is accepted).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real `archy-agent run` as the service user, on real rootless podman with its own
+/// storage, data root and port. Killed (never gracefully) and cleaned up on drop.
+pub struct TestAgent {
+    // Fixture apps publish fixed host ports: agents of one test binary take turns.
+    _serial: std::sync::MutexGuard<'static, ()>,
+    pub podman: UserPodman,
+    pub port: u16,
+    pub extra: Vec<String>,
+    child: Option<std::process::Child>,
+    log: PathBuf,
+}
+
+impl TestAgent {
+    pub fn start(extra: &[&str]) -> TestAgent {
+        let mut a = TestAgent::new(extra);
+        a.spawn();
+        a
+    }
+
+    /// Prepared but not started: call [`TestAgent::spawn`].
+    pub fn new(extra: &[&str]) -> TestAgent {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let podman = UserPodman::new();
+        let log = podman.home.path().join("agent.log");
+        TestAgent {
+            _serial: serial,
+            podman,
+            port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log,
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.podman.home.path().join("data")
+    }
+
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = as_user(&self.podman.user, self.podman.home.path(), &agent_bin());
+        cmd.arg("run")
+            .arg("--catalog")
+            .arg(repo_root().join("apps"))
+            .arg("--data-root")
+            .arg(self.data())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(["--tick-interval", "2s"])
+            .args(&self.extra)
+            .env("ARCHY_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if !self.extra.iter().any(|a| a.starts_with("--backend")) {
+            cmd.args(["--backend", "podman"]);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        self.wait_for("the agent to be ready", std::time::Duration::from_secs(30), |a| {
+            a.get("/readyz").map(|(code, _)| code == 200).unwrap_or(false)
+        });
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// SIGKILL: a crash, nothing flushed.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+        c.wait().unwrap()
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data().join("agent/api-token")).unwrap()
+    }
+
+    pub fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+        let mut r = agent.get(&url).call().map_err(|e| e.to_string())?;
+        let code = r.status().as_u16();
+        Ok((code, r.body_mut().read_to_string().unwrap_or_default()))
+    }
+
+    /// A raw JSON-RPC POST with the given bearer token; returns status and body.
+    pub fn post(&self, token: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+        let url = format!("http://127.0.0.1:{}/rpc", self.port);
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+        let mut req = agent.post(&url).header("Content-Type", "application/json");
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut r = req.send(body).unwrap_or_else(|e| panic!("POST /rpc: {e}\n{}", self.log_text()));
+        let code = r.status().as_u16();
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        (code, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
+    /// Calls a method; panics with the agent's log on an RPC error.
+    pub fn rpc(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let (code, v) = self.post(Some(&self.token()), &body.to_string());
+        assert_eq!(code, 200, "{method}: {v}\n{}", self.log_text());
+        match v.get("result") {
+            Some(r) => r.clone(),
+            None => panic!("{method} failed: {v}\n{}", self.log_text()),
+        }
+    }
+
+    pub fn reconcile(&self) -> serde_json::Value {
+        self.rpc("node.reconcile", serde_json::Value::Null)
+    }
+
+    pub fn app(&self, id: &str) -> Option<serde_json::Value> {
+        self.rpc("package.list", serde_json::Value::Null)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == id)
+            .cloned()
+    }
+
+    pub fn log_text(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        format!("--- agent log (last 60 lines)\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+    }
+
+    pub fn wait_for(&self, what: &str, timeout: std::time::Duration, mut ok: impl FnMut(&TestAgent) -> bool) {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if ok(self) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("timed out after {timeout:?} waiting for {what}\n{}", self.log_text());
+    }
+
+    /// Waits until every listed app is up and the node reports converged.
+    pub fn wait_up(&self, apps: &[&str]) {
+        self.wait_for(&format!("{apps:?} up"), std::time::Duration::from_secs(60), |a| {
+            apps.iter().all(|id| a.app(id).is_some_and(|s| s["up"] == true))
+        });
+    }
+
+    /// `podman inspect` field of a container, as the service user.
+    pub fn inspect(&self, container: &str, format: &str) -> Option<String> {
+        let out = self.podman.podman().args(["inspect", "--format", format, container]).output().unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics").unwrap();
+        text.lines()
+            .filter(|l| {
+                l.starts_with(name)
+                    && (l.as_bytes().get(name.len()) == Some(&b' ') || l[name.len()..].starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_text());
+        }
+    }
+}

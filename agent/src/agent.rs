@@ -1,0 +1,139 @@
+//! Wires the agent together: config -> exec -> runtime -> store -> reconciler thread + API.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::api::{self, Api};
+use crate::config::{BackendChoice, Config};
+use crate::exec::{Exec, ExecConfig};
+use crate::metrics::Metrics;
+use crate::quadlet::{PodmanVersion, Target};
+use crate::reconcile::{NodeStatus, Reconciler, Shared};
+use crate::runtime::{self, BackendKind, Runtime};
+use crate::store::Store;
+
+/// Podman assumed when it cannot be asked: the oldest this agent renders for.
+const FALLBACK_PODMAN: PodmanVersion = PodmanVersion { major: 4, minor: 0, patch: 0 };
+/// Where the Quadlet generator is installed as systemd's user generator.
+pub const USER_GENERATOR: &str = "/usr/lib/systemd/user-generators/podman-user-generator";
+
+/// Quadlet when a systemd user manager answers on its private socket and the generator is
+/// installed; podman otherwise.
+pub fn detect_backend(choice: BackendChoice) -> BackendKind {
+    match choice {
+        BackendChoice::Podman => BackendKind::Podman,
+        BackendChoice::Quadlet => BackendKind::Quadlet,
+        BackendChoice::Auto => {
+            let manager = std::env::var_os("XDG_RUNTIME_DIR")
+                .is_some_and(|d| std::path::Path::new(&d).join("systemd/private").exists());
+            if manager && std::path::Path::new(USER_GENERATOR).exists() {
+                BackendKind::Quadlet
+            } else {
+                BackendKind::Podman
+            }
+        }
+    }
+}
+
+pub fn run(config: Config) -> Result<()> {
+    let started = Instant::now();
+    if nix::unistd::geteuid().is_root() {
+        bail!("archy-agent runs rootless: start it as the unprivileged service user, not root");
+    }
+    let backend = detect_backend(config.backend);
+    let metrics = Arc::new(Metrics::new(backend.as_str()));
+    let exec = Arc::new(Exec::new(
+        ExecConfig {
+            podman: config.podman.clone(),
+            podman_args: config.podman_args.clone(),
+            systemctl: config.systemctl.clone(),
+            podman_cgroup: config.podman_cgroup.clone(),
+            timeout: config.exec_timeout.0,
+        },
+        metrics.clone(),
+    ));
+    let podman = match &config.podman_version {
+        Some(v) => v.parse().map_err(anyhow::Error::msg)?,
+        None => match exec.podman(&["version", "--format", "{{.Client.Version}}"]) {
+            Ok(v) => v.parse().unwrap_or(FALLBACK_PODMAN),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot ask podman its version; assuming {FALLBACK_PODMAN}");
+                FALLBACK_PODMAN
+            }
+        },
+    };
+    let (store, recovery) = Store::open(&config.data_root).context("opening the desired state")?;
+    if let Some(r) = &recovery {
+        tracing::error!(
+            reason = r.reason,
+            moved_to = ?r.moved_to,
+            from_previous = r.from_previous,
+            "desired state was unusable and has been recovered"
+        );
+        metrics.state_recoveries.with_label_values(&[r.reason]).inc();
+    }
+    let token_digest =
+        api::ensure_token(&config.data_root.join("agent")).context("creating the API token")?;
+    let runtime: Box<dyn Runtime> = match backend {
+        BackendKind::Podman => Box::new(runtime::Podman { exec: exec.clone() }),
+        BackendKind::Quadlet => {
+            Box::new(runtime::Quadlet { exec: exec.clone(), unit_dir: config.quadlet_dir.clone() })
+        }
+    };
+    let shared = Arc::new(Shared {
+        store: Mutex::new(store),
+        metrics,
+        status: Mutex::new(NodeStatus::default()),
+        installs: Mutex::new(Default::default()),
+        ready: AtomicBool::new(false),
+        shutdown: AtomicBool::new(false),
+        started,
+    });
+    let target = Target { podman, data_root: config.data_root.clone() };
+    let catalog = std::fs::canonicalize(&config.catalog)
+        .with_context(|| format!("catalog directory {}", config.catalog.display()))?;
+    tracing::info!(backend = backend.as_str(), %podman, listen = %config.listen, "starting");
+
+    let (wake_tx, wake_rx) = mpsc::channel();
+    let reconciler = Reconciler::new(runtime, exec, catalog.clone(), target, shared.clone());
+    let interval = config.tick_interval.0;
+    let thread = std::thread::Builder::new()
+        .name("reconciler".into())
+        .spawn(move || reconciler.run(interval, wake_rx))
+        .context("starting the reconciler")?;
+
+    let api = Arc::new(Api {
+        shared: shared.clone(),
+        wake: Mutex::new(wake_tx),
+        catalog_dir: catalog,
+        backend,
+        token_digest,
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("signal handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        axum::serve(listener, api::router(api.clone())).with_graceful_shutdown(shutdown).await?;
+        anyhow::Ok(())
+    })?;
+    // SIGTERM: the reconciler finishes its current action and stops; containers are left as
+    // they are, and the desired state is already on disk.
+    tracing::info!("shutting down");
+    shared.shutdown.store(true, Ordering::SeqCst);
+    let _ = api.wake.lock().unwrap_or_else(|e| e.into_inner()).send(None);
+    drop(api);
+    let _ = thread.join();
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! Crash-safe file replacement: the one way the agent writes a file that must survive a
+//! power cut whole (secrets, desired state, unit files).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rand::RngCore;
+
+const TMP_SUFFIX: &str = ".tmp";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: cannot {op}: {source}")]
+pub struct Error {
+    pub path: PathBuf,
+    pub op: &'static str,
+    pub source: io::Error,
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error { path: path.into(), op, source }
+}
+
+/// Temp files left by a writer that died between create and rename.
+pub fn remove_stale_temps(dir: &Path) -> Result<(), Error> {
+    for entry in fs::read_dir(dir).map_err(io_err(dir, "list"))?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
+            let p = entry.path();
+            fs::remove_file(&p).map_err(io_err(&p, "remove stale temp file"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Atomically replaces `dir/name` with `bytes` at `mode`: a temp file created exclusively
+/// in the same directory, fsynced, renamed over the target, then the directory fsynced. The
+/// rename replaces whatever was there (even a root-owned file) without privilege.
+pub fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    let tmp = dir.join(format!(".{name}.{}.{:08x}{TMP_SUFFIX}", std::process::id(), rand::rng().next_u32()));
+    let target = dir.join(name);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io_err(&tmp, "create"))?;
+        // The umask may have taken bits away; set the mode exactly.
+        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(&tmp, "chmod"))?;
+        f.write_all(bytes).map_err(io_err(&tmp, "write"))?;
+        f.sync_all().map_err(io_err(&tmp, "fsync"))?;
+        fs::rename(&tmp, &target).map_err(io_err(&target, "rename into place"))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "fsync directory"))
+}

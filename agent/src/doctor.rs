@@ -1,0 +1,3 @@
+pub fn run(_: &crate::config::Config) -> bool {
+    false
+}

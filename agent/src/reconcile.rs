@@ -1,0 +1,800 @@
+//! The level-triggered reconciler. Each tick: observe (one podman call), ensure secrets,
+//! [`plan`] (a pure function of what was read), apply, report. Nothing relies on having seen
+//! an event: whatever happened between two ticks, the next one drives the node back to the
+//! desired state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use serde::Serialize;
+
+use crate::exec::{Exec, Tool};
+use crate::manifest::{Catalog, Manifest, Problem, Restart};
+use crate::metrics::Metrics;
+use crate::quadlet::{self, Target};
+use crate::runtime::{BackendKind, Container, ContainerState, Health, Op, Runtime};
+use crate::secrets::{self, Outcome};
+use crate::store::{AppState, Desired, State, Store};
+
+/// Why an action is taken: shown in logs, the API and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Install,
+    Start,
+    Stop,
+    Restart,
+    Uninstall,
+    Orphan,
+    /// The container or unit no longer matches the manifest: `spec`, `ports`, `unit_file`, `image`.
+    Drift(&'static str),
+    SecretChanged,
+    Crashed,
+    Health,
+    UnitChanged,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Op(Op, Reason),
+    /// Delete the app's data and secrets (uninstall with purge).
+    Purge(String),
+    /// Drop an uninstalled app from the desired state.
+    Forget(String),
+    /// A requested restart is done.
+    ClearRestart(String),
+}
+
+impl Action {
+    pub fn describe(&self) -> String {
+        match self {
+            Action::Op(op, reason) => {
+                format!("{} {} ({reason:?})", op.kind(), op.app().unwrap_or("-")).to_lowercase()
+            }
+            Action::Purge(app) => format!("purge {app}"),
+            Action::Forget(app) => format!("forget {app}"),
+            Action::ClearRestart(app) => format!("clear_restart {app}"),
+        }
+    }
+}
+
+/// Everything [`plan`] looks at, read once per tick.
+pub struct World<'a> {
+    pub backend: BackendKind,
+    pub catalog: &'a Catalog,
+    pub target: &'a Target,
+    pub state: &'a State,
+    pub observed: &'a [Container],
+    /// Unit files on disk by app (quadlet backend).
+    pub unit_files: &'a BTreeMap<String, String>,
+    /// systemd's `ActiveState` of units of apps that should run but have no container.
+    pub unit_states: &'a BTreeMap<String, String>,
+    /// Apps whose own secrets were rewritten this tick.
+    pub secrets_changed: &'a BTreeSet<String>,
+    /// Apps that must not be (re)started this tick: backing off, or in error.
+    pub held: &'a BTreeSet<String>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Apps not acted on yet, and why (a dependency not up, backing off, starting).
+    pub waiting: BTreeMap<String, String>,
+}
+
+/// Running and, when it has a health check, healthy.
+pub fn is_up(c: &Container, m: &Manifest) -> bool {
+    c.state == ContainerState::Running && (m.health.is_none() || c.health == Health::Healthy)
+}
+
+fn ports_match(c: &Container, unit_ports: &[(String, u16, u16, String)]) -> bool {
+    let mut want: Vec<_> = unit_ports.to_vec();
+    want.sort();
+    let mut got: Vec<_> = c
+        .ports
+        .iter()
+        .map(|b| (b.host_ip.clone(), b.host_port, b.container_port, b.protocol.clone()))
+        .collect();
+    got.sort();
+    want == got
+}
+
+fn expected_ports(m: &Manifest) -> Vec<(String, u16, u16, String)> {
+    if m.network == crate::manifest::Network::Host {
+        return Vec::new();
+    }
+    m.ports.iter().map(|p| (p.bind.to_string(), p.host, p.container_port(), p.protocol.to_string())).collect()
+}
+
+/// Apps in dependency order (dependencies first); the catalog is acyclic.
+fn order(catalog: &Catalog) -> Vec<&str> {
+    fn visit<'a>(c: &'a Catalog, id: &'a str, out: &mut Vec<&'a str>) {
+        if out.contains(&id) {
+            return;
+        }
+        if let Some(m) = c.get(id) {
+            for d in &m.depends_on {
+                visit(c, d, out);
+            }
+        }
+        out.push(id);
+    }
+    let mut out = Vec::new();
+    for id in catalog.apps.keys() {
+        visit(catalog, id, &mut out);
+    }
+    out
+}
+
+/// Decides what to do. Pure: the same world gives the same plan.
+pub fn plan(w: &World) -> Plan {
+    let mut p = Plan::default();
+    let quadlet = w.backend == BackendKind::Quadlet;
+    let containers: BTreeMap<&str, &Container> = w.observed.iter().map(|c| (c.app.as_str(), c)).collect();
+    let desired = |app: &str| w.state.apps.get(app).map(|a| a.desired);
+    let mut stops = Vec::new();
+    let mut units = Vec::new();
+    let mut starts = Vec::new();
+    let mut after = Vec::new();
+
+    // Containers and units of apps that should not run: stop, remove, forget.
+    for c in w.observed {
+        let timeout = w.catalog.get(&c.app).map_or(10, |m| m.stop_timeout.0.as_secs());
+        match desired(&c.app) {
+            Some(Desired::Running) => {}
+            // A stopped app has no container under either backend (Quadlet runs `--rm`), so
+            // an exited container of an app that should run is always a crash.
+            d => {
+                let reason = match d {
+                    Some(Desired::Stopped) => Reason::Stop,
+                    Some(_) => Reason::Uninstall,
+                    None => Reason::Orphan,
+                };
+                let (app, container) = (c.app.clone(), c.name.clone());
+                if quadlet && w.unit_files.contains_key(&c.app) {
+                    stops.push(Action::Op(Op::Stop { app, timeout }, reason));
+                } else {
+                    stops.push(Action::Op(Op::Remove { app, container, timeout }, reason));
+                }
+            }
+        }
+    }
+    for app in w.unit_files.keys() {
+        if desired(app) != Some(Desired::Running) {
+            let reason = match desired(app) {
+                None => Reason::Orphan,
+                Some(Desired::Absent) => Reason::Uninstall,
+                _ => Reason::Stop,
+            };
+            units.push(Action::Op(Op::RemoveUnit { app: app.clone() }, reason));
+        }
+    }
+    for (app, s) in &w.state.apps {
+        if s.desired == Desired::Absent
+            && !containers.contains_key(app.as_str())
+            && !w.unit_files.contains_key(app)
+        {
+            if s.purge {
+                after.push(Action::Purge(app.clone()));
+            }
+            after.push(Action::Forget(app.clone()));
+        }
+    }
+
+    // Apps that should run, dependencies first.
+    for app in order(w.catalog) {
+        let Some(AppState { desired: Desired::Running, restart, .. }) = w.state.apps.get(app) else {
+            continue;
+        };
+        let m = &w.catalog.apps[app];
+        let unit = quadlet::render(m, w.target);
+        let c = containers.get(app).copied();
+        let mut run: Option<Reason> = None;
+        let mut unit_written = false;
+
+        if quadlet && w.unit_files.get(app) != Some(&unit.text) {
+            let reason =
+                if w.unit_files.contains_key(app) { Reason::Drift("unit_file") } else { Reason::Install };
+            units.push(Action::Op(Op::WriteUnit { app: app.into(), unit: unit.clone() }, reason));
+            unit_written = true;
+            if c.is_some() {
+                run = Some(Reason::UnitChanged);
+            }
+        }
+        let deps_down: Vec<&str> = m
+            .depends_on
+            .iter()
+            .filter(|d| !containers.get(d.as_str()).zip(w.catalog.get(d)).is_some_and(|(c, dm)| is_up(c, dm)))
+            .map(String::as_str)
+            .collect();
+        if let Some(c) = c {
+            if c.spec_hash.as_deref() != Some(unit.hash.as_str()) {
+                run = run.or(Some(Reason::Drift("spec")));
+            } else if c.state == ContainerState::Running && !ports_match(c, &expected_ports(m)) {
+                run = run.or(Some(Reason::Drift("ports")));
+            }
+            let readers_of = |owner: &str| owner == app || m.secret_files.iter().any(|r| r.app == owner);
+            if w.secrets_changed.iter().any(|o| readers_of(o)) {
+                run = run.or(Some(Reason::SecretChanged));
+            }
+            if *restart {
+                run = run.or(Some(Reason::Restart));
+                after.push(Action::ClearRestart(app.into()));
+            }
+        }
+        let build = m
+            .build
+            .as_ref()
+            .filter(|_| c.and_then(|c| c.context_hash.as_ref()) != m.context_hash.as_ref() || c.is_none());
+
+        let mut op = match (c, run) {
+            (_, Some(reason)) => {
+                Some((Op::Run { app: app.into(), unit: unit.clone(), reset_failed: false }, reason))
+            }
+            (None, None) => {
+                // Under quadlet a missing container is systemd's business while its unit is
+                // starting or restarting; once systemd gave up (failed, start limit) or the
+                // unit is new, the agent starts it, resetting the failure first.
+                let state = w.unit_states.get(app).map(String::as_str);
+                if quadlet
+                    && !unit_written
+                    && matches!(state, Some("active" | "activating" | "reloading" | "deactivating"))
+                {
+                    p.waiting.insert(app.into(), format!("systemd unit {}", state.unwrap_or_default()));
+                    continue;
+                }
+                let crashed = quadlet && !unit_written;
+                if crashed && m.restart == Restart::No {
+                    p.waiting.insert(app.into(), "exited (restart: no)".into());
+                    continue;
+                }
+                let reason = if crashed { Reason::Crashed } else { Reason::Install };
+                Some((
+                    Op::Run { app: app.into(), unit: unit.clone(), reset_failed: state == Some("failed") },
+                    reason,
+                ))
+            }
+            (Some(c), None) => match c.state {
+                ContainerState::Running if !is_up(c, m) && !quadlet && m.health.is_some() => {
+                    Some((Op::Probe { app: app.into() }, Reason::Health))
+                }
+                ContainerState::Running | ContainerState::Stopping | ContainerState::Paused => None,
+                ContainerState::Created => Some((Op::Start { app: app.into() }, Reason::Start)),
+                ContainerState::Exited | ContainerState::Other => {
+                    let restart = match m.restart {
+                        Restart::Always => true,
+                        Restart::OnFailure => c.exit_code != 0,
+                        Restart::No => false,
+                    };
+                    if quadlet || !restart {
+                        // systemd owns restarts under quadlet; `restart: no` means what it says.
+                        p.waiting.insert(app.into(), format!("exited with code {}", c.exit_code));
+                        None
+                    } else {
+                        Some((Op::Start { app: app.into() }, Reason::Crashed))
+                    }
+                }
+            },
+        };
+        let starting = matches!(op, Some((Op::Run { .. } | Op::Start { .. }, _)));
+        if starting && !deps_down.is_empty() {
+            p.waiting.insert(app.into(), format!("waiting for {} to be up", deps_down.join(", ")));
+            op = None;
+        } else if starting && w.held.contains(app) {
+            p.waiting.insert(app.into(), "backing off after a failure".into());
+            op = None;
+        }
+        if let Some((op, reason)) = op {
+            if let (Some(b), Op::Run { .. }) = (build, &op) {
+                starts.push(Action::Op(
+                    Op::Build {
+                        app: app.into(),
+                        image: m.image.clone(),
+                        context: w.catalog.dir.join(app),
+                        containerfile: b.containerfile.clone(),
+                        context_hash: m.context_hash.clone().unwrap_or_default(),
+                    },
+                    Reason::Drift("image"),
+                ));
+            }
+            if matches!(op, Op::Probe { .. }) {
+                p.waiting.insert(app.into(), "waiting for its health check".into());
+            }
+            starts.push(Action::Op(op, reason));
+        } else if c.is_some_and(|c| !is_up(c, m)) && !p.waiting.contains_key(app) {
+            p.waiting.insert(app.into(), "starting".into());
+        }
+    }
+
+    p.actions.extend(stops.into_iter().rev()); // dependents stop before their dependencies
+    let reload = !units.is_empty();
+    p.actions.extend(units);
+    if reload {
+        p.actions.push(Action::Op(Op::DaemonReload, Reason::UnitChanged));
+    }
+    p.actions.extend(starts);
+    p.actions.extend(after);
+    p
+}
+
+/// Status of one installed app, for the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppStatus {
+    pub id: String,
+    pub desired: Desired,
+    pub state: Option<ContainerState>,
+    pub health: Option<Health>,
+    pub up: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// A terminal error: not retried until the manifest or request changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What one tick did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TickReport {
+    pub actions: Vec<String>,
+    pub failed: Vec<String>,
+    pub podman_calls: u64,
+    pub systemctl_calls: u64,
+    pub duration_seconds: f64,
+    pub converged: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Something was just started or is becoming healthy: look again soon.
+    #[serde(skip)]
+    pub in_motion: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct NodeStatus {
+    pub last_tick: Option<TickReport>,
+    pub last_tick_at: Option<SystemTime>,
+    pub apps: BTreeMap<String, AppStatus>,
+    pub containers: Vec<Container>,
+}
+
+/// State shared between the reconciler thread and the API.
+pub struct Shared {
+    pub store: Mutex<Store>,
+    pub metrics: Arc<Metrics>,
+    pub status: Mutex<NodeStatus>,
+    /// Install requests not yet up, for the install-latency histogram.
+    pub installs: Mutex<HashMap<String, Instant>>,
+    pub ready: AtomicBool,
+    pub shutdown: AtomicBool,
+    pub started: Instant,
+}
+
+/// A request to run a tick now, optionally answered with its report.
+pub type Wake = Option<std::sync::mpsc::Sender<TickReport>>;
+
+struct Backoff {
+    failures: u32,
+    until: Instant,
+}
+
+/// Delay before retry `n` (1-based): 1 s, 2 s, 4 s ... capped at 5 min, with +-25 % jitter
+/// so that many apps failing together do not retry together.
+pub fn backoff_delay(n: u32, rng: &mut impl Rng) -> Duration {
+    let base = Duration::from_secs(1u64 << n.saturating_sub(1).min(9)).min(Duration::from_secs(300));
+    base.mul_f64(rng.random_range(0.75..1.25))
+}
+
+/// Next tick while an app is starting or becoming healthy.
+const FAST_REQUEUE: Duration = Duration::from_millis(100);
+/// Next tick while waiting on anything else (backoff, a dependency, an error).
+const SLOW_REQUEUE: Duration = Duration::from_secs(1);
+/// How long after a start the agent keeps looking every [`FAST_REQUEUE`].
+const FAST_WINDOW: Duration = Duration::from_secs(60);
+/// Up this long, an app's failure count is forgiven.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+pub struct Reconciler {
+    pub runtime: Box<dyn Runtime>,
+    pub exec: Arc<Exec>,
+    pub catalog_dir: PathBuf,
+    pub target: Target,
+    pub shared: Arc<Shared>,
+    backoff: HashMap<String, Backoff>,
+    /// Apps started recently: ticks come fast until they are up or the window passes.
+    started: HashMap<String, Instant>,
+    probed: HashMap<String, Instant>,
+    up_since: HashMap<String, Instant>,
+    last_seen: HashMap<String, (String, i64)>,
+}
+
+impl Reconciler {
+    pub fn new(
+        runtime: Box<dyn Runtime>,
+        exec: Arc<Exec>,
+        catalog_dir: PathBuf,
+        target: Target,
+        shared: Arc<Shared>,
+    ) -> Reconciler {
+        Reconciler {
+            runtime,
+            exec,
+            catalog_dir,
+            target,
+            shared,
+            backoff: HashMap::new(),
+            started: HashMap::new(),
+            probed: HashMap::new(),
+            up_since: HashMap::new(),
+            last_seen: HashMap::new(),
+        }
+    }
+
+    /// Ticks every `interval`, sooner while something is in progress, and at once on a wake.
+    /// Returns when shutdown is asked for or every waker is gone.
+    pub fn run(mut self, interval: Duration, wake: mpsc::Receiver<Wake>) {
+        let mut waiters: Vec<mpsc::Sender<TickReport>> = Vec::new();
+        loop {
+            let report = self.tick();
+            for w in waiters.drain(..) {
+                let _ = w.send(report.clone());
+            }
+            if self.shared.shutdown.load(Ordering::SeqCst) {
+                return;
+            }
+            let next = if report.converged && report.error.is_none() {
+                interval
+            } else if report.in_motion {
+                interval.min(FAST_REQUEUE)
+            } else {
+                interval.min(SLOW_REQUEUE)
+            };
+            match wake.recv_timeout(next) {
+                Ok(w) => {
+                    waiters.extend(w);
+                    // Coalesce a burst of wakes into one tick.
+                    while let Ok(w) = wake.try_recv() {
+                        waiters.extend(w);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if self.shared.shutdown.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// One reconcile pass.
+    pub fn tick(&mut self) -> TickReport {
+        let started = Instant::now();
+        let calls = (self.exec.calls(Tool::Podman), self.exec.calls(Tool::Systemctl));
+        let mut report = TickReport::default();
+        let result = self.pass(&mut report);
+        let m = &self.shared.metrics;
+        report.podman_calls = self.exec.calls(Tool::Podman) - calls.0;
+        report.systemctl_calls = self.exec.calls(Tool::Systemctl) - calls.1;
+        report.duration_seconds = started.elapsed().as_secs_f64();
+        m.tick_duration.observe(report.duration_seconds);
+        match result {
+            Ok(()) => {
+                m.ticks.with_label_values(&["ok"]).inc();
+                let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                m.last_success.set(now.as_secs_f64());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reconcile pass failed; retrying");
+                m.ticks.with_label_values(&["error"]).inc();
+                report.error = Some(e);
+                report.converged = false;
+            }
+        }
+        if !self.shared.ready.swap(true, Ordering::SeqCst) {
+            m.startup_duration.set(self.shared.started.elapsed().as_secs_f64());
+        }
+        let mut status = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.last_tick = Some(report.clone());
+        status.last_tick_at = Some(SystemTime::now());
+        report
+    }
+
+    fn pass(&mut self, report: &mut TickReport) -> Result<(), String> {
+        let (catalog, problems) = Catalog::load_lenient(&self.catalog_dir);
+        let observed = self.runtime.observe().map_err(|e| e.to_string())?;
+        let unit_files = self.runtime.unit_files().map_err(|e| e.to_string())?;
+        self.adopt(&observed, &catalog)?;
+        let state = self.shared.store.lock().unwrap_or_else(|e| e.into_inner()).state().clone();
+
+        // Terminal errors: apps asked for that cannot be rendered. Not retried.
+        let mut errors: BTreeMap<String, String> = BTreeMap::new();
+        for app in state.apps.keys().filter(|a| !catalog.apps.contains_key(*a)) {
+            let mine: Vec<String> = problems
+                .iter()
+                .filter(|p| p.file.starts_with(self.catalog_dir.join(app)))
+                .map(Problem::to_string)
+                .collect();
+            let msg =
+                if mine.is_empty() { format!("`{app}` is not in the catalog") } else { mine.join("; ") };
+            errors.insert(app.clone(), msg);
+        }
+
+        // Secrets of every installed app, healed before anything starts.
+        let mut changed = BTreeSet::new();
+        let secrets_root = self.target.secrets_root();
+        for (app, s) in &state.apps {
+            let Some(m) = catalog.get(app).filter(|_| s.desired != Desired::Absent) else { continue };
+            match secrets::ensure(&secrets_root, m) {
+                Ok(ensured) => {
+                    for e in ensured {
+                        match e.outcome {
+                            Outcome::Kept => {}
+                            Outcome::Generated => {
+                                self.shared
+                                    .metrics
+                                    .secrets_generated
+                                    .with_label_values(&[e.kind.as_str()])
+                                    .inc();
+                                changed.insert(app.clone());
+                            }
+                            Outcome::Healed(r) => {
+                                tracing::warn!(%app, secret = %e.target, reason = r.as_str(), "secret healed");
+                                self.shared.metrics.secrets_healed.with_label_values(&[r.as_str()]).inc();
+                                changed.insert(app.clone());
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    errors.insert(app.clone(), e.to_string());
+                }
+            }
+        }
+
+        let now = Instant::now();
+        let held: BTreeSet<String> = self
+            .backoff
+            .iter()
+            .filter(|(_, b)| b.until > now)
+            .map(|(a, _)| a.clone())
+            .chain(errors.keys().cloned())
+            .collect();
+        let missing: Vec<&str> = state
+            .apps
+            .iter()
+            .filter(|(a, s)| s.desired == Desired::Running && !observed.iter().any(|c| &c.app == *a))
+            .filter(|(a, _)| unit_files.contains_key(*a))
+            .map(|(a, _)| a.as_str())
+            .collect();
+        let unit_states = self.runtime.unit_states(&missing).map_err(|e| e.to_string())?;
+        let plan = plan(&World {
+            backend: self.runtime.kind(),
+            catalog: &catalog,
+            target: &self.target,
+            state: &state,
+            observed: &observed,
+            unit_files: &unit_files,
+            unit_states: &unit_states,
+            secrets_changed: &changed,
+            held: &held,
+        });
+
+        let mut failed_apps = BTreeSet::new();
+        for action in &plan.actions {
+            // Health probes: often right after a start, then at the app's own interval.
+            if let Action::Op(Op::Probe { app }, _) = action {
+                let interval =
+                    catalog.get(app).and_then(|m| m.health.as_ref()).map_or(Duration::ZERO, |h| h.interval.0);
+                let due = self.started.contains_key(app)
+                    || self.probed.get(app).is_none_or(|t| now.duration_since(*t) >= interval);
+                if !due {
+                    continue;
+                }
+                self.probed.insert(app.clone(), now);
+            }
+            if self.shared.shutdown.load(Ordering::SeqCst) {
+                break; // finish the current action only
+            }
+            if let Action::Op(op, _) = action {
+                if op.app().is_some_and(|a| failed_apps.contains(a)) {
+                    continue;
+                }
+            }
+            let desc = action.describe();
+            match self.apply(action, &catalog) {
+                Ok(()) => report.actions.push(desc),
+                Err(e) => {
+                    tracing::warn!(action = %desc, error = %e, "action failed; backing off");
+                    report.failed.push(format!("{desc}: {e}"));
+                    if let Action::Op(op, _) = action {
+                        if let Some(app) = op.app() {
+                            failed_apps.insert(app.to_string());
+                            self.bump(app);
+                        }
+                    }
+                }
+            }
+        }
+        self.observe_apps(&state, &catalog, &observed, &plan, &errors);
+        report.converged = plan.actions.is_empty() && plan.waiting.is_empty() && errors.is_empty();
+        let now = Instant::now();
+        self.started.retain(|_, t| now.duration_since(*t) < FAST_WINDOW);
+        report.in_motion = !self.started.is_empty();
+        Ok(())
+    }
+
+    fn bump(&mut self, app: &str) {
+        let b = self.backoff.entry(app.to_string()).or_insert(Backoff { failures: 0, until: Instant::now() });
+        b.failures += 1;
+        b.until = Instant::now() + backoff_delay(b.failures, &mut rand::rng());
+    }
+
+    /// After a state recovery, containers the recovered state does not know are adopted
+    /// from their labels rather than removed as orphans: an uncertain state never destroys.
+    fn adopt(&self, observed: &[Container], catalog: &Catalog) -> Result<(), String> {
+        let mut store = self.shared.store.lock().unwrap_or_else(|e| e.into_inner());
+        if !store.needs_adoption {
+            return Ok(());
+        }
+        store.needs_adoption = false;
+        let known = &store.state().apps;
+        let adopted: Vec<&Container> = observed
+            .iter()
+            .filter(|c| catalog.apps.contains_key(&c.app) && !known.contains_key(&c.app))
+            .collect();
+        if adopted.is_empty() {
+            return Ok(());
+        }
+        tracing::error!(
+            apps = adopted.len(),
+            "desired state was recovered: adopting containers it does not know"
+        );
+        self.shared.metrics.state_recoveries.with_label_values(&["adopted"]).inc();
+        store
+            .update(|s| {
+                for c in adopted {
+                    let d =
+                        if c.state == ContainerState::Running { Desired::Running } else { Desired::Stopped };
+                    s.apps.insert(c.app.clone(), AppState::new(d));
+                }
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    fn apply(&mut self, action: &Action, catalog: &Catalog) -> Result<(), String> {
+        let m = &self.shared.metrics;
+        match action {
+            Action::Op(op, reason) => {
+                if let (Op::Run { app, .. }, Some(manifest)) = (op, op.app().and_then(|a| catalog.get(a))) {
+                    self.prepare(manifest).map_err(|e| format!("preparing {app}: {e}"))?;
+                }
+                let result = self.runtime.apply(op).map_err(|e| e.to_string());
+                m.actions.with_label_values(&[op.kind(), if result.is_ok() { "ok" } else { "error" }]).inc();
+                result?;
+                tracing::info!(action = %action.describe(), "applied");
+                match reason {
+                    Reason::Drift(kind) => m.drift_repairs.with_label_values(&[kind]).inc(),
+                    Reason::Orphan => {
+                        let kind = if matches!(op, Op::RemoveUnit { .. }) { "unit" } else { "container" };
+                        m.orphans_removed.with_label_values(&[kind]).inc();
+                    }
+                    _ => {}
+                }
+                if let Op::Run { app, .. } | Op::Start { app } = op {
+                    self.started.insert(app.clone(), Instant::now());
+                    if *reason == Reason::Crashed {
+                        self.bump(app);
+                    }
+                }
+                Ok(())
+            }
+            Action::Purge(app) => {
+                for dir in
+                    [self.target.data_root.join("apps").join(app), self.target.secrets_root().join(app)]
+                {
+                    match std::fs::remove_dir_all(&dir) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(format!("{}: cannot purge: {e}", dir.display()));
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+            Action::Forget(app) | Action::ClearRestart(app) => {
+                let forget = matches!(action, Action::Forget(_));
+                let mut store = self.shared.store.lock().unwrap_or_else(|e| e.into_inner());
+                store
+                    .update(|s| {
+                        if forget {
+                            s.apps.remove(app);
+                        } else if let Some(a) = s.apps.get_mut(app) {
+                            a.restart = false;
+                        }
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// What a container needs on the host before it is created: data directories and the
+    /// environment file with the values read from secrets.
+    fn prepare(&self, m: &Manifest) -> Result<(), String> {
+        for v in &m.volumes {
+            let dir = self.target.data_root.join("apps").join(&m.id).join(&v.name);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        secrets::write_env_file(&self.target.secrets_root(), m).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Per-app status, up gauges, install latency, restarts nobody asked for.
+    fn observe_apps(
+        &mut self,
+        state: &State,
+        catalog: &Catalog,
+        observed: &[Container],
+        plan: &Plan,
+        errors: &BTreeMap<String, String>,
+    ) {
+        let m = &self.shared.metrics;
+        let now = Instant::now();
+        let acted: BTreeSet<&str> = plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Op(op, _) => op.app(),
+                _ => None,
+            })
+            .collect();
+        let mut apps = BTreeMap::new();
+        for (id, s) in &state.apps {
+            let c = observed.iter().find(|c| &c.app == id);
+            // What was observed before this tick's actions says nothing about an app acted on.
+            let up = !acted.contains(id.as_str())
+                && c.zip(catalog.get(id)).is_some_and(|(c, manifest)| is_up(c, manifest));
+            m.app_up.with_label_values(&[id]).set(up as i64);
+            m.app_error.with_label_values(&[id]).set(errors.contains_key(id) as i64);
+            if up {
+                self.started.remove(id);
+                let since = *self.up_since.entry(id.clone()).or_insert(now);
+                if now.duration_since(since) >= STABLE_AFTER {
+                    self.backoff.remove(id);
+                }
+                if let Some(t) = self.shared.installs.lock().unwrap_or_else(|e| e.into_inner()).remove(id) {
+                    m.install_duration.with_label_values(&[id]).observe(now.duration_since(t).as_secs_f64());
+                }
+            } else {
+                self.up_since.remove(id);
+                if c.is_some_and(|c| c.state == ContainerState::Exited) {
+                    self.started.remove(id); // crashed: the backoff decides when to look again
+                }
+            }
+            if let Some(c) = c {
+                let seen = (c.id.clone(), c.started_at);
+                if let Some(prev) = self.last_seen.insert(id.clone(), seen.clone()) {
+                    if prev != seen && !acted.contains(id.as_str()) && c.started_at != 0 {
+                        m.app_restarts.with_label_values(&[id]).inc();
+                    }
+                }
+            }
+            apps.insert(
+                id.clone(),
+                AppStatus {
+                    id: id.clone(),
+                    desired: s.desired,
+                    state: c.map(|c| c.state),
+                    health: c.map(|c| c.health),
+                    up,
+                    waiting: plan.waiting.get(id).cloned(),
+                    error: errors.get(id).cloned(),
+                },
+            );
+        }
+        let mut status = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.apps = apps;
+        status.containers = observed.to_vec();
+    }
+}
