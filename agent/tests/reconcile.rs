@@ -1,0 +1,386 @@
+//! The reconciler's decisions as a table (given desired state and observations, expect these
+//! actions), and its loop over an in-memory fake runtime: convergence, no-op ticks, backoff.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use archy_agent::exec::{Exec, ExecConfig};
+use archy_agent::manifest::Catalog;
+use archy_agent::metrics::Metrics;
+use archy_agent::quadlet::{render, Target};
+use archy_agent::reconcile::{plan, Action, NodeStatus, Plan, Reason, Reconciler, Shared, World};
+use archy_agent::runtime::{self, BackendKind, Binding, Container, ContainerState, Health, Op, Runtime};
+use archy_agent::store::{AppState, Desired, State, Store};
+use support::*;
+
+fn catalog() -> Catalog {
+    Catalog::load(&repo_root().join("apps")).unwrap()
+}
+
+fn target() -> Target {
+    Target { podman: "4.3.1".parse().unwrap(), data_root: PathBuf::from("/data") }
+}
+
+fn state(apps: &[(&str, Desired)]) -> State {
+    State { apps: apps.iter().map(|(a, d)| (a.to_string(), AppState::new(*d))).collect(), ..State::default() }
+}
+
+/// A container exactly as the agent would have created it, up and healthy.
+fn healthy(c: &Catalog, app: &str) -> Container {
+    healthy_on(c, app, &target())
+}
+
+fn healthy_on(c: &Catalog, app: &str, target: &Target) -> Container {
+    let m = c.get(app).unwrap();
+    let unit = render(m, target);
+    Container {
+        app: app.into(),
+        id: format!("id-{app}"),
+        name: m.container_name(),
+        state: ContainerState::Running,
+        health: if m.health.is_some() { Health::Healthy } else { Health::None },
+        image: m.image.clone(),
+        ports: m
+            .ports
+            .iter()
+            .filter(|_| m.network == archy_agent::manifest::Network::Bridge)
+            .map(|p| Binding {
+                host_ip: p.bind.to_string(),
+                host_port: p.host,
+                container_port: p.container_port(),
+                protocol: p.protocol.to_string(),
+            })
+            .collect(),
+        spec_hash: Some(unit.hash),
+        context_hash: m.context_hash.clone(),
+        started_at: 1,
+        exit_code: 0,
+    }
+}
+
+struct Case {
+    backend: BackendKind,
+    state: State,
+    observed: Vec<Container>,
+    units: BTreeMap<String, String>,
+    unit_states: BTreeMap<String, String>,
+    changed: BTreeSet<String>,
+    held: BTreeSet<String>,
+}
+
+impl Case {
+    fn new(backend: BackendKind, apps: &[(&str, Desired)]) -> Case {
+        Case {
+            backend,
+            state: state(apps),
+            observed: Vec::new(),
+            units: BTreeMap::new(),
+            unit_states: BTreeMap::new(),
+            changed: BTreeSet::new(),
+            held: BTreeSet::new(),
+        }
+    }
+
+    fn plan(&self, c: &Catalog) -> Plan {
+        plan(&World {
+            backend: self.backend,
+            catalog: c,
+            target: &target(),
+            state: &self.state,
+            observed: &self.observed,
+            unit_files: &self.units,
+            unit_states: &self.unit_states,
+            secrets_changed: &self.changed,
+            held: &self.held,
+        })
+    }
+}
+
+/// Actions as short strings: `kind app (reason)`.
+fn names(p: &Plan) -> Vec<String> {
+    p.actions.iter().map(Action::describe).collect()
+}
+
+#[test]
+fn install_runs_the_app() {
+    let c = catalog();
+    let p = Case::new(BackendKind::Podman, &[("fx-web", Desired::Running)]).plan(&c);
+    assert_eq!(names(&p), ["run fx-web (install)"]);
+}
+
+#[test]
+fn a_dependent_waits_until_its_dependency_is_up() {
+    let c = catalog();
+    let mut case =
+        Case::new(BackendKind::Podman, &[("fx-web", Desired::Running), ("fx-client", Desired::Running)]);
+    assert_eq!(names(&case.plan(&c)), ["run fx-web (install)"]);
+    let mut starting = healthy(&c, "fx-web");
+    starting.health = Health::Starting;
+    case.observed = vec![starting];
+    let p = case.plan(&c);
+    assert_eq!(names(&p), ["probe fx-web (health)"], "the podman backend probes health itself");
+    assert_eq!(p.waiting["fx-client"], "waiting for fx-web to be up");
+    case.observed = vec![healthy(&c, "fx-web")];
+    assert_eq!(names(&case.plan(&c)), ["run fx-client (install)"]);
+}
+
+#[test]
+fn a_converged_node_plans_nothing() {
+    let c = catalog();
+    for backend in [BackendKind::Podman, BackendKind::Quadlet] {
+        let mut case = Case::new(backend, &[("fx-web", Desired::Running), ("fx-hostnet", Desired::Running)]);
+        case.observed = vec![healthy(&c, "fx-web"), healthy(&c, "fx-hostnet")];
+        if backend == BackendKind::Quadlet {
+            for app in ["fx-web", "fx-hostnet"] {
+                case.units.insert(app.into(), render(c.get(app).unwrap(), &target()).text);
+            }
+        }
+        assert_eq!(case.plan(&c), Plan::default(), "{backend:?}");
+    }
+}
+
+#[test]
+fn drift_of_spec_or_ports_recreates() {
+    let c = catalog();
+    let mut case = Case::new(BackendKind::Podman, &[("fx-web", Desired::Running)]);
+    let mut stale = healthy(&c, "fx-web");
+    stale.spec_hash = Some("older".into());
+    case.observed = vec![stale];
+    assert_eq!(names(&case.plan(&c)), ["run fx-web (drift(\"spec\"))"]);
+    let mut moved = healthy(&c, "fx-web");
+    moved.ports[0].host_port = 8080; // the platform's REST port stuck on 8080
+    case.observed = vec![moved];
+    assert_eq!(names(&case.plan(&c)), ["run fx-web (drift(\"ports\"))"]);
+}
+
+#[test]
+fn a_regenerated_secret_recreates_the_owner_and_its_readers() {
+    let c = catalog();
+    let mut case =
+        Case::new(BackendKind::Podman, &[("fx-web", Desired::Running), ("fx-client", Desired::Running)]);
+    case.observed = vec![healthy(&c, "fx-web"), healthy(&c, "fx-client")];
+    case.changed.insert("fx-web".into());
+    assert_eq!(names(&case.plan(&c)), ["run fx-web (secretchanged)", "run fx-client (secretchanged)"]);
+}
+
+#[test]
+fn stopping_removes_the_container_dependents_first() {
+    let c = catalog();
+    let mut case =
+        Case::new(BackendKind::Podman, &[("fx-web", Desired::Stopped), ("fx-client", Desired::Stopped)]);
+    case.observed = vec![healthy(&c, "fx-web"), healthy(&c, "fx-client")];
+    assert_eq!(names(&case.plan(&c)), ["remove fx-client (stop)", "remove fx-web (stop)"]);
+}
+
+#[test]
+fn quadlet_stop_is_a_unit_stop_and_the_unit_file_goes() {
+    let c = catalog();
+    let mut case = Case::new(BackendKind::Quadlet, &[("fx-web", Desired::Stopped)]);
+    case.observed = vec![healthy(&c, "fx-web")];
+    case.units.insert("fx-web".into(), render(c.get("fx-web").unwrap(), &target()).text);
+    assert_eq!(
+        names(&case.plan(&c)),
+        ["stop fx-web (stop)", "remove_unit fx-web (stop)", "daemon_reload - (unitchanged)"]
+    );
+}
+
+#[test]
+fn orphans_are_removed_and_uninstalled_apps_forgotten() {
+    let c = catalog();
+    let mut case = Case::new(BackendKind::Quadlet, &[]);
+    let mut ghost = healthy(&c, "fx-web");
+    ghost.app = "ghost".into();
+    ghost.name = "ghost".into();
+    case.observed = vec![ghost];
+    case.units.insert("old-app".into(), "# Generated by archy-agent ...".into());
+    assert_eq!(
+        names(&case.plan(&c)),
+        ["remove ghost (orphan)", "remove_unit old-app (orphan)", "daemon_reload - (unitchanged)"]
+    );
+
+    let mut case = Case::new(BackendKind::Podman, &[("fx-web", Desired::Absent)]);
+    case.state.apps.get_mut("fx-web").unwrap().purge = true;
+    assert_eq!(names(&case.plan(&c)), ["purge fx-web", "forget fx-web"]);
+}
+
+#[test]
+fn quadlet_install_writes_units_and_reloads_once() {
+    let c = catalog();
+    let case =
+        Case::new(BackendKind::Quadlet, &[("fx-web", Desired::Running), ("fx-gateway", Desired::Running)]);
+    assert_eq!(
+        names(&case.plan(&c)),
+        [
+            // Dependency order: fx-client (not installed) pulls fx-web ahead of fx-gateway.
+            "write_unit fx-web (install)",
+            "write_unit fx-gateway (install)",
+            "daemon_reload - (unitchanged)",
+            "run fx-web (install)",
+            "run fx-gateway (install)"
+        ]
+    );
+}
+
+#[test]
+fn quadlet_leaves_a_starting_unit_to_systemd_and_resets_a_failed_one() {
+    let c = catalog();
+    let mut case = Case::new(BackendKind::Quadlet, &[("fx-web", Desired::Running)]);
+    case.units.insert("fx-web".into(), render(c.get("fx-web").unwrap(), &target()).text);
+    case.unit_states.insert("fx-web".into(), "activating".into());
+    let p = case.plan(&c);
+    assert_eq!(names(&p), Vec::<String>::new());
+    assert_eq!(p.waiting["fx-web"], "systemd unit activating");
+    case.unit_states.insert("fx-web".into(), "failed".into());
+    let p = case.plan(&c);
+    assert!(
+        matches!(&p.actions[..], [Action::Op(Op::Run { reset_failed: true, .. }, Reason::Crashed)]),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn exited_containers_follow_the_restart_policy() {
+    let c = catalog();
+    for (app, code, want) in [
+        ("fx-crashloop", 1, vec!["start fx-crashloop (crashed)"]), // restart: always
+        ("fx-client", 1, vec!["start fx-client (crashed)"]),       // on-failure, failed
+        ("fx-client", 0, vec![]),                                  // on-failure, clean exit
+    ] {
+        let mut case = Case::new(BackendKind::Podman, &[(app, Desired::Running)]);
+        if app == "fx-client" {
+            case.state.apps.insert("fx-web".into(), AppState::new(Desired::Running));
+            case.observed.push(healthy(&c, "fx-web"));
+        }
+        let mut exited = healthy(&c, app);
+        exited.state = ContainerState::Exited;
+        exited.exit_code = code;
+        case.observed.push(exited.clone());
+        assert_eq!(names(&case.plan(&c)), want, "{app} exit {code}");
+        case.held.insert(app.into());
+        assert!(names(&case.plan(&c)).is_empty(), "{app} is held by backoff");
+    }
+}
+
+#[test]
+fn a_local_image_is_built_before_its_container_and_rebuilt_when_its_context_changes() {
+    let c = catalog();
+    let mut case = Case::new(BackendKind::Podman, &[("fx-ui", Desired::Running)]);
+    assert_eq!(names(&case.plan(&c)), ["build fx-ui (drift(\"image\"))", "run fx-ui (install)"]);
+    case.observed = vec![healthy(&c, "fx-ui")];
+    assert!(names(&case.plan(&c)).is_empty());
+    let mut old = healthy(&c, "fx-ui");
+    old.context_hash = Some("before".into());
+    old.spec_hash = Some("before".into()); // the hash label is part of the unit
+    case.observed = vec![old];
+    assert_eq!(names(&case.plan(&c)), ["build fx-ui (drift(\"image\"))", "run fx-ui (drift(\"spec\"))"]);
+}
+
+/// An in-memory runtime: containers appear healthy on Run, vanish on Remove; one app can be
+/// made to crash after every start.
+struct Fake {
+    containers: Mutex<Vec<Container>>,
+    crashes: BTreeSet<String>,
+    catalog: Catalog,
+    target: Target,
+}
+
+impl Runtime for Fake {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Podman
+    }
+    fn observe(&self) -> Result<Vec<Container>, runtime::Error> {
+        Ok(self.containers.lock().unwrap().clone())
+    }
+    fn unit_files(&self) -> Result<BTreeMap<String, String>, runtime::Error> {
+        Ok(BTreeMap::new())
+    }
+    fn unit_states(&self, _: &[&str]) -> Result<BTreeMap<String, String>, runtime::Error> {
+        Ok(BTreeMap::new())
+    }
+    fn apply(&self, op: &Op) -> Result<(), runtime::Error> {
+        let mut cs = self.containers.lock().unwrap();
+        match op {
+            Op::Run { app, .. } | Op::Start { app } => {
+                cs.retain(|c| &c.app != app);
+                let mut c = healthy_on(&self.catalog, app, &self.target);
+                if self.crashes.contains(app) {
+                    c.state = ContainerState::Exited;
+                    c.exit_code = 1;
+                }
+                cs.push(c);
+            }
+            Op::Remove { app, .. } => cs.retain(|c| &c.app != app),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn reconciler(dir: &std::path::Path, crashes: &[&str], apps: &[(&str, Desired)]) -> Reconciler {
+    let metrics = Arc::new(Metrics::new("podman"));
+    let exec = Arc::new(Exec::new(
+        ExecConfig {
+            podman: "/nonexistent/podman".into(),
+            podman_args: vec![],
+            systemctl: "/nonexistent/systemctl".into(),
+            podman_cgroup: None,
+            timeout: std::time::Duration::from_secs(1),
+        },
+        metrics.clone(),
+    ));
+    let (mut store, _) = Store::open(dir).unwrap();
+    store.needs_adoption = false;
+    store.update(|s| *s = state(apps)).unwrap();
+    let shared = Arc::new(Shared {
+        store: Mutex::new(store),
+        metrics,
+        status: Mutex::new(NodeStatus::default()),
+        installs: Mutex::new(Default::default()),
+        ready: AtomicBool::new(false),
+        shutdown: AtomicBool::new(false),
+        started: Instant::now(),
+    });
+    let target = Target { podman: "4.3.1".parse().unwrap(), data_root: dir.to_path_buf() };
+    let fake = Fake {
+        containers: Mutex::new(Vec::new()),
+        crashes: crashes.iter().map(|s| s.to_string()).collect(),
+        catalog: catalog(),
+        target: target.clone(),
+    };
+    Reconciler::new(Box::new(fake), exec, repo_root().join("apps"), target, shared)
+}
+
+#[test]
+fn fake_node_converges_and_then_ticks_are_no_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = reconciler(dir.path(), &[], &[("fx-web", Desired::Running), ("fx-client", Desired::Running)]);
+    let first = r.tick();
+    assert_eq!(first.actions, ["run fx-web (install)"], "{first:?}");
+    let second = r.tick();
+    assert_eq!(second.actions, ["run fx-client (install)"], "{second:?}");
+    let third = r.tick();
+    assert!(third.converged && third.actions.is_empty(), "{third:?}");
+    // Secrets were made on the way, in the data root's secrets directory.
+    assert!(dir.path().join("secrets/fx-web/api-token").is_file());
+    assert!(dir.path().join("secrets/fx-client/.env").is_file());
+}
+
+#[test]
+fn a_crash_loop_backs_off_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = reconciler(dir.path(), &["fx-crashloop"], &[("fx-crashloop", Desired::Running)]);
+    let actions: Vec<String> = (0..20).flat_map(|_| r.tick().actions).collect();
+    // Install, then one restart right away; every later one waits 1 s, 2 s, ... .
+    assert!(
+        (1..=3).contains(&actions.len()),
+        "{} starts in 20 back-to-back ticks: {actions:?}",
+        actions.len()
+    );
+    let status = r.shared.status.lock().unwrap();
+    assert_eq!(status.apps["fx-crashloop"].waiting.as_deref(), Some("backing off after a failure"));
+}
