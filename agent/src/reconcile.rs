@@ -304,7 +304,12 @@ pub fn plan(w: &World) -> Plan {
             if matches!(op, Op::Probe { .. }) {
                 p.waiting.insert(app.into(), "waiting for its health check".into());
             }
+            // The podman backend checks health itself: right after a start, not a tick later.
+            let probe = !quadlet && m.health.is_some() && matches!(op, Op::Run { .. } | Op::Start { .. });
             starts.push(Action::Op(op, reason));
+            if probe {
+                starts.push(Action::Op(Op::Probe { app: app.into() }, Reason::Health));
+            }
         } else if c.is_some_and(|c| !is_up(c, m)) && !p.waiting.contains_key(app) {
             p.waiting.insert(app.into(), "starting".into());
         }
@@ -406,6 +411,8 @@ pub struct Reconciler {
     /// Apps started recently: ticks come fast until they are up or the window passes.
     started: HashMap<String, Instant>,
     probed: HashMap<String, Instant>,
+    /// Apps whose health check passed during this tick's actions.
+    healthy: BTreeSet<String>,
     up_since: HashMap<String, Instant>,
     last_seen: HashMap<String, (String, i64)>,
 }
@@ -427,6 +434,7 @@ impl Reconciler {
             backoff: HashMap::new(),
             started: HashMap::new(),
             probed: HashMap::new(),
+            healthy: BTreeSet::new(),
             up_since: HashMap::new(),
             last_seen: HashMap::new(),
         }
@@ -582,6 +590,7 @@ impl Reconciler {
         });
 
         let mut failed_apps = BTreeSet::new();
+        self.healthy.clear();
         for action in &plan.actions {
             // Health probes: often right after a start, then at the app's own interval.
             if let Action::Op(Op::Probe { app }, _) = action {
@@ -670,7 +679,15 @@ impl Reconciler {
                 if let (Op::Run { app, .. }, Some(manifest)) = (op, op.app().and_then(|a| catalog.get(a))) {
                     self.prepare(manifest).map_err(|e| format!("preparing {app}: {e}"))?;
                 }
-                let result = self.runtime.apply(op).map_err(|e| e.to_string());
+                let result = match op {
+                    Op::Probe { app } => self.runtime.probe(app).map(|healthy| {
+                        if healthy {
+                            self.healthy.insert(app.clone());
+                        }
+                    }),
+                    _ => self.runtime.apply(op),
+                }
+                .map_err(|e| e.to_string());
                 m.actions.with_label_values(&[op.kind(), if result.is_ok() { "ok" } else { "error" }]).inc();
                 result?;
                 tracing::info!(action = %action.describe(), "applied");
@@ -752,9 +769,13 @@ impl Reconciler {
         let mut apps = BTreeMap::new();
         for (id, s) in &state.apps {
             let c = observed.iter().find(|c| &c.app == id);
-            // What was observed before this tick's actions says nothing about an app acted on.
-            let up = !acted.contains(id.as_str())
-                && c.zip(catalog.get(id)).is_some_and(|(c, manifest)| is_up(c, manifest));
+            // What was observed before this tick's actions says nothing about an app acted on,
+            // except a health check that passed after them.
+            let up = if acted.contains(id.as_str()) {
+                self.healthy.contains(id)
+            } else {
+                c.zip(catalog.get(id)).is_some_and(|(c, manifest)| is_up(c, manifest))
+            };
             m.app_up.with_label_values(&[id]).set(up as i64);
             m.app_error.with_label_values(&[id]).set(errors.contains_key(id) as i64);
             if up {

@@ -266,6 +266,11 @@ pub trait Runtime: Send + Sync {
     /// app that should run has no container, to tell "systemd is starting it" from "gone".
     fn unit_states(&self, apps: &[&str]) -> Result<BTreeMap<String, String>, Error>;
     fn apply(&self, op: &Op) -> Result<(), Error>;
+    /// Runs the app's health check once (podman backend); true when it passed.
+    fn probe(&self, app: &str) -> Result<bool, Error> {
+        let _ = app;
+        Ok(false)
+    }
 }
 
 fn container_name(app: &str) -> String {
@@ -334,14 +339,19 @@ impl Runtime for Podman {
             Op::Remove { container, timeout, .. } => {
                 drop(e.podman(&["rm", "-f", "-t", &timeout.to_string(), container])?)
             }
-            Op::Probe { app } => match e.podman(&["healthcheck", "run", &container_name(app)]) {
-                // Exit 1 is "unhealthy", recorded by podman: an answer, not a failure.
-                Err(err) if err.code() == Some(1) => {}
-                r => drop(r?),
-            },
+            Op::Probe { app } => drop(self.probe(app)?),
             Op::WriteUnit { .. } | Op::RemoveUnit { .. } | Op::DaemonReload => {}
         }
         Ok(())
+    }
+
+    fn probe(&self, app: &str) -> Result<bool, Error> {
+        match self.exec.podman(&["healthcheck", "run", &container_name(app)]) {
+            Ok(_) => Ok(true),
+            // Exit 1 is "unhealthy", recorded by podman: an answer, not a failure.
+            Err(err) if err.code() == Some(1) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
     }
 }
 

@@ -110,7 +110,11 @@ fn names(p: &Plan) -> Vec<String> {
 fn install_runs_the_app() {
     let c = catalog();
     let p = Case::new(BackendKind::Podman, &[("fx-web", Desired::Running)]).plan(&c);
-    assert_eq!(names(&p), ["run fx-web (install)"]);
+    assert_eq!(
+        names(&p),
+        ["run fx-web (install)", "probe fx-web (health)"],
+        "health is checked right after the start"
+    );
 }
 
 #[test]
@@ -118,7 +122,7 @@ fn a_dependent_waits_until_its_dependency_is_up() {
     let c = catalog();
     let mut case =
         Case::new(BackendKind::Podman, &[("fx-web", Desired::Running), ("fx-client", Desired::Running)]);
-    assert_eq!(names(&case.plan(&c)), ["run fx-web (install)"]);
+    assert_eq!(names(&case.plan(&c)), ["run fx-web (install)", "probe fx-web (health)"]);
     let mut starting = healthy(&c, "fx-web");
     starting.health = Health::Starting;
     case.observed = vec![starting];
@@ -126,7 +130,7 @@ fn a_dependent_waits_until_its_dependency_is_up() {
     assert_eq!(names(&p), ["probe fx-web (health)"], "the podman backend probes health itself");
     assert_eq!(p.waiting["fx-client"], "waiting for fx-web to be up");
     case.observed = vec![healthy(&c, "fx-web")];
-    assert_eq!(names(&case.plan(&c)), ["run fx-client (install)"]);
+    assert_eq!(names(&case.plan(&c)), ["run fx-client (install)", "probe fx-client (health)"]);
 }
 
 #[test]
@@ -151,11 +155,11 @@ fn drift_of_spec_or_ports_recreates() {
     let mut stale = healthy(&c, "fx-web");
     stale.spec_hash = Some("older".into());
     case.observed = vec![stale];
-    assert_eq!(names(&case.plan(&c)), ["run fx-web (drift(\"spec\"))"]);
+    assert_eq!(names(&case.plan(&c)), ["run fx-web (drift(\"spec\"))", "probe fx-web (health)"]);
     let mut moved = healthy(&c, "fx-web");
     moved.ports[0].host_port = 8080; // the platform's REST port stuck on 8080
     case.observed = vec![moved];
-    assert_eq!(names(&case.plan(&c)), ["run fx-web (drift(\"ports\"))"]);
+    assert_eq!(names(&case.plan(&c)), ["run fx-web (drift(\"ports\"))", "probe fx-web (health)"]);
 }
 
 #[test]
@@ -165,7 +169,15 @@ fn a_regenerated_secret_recreates_the_owner_and_its_readers() {
         Case::new(BackendKind::Podman, &[("fx-web", Desired::Running), ("fx-client", Desired::Running)]);
     case.observed = vec![healthy(&c, "fx-web"), healthy(&c, "fx-client")];
     case.changed.insert("fx-web".into());
-    assert_eq!(names(&case.plan(&c)), ["run fx-web (secretchanged)", "run fx-client (secretchanged)"]);
+    assert_eq!(
+        names(&case.plan(&c)),
+        [
+            "run fx-web (secretchanged)",
+            "probe fx-web (health)",
+            "run fx-client (secretchanged)",
+            "probe fx-client (health)"
+        ]
+    );
 }
 
 #[test]
@@ -248,7 +260,7 @@ fn exited_containers_follow_the_restart_policy() {
     let c = catalog();
     for (app, code, want) in [
         ("fx-crashloop", 1, vec!["start fx-crashloop (crashed)"]), // restart: always
-        ("fx-client", 1, vec!["start fx-client (crashed)"]),       // on-failure, failed
+        ("fx-client", 1, vec!["start fx-client (crashed)", "probe fx-client (health)"]), // on-failure, failed
         ("fx-client", 0, vec![]),                                  // on-failure, clean exit
     ] {
         let mut case = Case::new(BackendKind::Podman, &[(app, Desired::Running)]);
@@ -270,14 +282,20 @@ fn exited_containers_follow_the_restart_policy() {
 fn a_local_image_is_built_before_its_container_and_rebuilt_when_its_context_changes() {
     let c = catalog();
     let mut case = Case::new(BackendKind::Podman, &[("fx-ui", Desired::Running)]);
-    assert_eq!(names(&case.plan(&c)), ["build fx-ui (drift(\"image\"))", "run fx-ui (install)"]);
+    assert_eq!(
+        names(&case.plan(&c)),
+        ["build fx-ui (drift(\"image\"))", "run fx-ui (install)", "probe fx-ui (health)"]
+    );
     case.observed = vec![healthy(&c, "fx-ui")];
     assert!(names(&case.plan(&c)).is_empty());
     let mut old = healthy(&c, "fx-ui");
     old.context_hash = Some("before".into());
     old.spec_hash = Some("before".into()); // the hash label is part of the unit
     case.observed = vec![old];
-    assert_eq!(names(&case.plan(&c)), ["build fx-ui (drift(\"image\"))", "run fx-ui (drift(\"spec\"))"]);
+    assert_eq!(
+        names(&case.plan(&c)),
+        ["build fx-ui (drift(\"image\"))", "run fx-ui (drift(\"spec\"))", "probe fx-ui (health)"]
+    );
 }
 
 /// An in-memory runtime: containers appear healthy on Run, vanish on Remove; one app can be
@@ -360,9 +378,9 @@ fn fake_node_converges_and_then_ticks_are_no_ops() {
     let dir = tempfile::tempdir().unwrap();
     let mut r = reconciler(dir.path(), &[], &[("fx-web", Desired::Running), ("fx-client", Desired::Running)]);
     let first = r.tick();
-    assert_eq!(first.actions, ["run fx-web (install)"], "{first:?}");
+    assert_eq!(first.actions, ["run fx-web (install)", "probe fx-web (health)"], "{first:?}");
     let second = r.tick();
-    assert_eq!(second.actions, ["run fx-client (install)"], "{second:?}");
+    assert_eq!(second.actions, ["run fx-client (install)", "probe fx-client (health)"], "{second:?}");
     let third = r.tick();
     assert!(third.converged && third.actions.is_empty(), "{third:?}");
     // Secrets were made on the way, in the data root's secrets directory.

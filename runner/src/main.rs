@@ -1,6 +1,8 @@
 //! `archy-chaos`: runs L3 lifecycle-survival, L5 chaos and L6 performance scenarios
 //! against a node and gates a release on the result.
 
+mod bench;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +28,18 @@ enum Command {
         /// Scenario id, e.g. `reboot-survive`.
         scenario: String,
     },
+    /// Benchmarks, each figure beside its raw-podman baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// The agent (podman backend): no-op tick, install latency, podman calls, start-up, RSS.
+    /// Run as root (it switches to the service user) after scripts/setup-host.
+    Agent(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,5 +50,12 @@ fn main() -> ExitCode {
             eprintln!("archy-chaos: cannot run `{scenario}`: the scenario engine is not built yet (verdict: unknown)");
             ExitCode::from(EXIT_UNKNOWN)
         }
+        Command::Bench { what: BenchWhat::Agent(args) } => match bench::agent(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("archy-chaos: bench failed: {e:#}");
+                ExitCode::from(EXIT_UNKNOWN)
+            }
+        },
     }
 }

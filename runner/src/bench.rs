@@ -1,0 +1,405 @@
+//! `archy-chaos bench agent`: the agent's speed and size, each figure next to the raw podman
+//! operation it wraps, measured interleaved in the same run so that machine noise hits both.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use archy_agent::manifest::Catalog;
+use archy_agent::quadlet::{self, Target};
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Apps installed for the no-op tick and start-up figures (copies of fixture fx-web).
+    #[arg(long, default_value_t = 10)]
+    pub apps: usize,
+    /// Samples per figure; medians are reported.
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    /// Service user the agent and podman run as (when started as root).
+    #[arg(long, default_value = "archy")]
+    pub user: String,
+    /// Fixture image root filesystem made by scripts/setup-host.
+    #[arg(long, default_value = "/var/lib/archy-chaos/fixture-rootfs.tar")]
+    pub rootfs: PathBuf,
+    /// The fixture catalog to copy fx-web from.
+    #[arg(long, default_value = "apps")]
+    pub catalog: PathBuf,
+    /// Print the figures as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A throw-away node: its own HOME, podman storage and runtime dir, owned by the user.
+struct Home {
+    dir: PathBuf,
+    user: Option<(String, u32, u32)>,
+}
+
+impl Home {
+    fn new(user: &str) -> Result<Home> {
+        let me = nix::unistd::geteuid();
+        let user = if me.is_root() {
+            let u = nix::unistd::User::from_name(user)?
+                .with_context(|| format!("no user `{user}`: run scripts/setup-host"))?;
+            Some((u.name, u.uid.as_raw(), u.gid.as_raw()))
+        } else {
+            None
+        };
+        let dir = std::env::temp_dir().join(format!("archy-bench-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join(".config/containers"))?;
+        std::fs::create_dir_all(dir.join("run"))?;
+        std::fs::write(
+            dir.join(".config/containers/containers.conf"),
+            "[engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
+        )?;
+        std::fs::write(dir.join(".config/containers/storage.conf"), "[storage]\ndriver = \"vfs\"\n")?;
+        let home = Home { dir, user };
+        if let Some((_, uid, gid)) = &home.user {
+            ensure!(Command::new("chown")
+                .arg("-R")
+                .arg(format!("{uid}:{gid}"))
+                .arg(&home.dir)
+                .status()?
+                .success());
+        }
+        std::fs::set_permissions(home.dir.join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        Ok(home)
+    }
+
+    /// `program` as the node's user, in the node's environment.
+    fn cmd(&self, program: &Path) -> Command {
+        let mut cmd = match &self.user {
+            Some((name, ..)) => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid", name, "--regid", name, "--init-groups", "--"]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.env("HOME", &self.dir).env("XDG_RUNTIME_DIR", self.dir.join("run")).stdin(Stdio::null());
+        cmd
+    }
+
+    fn podman(&self, args: &[&str]) -> Result<Duration> {
+        let start = Instant::now();
+        let out = self.cmd(Path::new("podman")).args(args).output().context("running podman")?;
+        let took = start.elapsed();
+        ensure!(out.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(took)
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let _ = self.cmd(Path::new("podman")).args(["rm", "-af", "-t", "0"]).output();
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("run/libpod/tmp/pause.pid")) {
+            if let Ok(pid) = pid.trim().parse() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Agent<'a> {
+    home: &'a Home,
+    bin: PathBuf,
+    catalog: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    http: ureq::Agent,
+}
+
+impl Agent<'_> {
+    fn spawn(&mut self) -> Result<Duration> {
+        let start = Instant::now();
+        let log = std::fs::File::create(self.home.dir.join("agent.log"))?;
+        let child = self
+            .home
+            .cmd(&self.bin)
+            .arg("run")
+            .args(["--backend", "podman", "--tick-interval", "30s"])
+            .arg("--catalog")
+            .arg(&self.catalog)
+            .arg("--data-root")
+            .arg(self.home.dir.join("data"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let url = format!("http://127.0.0.1:{}/readyz", self.port);
+        while start.elapsed() < Duration::from_secs(30) {
+            if self.http.get(&url).call().is_ok_and(|r| r.status() == 200) {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        bail!("the agent was not ready within 30 s; see {}", self.home.dir.join("agent.log").display())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+
+    fn rpc(&self, method: &str, params: Value) -> Result<Value> {
+        let token = std::fs::read_to_string(self.home.dir.join("data/agent/api-token"))?;
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let mut r = self
+            .http
+            .post(&format!("http://127.0.0.1:{}/rpc", self.port))
+            .header("Authorization", &format!("Bearer {token}"))
+            .send_json(&body)?;
+        let v: Value = r.body_mut().read_json()?;
+        v.get("result").cloned().with_context(|| format!("{method}: {v}"))
+    }
+
+    fn up(&self, app: &str) -> Result<bool> {
+        Ok(self
+            .rpc("package.list", Value::Null)?
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a["id"] == app && a["up"] == true))
+    }
+
+    fn wait(&self, what: &str, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if ok()? {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("timed out waiting for {what}; see {}", self.home.dir.join("agent.log").display())
+    }
+
+    fn podman_calls(&self) -> Result<Vec<(String, f64)>> {
+        let text = self
+            .http
+            .get(&format!("http://127.0.0.1:{}/metrics", self.port))
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("archy_agent_exec_calls_total{") && l.contains("tool=\"podman\""))
+            .filter_map(|l| {
+                let verb = l.split("verb=\"").nth(1)?.split('"').next()?.to_string();
+                Some((verb, l.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect())
+    }
+
+    fn rss_bytes(&self) -> Result<u64> {
+        let pid = self.child.as_ref().context("agent not running")?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmRSS")?;
+        Ok(kb * 1024)
+    }
+}
+
+impl Drop for Agent<'_> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Writes a catalog of `n` copies of fx-web (`bench-01`...) on distinct host ports.
+fn bench_catalog(source: &Path, dir: &Path, n: usize) -> Result<()> {
+    let template = std::fs::read_to_string(source.join("fx-web/manifest.yml")).context("reading fx-web")?;
+    for i in 1..=n {
+        let id = format!("bench-{i:02}");
+        std::fs::create_dir_all(dir.join(&id))?;
+        let text = template
+            .replace("id: fx-web", &format!("id: {id}"))
+            .replace("host: 18080", &format!("host: {}", 18100 + i));
+        std::fs::write(dir.join(&id).join("manifest.yml"), text)?;
+    }
+    Ok(())
+}
+
+pub fn agent(args: &BenchArgs) -> Result<()> {
+    ensure!(args.apps >= 1 && args.samples >= 1, "--apps and --samples must be at least 1");
+    let home = Home::new(&args.user)?;
+    let catalog = home.dir.join("catalog");
+    bench_catalog(&args.catalog, &catalog, args.apps)?;
+    let rootfs = args.rootfs.to_string_lossy();
+    home.podman(&["import", "-q", &rootfs, "localhost/archy-fixture:1"])?;
+    let bin = std::env::current_exe()?.with_file_name("archy-agent");
+    ensure!(bin.is_file(), "{} not found: build the workspace first", bin.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let http = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    let mut agent = Agent { home: &home, bin, catalog: catalog.clone(), port, child: None, http };
+    agent.spawn()?;
+    let ids: Vec<String> = (1..=args.apps).map(|i| format!("bench-{i:02}")).collect();
+    eprintln!("bench: installing {} apps", ids.len());
+    for id in &ids {
+        agent.rpc("package.install", json!({"id": id}))?;
+    }
+    agent.wait("every app up", || Ok(ids.iter().all(|id| agent.up(id).unwrap_or(false))))?;
+    agent.wait("convergence", || Ok(agent.rpc("node.reconcile", Value::Null)?["converged"] == true))?;
+
+    // 1. No-op tick vs the bare `podman ps` it is built on, interleaved.
+    eprintln!("bench: no-op ticks");
+    let (mut tick, mut ps, mut calls) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.samples {
+        ps.push(
+            home.podman(&["ps", "-a", "--format", "json", "--filter", "label=io.archy.app"])?.as_secs_f64(),
+        );
+        let r = agent.rpc("node.reconcile", Value::Null)?;
+        ensure!(r["actions"] == json!([]), "a tick of the converged node did something: {r}");
+        tick.push(r["duration_seconds"].as_f64().unwrap_or(f64::NAN));
+        calls.push(r["podman_calls"].as_f64().unwrap_or(f64::NAN));
+    }
+
+    // 2. Install (request -> healthy) vs raw `podman run -d` + health probes until one passes.
+    eprintln!("bench: installs");
+    let c = Catalog::load(&catalog).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let app = &ids[0];
+    let target = Target { podman: "4.3.1".parse().expect("version"), data_root: home.dir.join("data") };
+    let unit = quadlet::render(c.get(app).expect("bench app"), &target);
+    let raw_args: Vec<String> = unit
+        .podman_args
+        .iter()
+        .filter(|a| !a.starts_with("--label=io.archy"))
+        .map(|a| if a.starts_with("--name=") { "--name=raw-bench".to_string() } else { a.clone() })
+        .collect();
+    agent.rpc("package.uninstall", json!({"id": app}))?;
+    agent.wait("bench app removed", || {
+        Ok(agent
+            .rpc("package.list", Value::Null)?
+            .as_array()
+            .is_some_and(|a| a.iter().all(|x| x["id"] != *app)))
+    })?;
+    let (mut install, mut raw, mut mutating, mut probes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.samples {
+        let start = Instant::now();
+        let mut run = vec!["run", "-d"];
+        run.extend(raw_args.iter().map(String::as_str));
+        home.podman(&run)?;
+        while home.podman(&["healthcheck", "run", "raw-bench"]).is_err() {
+            ensure!(start.elapsed() < Duration::from_secs(60), "raw container never became healthy");
+        }
+        raw.push(start.elapsed().as_secs_f64());
+        home.podman(&["rm", "-f", "-t", "0", "raw-bench"])?;
+
+        let before = agent.podman_calls()?;
+        let start = Instant::now();
+        agent.rpc("package.install", json!({"id": app}))?;
+        agent.wait("install", || agent.up(app))?;
+        install.push(start.elapsed().as_secs_f64());
+        let after = agent.podman_calls()?;
+        let delta = |f: &dyn Fn(&str) -> bool| -> f64 {
+            after.iter().filter(|(v, _)| f(v)).map(|(_, n)| n).sum::<f64>()
+                - before.iter().filter(|(v, _)| f(v)).map(|(_, n)| n).sum::<f64>()
+        };
+        mutating.push(delta(&|v| v != "ps" && v != "healthcheck run"));
+        probes.push(delta(&|v| v == "healthcheck run"));
+        agent.rpc("package.uninstall", json!({"id": app}))?;
+        agent.wait("uninstall", || {
+            Ok(agent
+                .rpc("package.list", Value::Null)?
+                .as_array()
+                .is_some_and(|a| a.iter().all(|x| x["id"] != *app)))
+        })?;
+    }
+    agent.rpc("package.install", json!({"id": app}))?;
+    agent.wait("every app up", || Ok(ids.iter().all(|id| agent.up(id).unwrap_or(false))))?;
+
+    // 3. Start-up to /readyz with every app installed and running, then idle RSS.
+    eprintln!("bench: start-ups");
+    let mut startup = Vec::new();
+    for _ in 0..args.samples.min(5) {
+        agent.stop();
+        startup.push(agent.spawn()?.as_secs_f64());
+    }
+    agent.wait("convergence", || Ok(agent.rpc("node.reconcile", Value::Null)?["converged"] == true))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = agent.rss_bytes()? as f64;
+
+    let figures = json!({
+        "apps": args.apps,
+        "samples": args.samples,
+        "noop_tick_seconds": median(tick.clone()),
+        "podman_ps_seconds": median(ps.clone()),
+        "noop_tick_ratio": median(tick) / median(ps),
+        "noop_tick_podman_calls": median(calls),
+        "install_seconds": median(install.clone()),
+        "raw_run_and_probe_seconds": median(raw.clone()),
+        "install_ratio": median(install) / median(raw),
+        "install_mutating_podman_calls": median(mutating),
+        "install_health_probes": median(probes),
+        "startup_seconds": median(startup),
+        "idle_rss_bytes": rss,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&figures)?);
+        return Ok(());
+    }
+    let f = |k: &str| figures[k].as_f64().unwrap_or(f64::NAN);
+    let mut t = tabled::builder::Builder::default();
+    t.push_record(["figure", "agent", "baseline (same run)", "ratio", "target"]);
+    t.push_record([
+        format!("no-op tick, {} apps", args.apps),
+        format!("{:.1} ms, {} podman call(s)", f("noop_tick_seconds") * 1e3, f("noop_tick_podman_calls")),
+        format!("podman ps {:.1} ms", f("podman_ps_seconds") * 1e3),
+        format!("{:.2}x", f("noop_tick_ratio")),
+        "1 call, <= 1.5x".into(),
+    ]);
+    t.push_record([
+        "install, request -> healthy".to_string(),
+        format!("{:.0} ms", f("install_seconds") * 1e3),
+        format!("podman run -d + probes {:.0} ms", f("raw_run_and_probe_seconds") * 1e3),
+        format!("{:.2}x", f("install_ratio")),
+        "<= 1.5x".into(),
+    ]);
+    t.push_record([
+        "podman calls per install".to_string(),
+        format!(
+            "{} mutating + {} health probe(s)",
+            f("install_mutating_podman_calls"),
+            f("install_health_probes")
+        ),
+        "-".into(),
+        "-".into(),
+        "<= 2".into(),
+    ]);
+    t.push_record([
+        format!("start-up to /readyz, {} apps", args.apps),
+        format!("{:.0} ms", f("startup_seconds") * 1e3),
+        "-".into(),
+        "-".into(),
+        "<= 100 ms".into(),
+    ]);
+    t.push_record([
+        "idle RSS".to_string(),
+        format!("{:.1} MiB", f("idle_rss_bytes") / 1048576.0),
+        "-".into(),
+        "-".into(),
+        "<= 20 MiB".into(),
+    ]);
+    println!("{}", t.build().with(tabled::settings::Style::sharp()));
+    Ok(())
+}
