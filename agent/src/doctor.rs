@@ -140,9 +140,13 @@ pub fn checks(config: &Config) -> Vec<Check> {
         },
         Arc::new(Metrics::new(backend.as_str())),
     );
-    // As root, podman would answer for root's own storage: not what the agent would see.
+    // As root, or without a runtime dir, podman would answer for another setup than the
+    // agent's (root's storage, a /tmp fallback): fix those first.
+    let runtime_dir_ok = out.iter().any(|c| c.name == "XDG_RUNTIME_DIR" && c.verdict == Verdict::Ok);
     let info = if uid.is_root() {
         Ok("- - skipped-as-root".to_string())
+    } else if !runtime_dir_ok {
+        Ok("- - skipped-until-XDG_RUNTIME_DIR-is-fixed".to_string())
     } else {
         exec.podman(&[
             "info",

@@ -23,6 +23,7 @@ fn doctor(strip_runtime_dir: bool) -> (i32, String) {
         cmd.env_remove("XDG_RUNTIME_DIR");
     }
     let out = run(&mut cmd);
+    kill_pause_process(home.path());
     (
         out.status.code().unwrap_or(-1),
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
@@ -48,11 +49,8 @@ fn doctor_names_a_missing_runtime_dir_and_its_fix() {
 
 #[test]
 fn doctor_refuses_root() {
-    let out = run(std::process::Command::new(agent_bin()).args([
-        "doctor",
-        "--data-root",
-        "/tmp/archy-doctor-root",
-    ]));
+    let data = tempfile::tempdir().unwrap();
+    let out = run(std::process::Command::new(agent_bin()).arg("doctor").arg("--data-root").arg(data.path()));
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.lines().any(|l| l.contains("FAIL") && l.contains("service user")), "{text}");

@@ -154,11 +154,15 @@ impl UserPodman {
 impl Drop for UserPodman {
     fn drop(&mut self) {
         let _ = self.podman().args(["rm", "-af", "-t", "0"]).output();
-        // Rootless podman leaves a pause process holding the user namespace.
-        if let Ok(pid) = std::fs::read_to_string(self.home.path().join("run/libpod/tmp/pause.pid")) {
-            if let Ok(pid) = pid.trim().parse() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-            }
+        kill_pause_process(self.home.path());
+    }
+}
+
+/// Rootless podman leaves a pause process holding the user namespace of `home`'s runtime dir.
+pub fn kill_pause_process(home: &Path) {
+    if let Ok(pid) = std::fs::read_to_string(home.join("run/libpod/tmp/pause.pid")) {
+        if let Ok(pid) = pid.trim().parse() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
         }
     }
 }
