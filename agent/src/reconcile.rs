@@ -298,7 +298,7 @@ pub fn plan(w: &World) -> Plan {
                         containerfile: b.containerfile.clone(),
                         context_hash: m.context_hash.clone().unwrap_or_default(),
                     },
-                    Reason::Drift("image"),
+                    if c.is_some() { Reason::Drift("image") } else { Reason::Install },
                 ));
             }
             if matches!(op, Op::Probe { .. }) {
@@ -561,6 +561,24 @@ impl Reconciler {
             }
         }
 
+        // Secret completeness: an app that reads another app's secret does not start before
+        // that secret exists and is valid (the platform's gateway cascade).
+        let mut incomplete = BTreeMap::new();
+        for (app, s) in &state.apps {
+            let Some(m) = catalog.get(app).filter(|_| s.desired == Desired::Running) else { continue };
+            match secrets::check_complete(&secrets_root, m, &catalog) {
+                Ok(missing) if !missing.is_empty() => {
+                    let list: Vec<String> =
+                        missing.iter().map(|i| format!("{} ({})", i.reference, i.reason.as_str())).collect();
+                    incomplete.insert(app.clone(), format!("secrets not ready: {}", list.join(", ")));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    errors.insert(app.clone(), e.to_string());
+                }
+            }
+        }
+
         let now = Instant::now();
         let held: BTreeSet<String> = self
             .backoff
@@ -568,6 +586,7 @@ impl Reconciler {
             .filter(|(_, b)| b.until > now)
             .map(|(a, _)| a.clone())
             .chain(errors.keys().cloned())
+            .chain(incomplete.keys().cloned())
             .collect();
         let missing: Vec<&str> = state
             .apps
@@ -624,6 +643,12 @@ impl Reconciler {
                         }
                     }
                 }
+            }
+        }
+        let mut plan = plan;
+        for (app, why) in incomplete {
+            if plan.waiting.contains_key(&app) {
+                plan.waiting.insert(app, why);
             }
         }
         self.observe_apps(&state, &catalog, &observed, &plan, &errors);

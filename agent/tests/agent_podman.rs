@@ -335,3 +335,33 @@ fn metrics_pass_promtool() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(), "promtool: {out:?}");
 }
+
+#[test]
+fn a_changed_build_context_reaches_the_running_app() {
+    // The platform's stale companion image: a fix in the build context must end up running.
+    let mut a = TestAgent::new(&[]);
+    let catalog = a.podman.home.path().join("catalog");
+    let ui = catalog.join("fx-ui");
+    fs::create_dir_all(&ui).unwrap();
+    for f in ["manifest.yml", "Containerfile", "index.html"] {
+        fs::copy(repo_root().join("apps/fx-ui").join(f), ui.join(f)).unwrap();
+    }
+    let (_, uid, gid) = service_user();
+    for p in [&catalog, &ui] {
+        nix::unistd::chown(p.as_path(), Some(uid.into()), Some(gid.into())).unwrap();
+    }
+    a.catalog = catalog;
+    a.spawn();
+    a.rpc("package.install", json!({"id": "fx-ui"}));
+    a.wait_up(&["fx-ui"]);
+    assert_eq!(http_get(18083).1.trim(), "<h1>fx-ui</h1>");
+
+    fs::write(ui.join("index.html"), "<h1>fx-ui, fixed</h1>\n").unwrap();
+    a.reconcile();
+    a.wait_for("the rebuilt image serving", Duration::from_secs(60), |_| http_get(18083).1.contains("fixed"));
+    assert_eq!(
+        a.metric("archy_agent_drift_repairs_total{kind=\"image\"}"),
+        1.0,
+        "rebuilt once; the build at install is no drift"
+    );
+}

@@ -55,6 +55,8 @@ fn quadlet_backend_writes_units_reloads_once_and_removes_them() {
         assert!(log().contains(&format!("--user --no-block restart {app}.service")), "{}", log());
     }
     assert_eq!(r["podman_calls"].as_u64(), Some(1), "the quadlet backend acts through systemd only: {r}");
+    let acting = log().lines().filter(|l| !l.contains(" show ")).count();
+    assert!(acting <= 3 * 2, "at most 3 systemctl calls per install, {acting} for 2:\n{}", log());
 
     // While systemd says the units are starting, the agent leaves them alone.
     let before = log().lines().count();

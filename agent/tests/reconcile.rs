@@ -284,7 +284,7 @@ fn a_local_image_is_built_before_its_container_and_rebuilt_when_its_context_chan
     let mut case = Case::new(BackendKind::Podman, &[("fx-ui", Desired::Running)]);
     assert_eq!(
         names(&case.plan(&c)),
-        ["build fx-ui (drift(\"image\"))", "run fx-ui (install)", "probe fx-ui (health)"]
+        ["build fx-ui (install)", "run fx-ui (install)", "probe fx-ui (health)"]
     );
     case.observed = vec![healthy(&c, "fx-ui")];
     assert!(names(&case.plan(&c)).is_empty());
@@ -401,4 +401,17 @@ fn a_crash_loop_backs_off_instead_of_spinning() {
     );
     let status = r.shared.status.lock().unwrap();
     assert_eq!(status.apps["fx-crashloop"].waiting.as_deref(), Some("backing off after a failure"));
+}
+
+#[test]
+fn an_app_whose_secret_source_is_not_installed_waits_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = reconciler(dir.path(), &[], &[("fx-client", Desired::Running)]);
+    let t = r.tick();
+    assert!(t.actions.is_empty(), "{t:?}");
+    let status = r.shared.status.lock().unwrap();
+    assert_eq!(
+        status.apps["fx-client"].waiting.as_deref(),
+        Some("secrets not ready: fx-web/api-token (missing)")
+    );
 }

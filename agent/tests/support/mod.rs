@@ -216,6 +216,8 @@ pub struct TestAgent {
     pub podman: UserPodman,
     pub port: u16,
     pub extra: Vec<String>,
+    /// The catalog the agent runs with: the repository's unless a test needs its own.
+    pub catalog: PathBuf,
     child: Option<std::process::Child>,
     log: PathBuf,
 }
@@ -238,6 +240,7 @@ impl TestAgent {
             podman,
             port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            catalog: repo_root().join("apps"),
             child: None,
             log,
         }
@@ -253,7 +256,7 @@ impl TestAgent {
         let mut cmd = as_user(&self.podman.user, self.podman.home.path(), &agent_bin());
         cmd.arg("run")
             .arg("--catalog")
-            .arg(repo_root().join("apps"))
+            .arg(&self.catalog)
             .arg("--data-root")
             .arg(self.data())
             .arg("--listen")
