@@ -77,6 +77,21 @@ fn podman_version(exec: &Exec, config: &Config) -> PodmanVersion {
     }
 }
 
+/// Whether containers started by this process can get memory limits: always on cgroup v1
+/// (rootless podman ignores them there itself), on v2 only with the memory controller
+/// available in this process's cgroup.
+pub fn memory_controller() -> bool {
+    if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        return true;
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
+        .unwrap_or_default();
+    std::fs::read_to_string(format!("/sys/fs/cgroup{}/cgroup.controllers", own.trim_end_matches('/')))
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"))
+}
+
 pub fn run(config: Config) -> Result<()> {
     let started = Instant::now();
     if nix::unistd::geteuid().is_root() {
@@ -125,7 +140,11 @@ pub fn run(config: Config) -> Result<()> {
         shutdown: AtomicBool::new(false),
         started,
     });
-    let target = Target { podman, data_root: config.data_root.clone() };
+    let mut target = Target::new(podman, config.data_root.clone());
+    target.memory_limits = memory_controller();
+    if !target.memory_limits {
+        tracing::warn!("cgroup v2 without the memory controller: memory limits are not applied (see doctor)");
+    }
     let catalog = std::fs::canonicalize(&config.catalog)
         .with_context(|| format!("catalog directory {}", config.catalog.display()))?;
     tracing::info!(backend = backend.as_str(), %podman, listen = %config.listen, "starting");

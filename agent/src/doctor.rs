@@ -130,6 +130,20 @@ pub fn checks(config: &Config) -> Vec<Check> {
         "boot with systemd.unified_cgroup_hierarchy=1 for cgroup v2",
     ));
 
+    if cgroup2 {
+        let memory = crate::agent::memory_controller();
+        out.push(check(
+            "memory controller",
+            if memory { Verdict::Ok } else { Verdict::Warn },
+            if memory {
+                "delegated: memory limits apply"
+            } else {
+                "not delegated: memory limits are left out of units"
+            },
+            "delegate it to the user manager (systemd: Delegate=memory pids on user@.service)",
+        ));
+    }
+
     let exec = Exec::new(
         ExecConfig {
             podman: config.podman.clone(),

@@ -100,7 +100,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Render { app, catalog, podman_version, data_root } => {
             let catalog = load(&catalog)?;
             let m = catalog.get(&app).with_context(|| format!("no app `{app}` in the catalog"))?;
-            let unit = quadlet::render(m, &quadlet::Target { podman: podman_version, data_root });
+            let unit = quadlet::render(m, &quadlet::Target::new(podman_version, data_root));
             print!("{}", unit.text);
         }
         Command::Secrets { command: SecretsCommand::Ensure { app, dir, catalog } } => {

@@ -63,9 +63,16 @@ pub struct Target {
     pub podman: PodmanVersion,
     /// App data lives in `<data_root>/apps/<id>/<volume>`, secrets in `<data_root>/secrets`.
     pub data_root: PathBuf,
+    /// Whether the node can enforce memory limits. On cgroup v2 without the memory
+    /// controller delegated, runc fails every container that asks for one.
+    pub memory_limits: bool,
 }
 
 impl Target {
+    pub fn new(podman: PodmanVersion, data_root: PathBuf) -> Target {
+        Target { podman, data_root, memory_limits: true }
+    }
+
     pub fn secrets_root(&self) -> PathBuf {
         self.data_root.join("secrets")
     }
@@ -198,7 +205,7 @@ fn container_keys(m: &Manifest, target: &Target) -> Vec<(&'static str, String)> 
             k.push(("Notify", "healthy".into()));
         }
     }
-    if let Some(mem) = &m.memory {
+    if let Some(mem) = m.memory.as_ref().filter(|_| target.memory_limits) {
         k.push(("PodmanArgs", format!("--memory={}", mem.to_ascii_lowercase())));
     }
     k.push(("StopTimeout", m.stop_timeout.0.as_secs().to_string()));

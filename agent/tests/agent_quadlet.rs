@@ -45,7 +45,7 @@ fn quadlet_backend_writes_units_reloads_once_and_removes_them() {
         unit_path.is_file() && units.join("fx-gateway.container").is_file()
     });
     let catalog = Catalog::load(&repo_root().join("apps")).unwrap();
-    let target = Target { podman: "4.3.1".parse().unwrap(), data_root: a.data() };
+    let target = Target::new("4.3.1".parse().unwrap(), a.data());
     assert_eq!(fs::read_to_string(&unit_path).unwrap(), render(catalog.get("fx-web").unwrap(), &target).text);
     let meta = fs::metadata(&unit_path).unwrap();
     assert_eq!((meta.mode() & 0o777, meta.uid()), (0o644, service_user().1));

@@ -13,7 +13,7 @@ fn catalog() -> Catalog {
 }
 
 fn target(podman: &str) -> Target {
-    Target { podman: podman.parse().unwrap(), data_root: PathBuf::from("/var/lib/archy") }
+    Target::new(podman.parse().unwrap(), PathBuf::from("/var/lib/archy"))
 }
 
 fn snapshot(name: &str) -> PathBuf {

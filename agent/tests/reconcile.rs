@@ -23,7 +23,7 @@ fn catalog() -> Catalog {
 }
 
 fn target() -> Target {
-    Target { podman: "4.3.1".parse().unwrap(), data_root: PathBuf::from("/data") }
+    Target::new("4.3.1".parse().unwrap(), PathBuf::from("/data"))
 }
 
 fn state(apps: &[(&str, Desired)]) -> State {
@@ -363,7 +363,7 @@ fn reconciler(dir: &std::path::Path, crashes: &[&str], apps: &[(&str, Desired)])
         shutdown: AtomicBool::new(false),
         started: Instant::now(),
     });
-    let target = Target { podman: "4.3.1".parse().unwrap(), data_root: dir.to_path_buf() };
+    let target = Target::new("4.3.1".parse().unwrap(), dir.to_path_buf());
     let fake = Fake {
         containers: Mutex::new(Vec::new()),
         crashes: crashes.iter().map(|s| s.to_string()).collect(),

@@ -278,7 +278,7 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
     eprintln!("bench: installs");
     let c = Catalog::load(&catalog).map_err(|e| anyhow::anyhow!("{e}"))?;
     let app = &ids[0];
-    let target = Target { podman: "4.3.1".parse().expect("version"), data_root: home.dir.join("data") };
+    let target = Target::new("4.3.1".parse().expect("version"), home.dir.join("data"));
     let unit = quadlet::render(c.get(app).expect("bench app"), &target);
     let raw_args: Vec<String> = unit
         .podman_args

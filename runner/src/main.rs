@@ -2,6 +2,7 @@
 //! against a node and gates a release on the result.
 
 mod bench;
+mod node;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,11 @@ enum Command {
         /// Scenario id, e.g. `reboot-survive`.
         scenario: String,
     },
+    /// Local nodes-in-a-box: create, hurt, inspect and remove them (as root).
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Benchmarks, each figure beside its raw-podman baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -42,6 +48,133 @@ enum BenchWhat {
     Agent(bench::BenchArgs),
 }
 
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Create a node (idempotent) and boot it: its user manager starts the agent.
+    Up {
+        name: String,
+        #[arg(long, value_enum, default_value = "quadlet")]
+        backend: node::Backend,
+        /// Give the node its own network namespace (needed for several nodes running the same
+        /// fixtures, and for partitions).
+        #[arg(long)]
+        netns: bool,
+        #[arg(long, default_value = "archy")]
+        user: String,
+        #[arg(long, default_value = "apps")]
+        catalog: std::path::PathBuf,
+    },
+    /// Remove every process, mount, namespace, cgroup, veth and file of the node.
+    Down { name: String },
+    /// Whether the node is up, its agent's address, and its processes.
+    Status { name: String },
+    /// Start a node that is down and wait for its agent.
+    Boot { name: String },
+    /// SIGKILL the node's PID 1: every process dies at once, tmpfs vanishes.
+    PowerCut { name: String },
+    /// Power cut (or clean shutdown with --graceful) and boot.
+    Reboot {
+        name: String,
+        #[arg(long)]
+        graceful: bool,
+    },
+    /// Send a signal to the agent through the user manager.
+    KillAgent {
+        name: String,
+        #[arg(long, default_value = "KILL")]
+        signal: String,
+    },
+    /// Restart the agent's service: systemd kills its whole cgroup.
+    RestartAgent { name: String },
+    /// Kill an app's main process, as the OOM killer would.
+    KillContainer {
+        name: String,
+        app: String,
+        #[arg(long, default_value = "KILL")]
+        signal: String,
+    },
+    /// Cut the node's network link (needs --netns at up).
+    Partition { name: String },
+    /// Restore the node's network link.
+    Heal { name: String },
+    /// Damage a file on the node, e.g. `data/secrets/fx-web/api-token`.
+    Fault {
+        name: String,
+        path: String,
+        #[arg(value_enum)]
+        fault: node::FileFault,
+    },
+    /// Run a command inside the node as its service user (e.g. `podman ps`).
+    Exec {
+        name: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Call the node's agent: `rpc NAME package.install '{"id":"fx-web"}'`.
+    Rpc {
+        name: String,
+        method: String,
+        #[arg(default_value = "null")]
+        params: String,
+    },
+}
+
+fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
+    use node::LocalNode;
+    let show = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    match cmd {
+        NodeCommand::Up { name, backend, netns, user, catalog } => {
+            let bin = std::env::current_exe()?.with_file_name("archy-agent");
+            let n = LocalNode::up(&name, &user, backend, netns, &bin, &catalog)?;
+            println!("node {name} up; agent at http://{}", n.api_addr());
+        }
+        NodeCommand::Down { name } => LocalNode::open(&name)?.down()?,
+        NodeCommand::Status { name } => {
+            let n = LocalNode::open(&name)?;
+            show(serde_json::json!({
+                "name": name,
+                "up": n.init_pid().is_some(),
+                "init_pid": n.init_pid(),
+                "processes": n.processes().len(),
+                "agent": n.api_addr(),
+                "backend": n.spec.backend,
+                "root": n.root,
+            }));
+        }
+        NodeCommand::Boot { name } => {
+            let took = LocalNode::open(&name)?.boot()?;
+            println!("node {name} ready in {took:?}");
+        }
+        NodeCommand::PowerCut { name } => show(LocalNode::open(&name)?.power_cut()?),
+        NodeCommand::Reboot { name, graceful } => {
+            let n = LocalNode::open(&name)?;
+            show(if graceful { n.shutdown()? } else { n.power_cut()? });
+            println!("node {name} ready in {:?}", n.boot()?);
+        }
+        NodeCommand::KillAgent { name, signal } => show(LocalNode::open(&name)?.kill_agent(&signal)?),
+        NodeCommand::RestartAgent { name } => show(LocalNode::open(&name)?.restart_agent()?),
+        NodeCommand::KillContainer { name, app, signal } => {
+            show(LocalNode::open(&name)?.kill_container(&app, &signal)?)
+        }
+        NodeCommand::Partition { name } => show(LocalNode::open(&name)?.partition()?),
+        NodeCommand::Heal { name } => show(LocalNode::open(&name)?.heal()?),
+        NodeCommand::Fault { name, path, fault } => show(LocalNode::open(&name)?.file_fault(&path, fault)?),
+        NodeCommand::Exec { name, argv } => {
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let out = LocalNode::open(&name)?.exec(&argv)?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+            anyhow::ensure!(out.status.success(), "exited with {}", out.status);
+        }
+        NodeCommand::Rpc { name, method, params } => {
+            let params: serde_json::Value =
+                serde_json::from_str(&params).map_err(|e| anyhow::anyhow!("params are not JSON: {e}"))?;
+            show(LocalNode::open(&name)?.rpc(&method, params)?);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { scenario } => {
@@ -50,6 +183,13 @@ fn main() -> ExitCode {
             eprintln!("archy-chaos: cannot run `{scenario}`: the scenario engine is not built yet (verdict: unknown)");
             ExitCode::from(EXIT_UNKNOWN)
         }
+        Command::Node { command } => match node_command(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("archy-chaos: {e:#}");
+                ExitCode::from(EXIT_UNKNOWN)
+            }
+        },
         Command::Bench { what: BenchWhat::Agent(args) } => match bench::agent(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
