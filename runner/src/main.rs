@@ -59,6 +59,10 @@ enum NodeCommand {
         /// fixtures, and for partitions).
         #[arg(long)]
         netns: bool,
+        /// Podman backend only: run podman in the agent's own cgroup, reproducing the
+        /// platform's FM3 (a restart of the agent kills its containers).
+        #[arg(long)]
+        fm3: bool,
         #[arg(long, default_value = "archy")]
         user: String,
         #[arg(long, default_value = "apps")]
@@ -123,9 +127,10 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
     use node::LocalNode;
     let show = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match cmd {
-        NodeCommand::Up { name, backend, netns, user, catalog } => {
+        NodeCommand::Up { name, backend, netns, fm3, user, catalog } => {
             let bin = std::env::current_exe()?.with_file_name("archy-agent");
-            let n = LocalNode::up(&name, &user, backend, netns, &bin, &catalog)?;
+            let opts = node::UpOptions { name: name.clone(), user, backend, netns, fm3 };
+            let n = LocalNode::up(&opts, &bin, &catalog)?;
             println!("node {name} up; agent at http://{}", n.api_addr());
         }
         NodeCommand::Down { name } => LocalNode::open(&name)?.down()?,

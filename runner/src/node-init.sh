@@ -10,7 +10,9 @@ uid=$(id -u "$user") gid=$(id -g "$user")
 # A private cgroup2 view; the node's root is the cgroup the runner created for it.
 mount -t cgroup2 none /sys/fs/cgroup
 manager=/sys/fs/cgroup/user.slice/user-$uid.slice/user@$uid.service
-mkdir -p "$manager"
+# archy-podman: a cgroup of the user's own beside the manager's units, where the agent
+# (podman backend) puts podman, so conmon does not die with the agent's service (FM3).
+mkdir -p "$manager/archy-podman"
 chown -R "$uid:$gid" "$manager"
 
 # Volatile state of a machine: the runtime dir, /run/systemd, /dev/shm.

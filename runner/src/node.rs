@@ -41,6 +41,10 @@ pub enum FileFault {
     Chmod,
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// What `node up` remembers between commands.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NodeSpec {
@@ -51,6 +55,22 @@ pub struct NodeSpec {
     pub netns: Option<u8>,
     /// Agent port on the host's loopback (nodes without their own network namespace).
     pub port: u16,
+    /// Podman backend: podman calls run in a cgroup of their own, not the agent's. Off, the
+    /// node reproduces the platform's FM3 (containers die when the agent restarts).
+    #[serde(default = "yes")]
+    pub podman_cgroup: bool,
+}
+
+/// How `node up` makes a node.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub name: String,
+    pub user: String,
+    pub backend: Backend,
+    /// Own network namespace with a veth pair (side-by-side nodes, partitions).
+    pub netns: bool,
+    /// Podman backend: leave podman in the agent's cgroup, the platform's FM3 bug.
+    pub fm3: bool,
 }
 
 pub struct LocalNode {
@@ -106,14 +126,9 @@ impl LocalNode {
     }
 
     /// Creates the node's files (idempotent) and boots it.
-    pub fn up(
-        name: &str,
-        user: &str,
-        backend: Backend,
-        netns: bool,
-        agent_bin: &Path,
-        catalog: &Path,
-    ) -> Result<LocalNode> {
+    pub fn up(opts: &UpOptions, agent_bin: &Path, catalog: &Path) -> Result<LocalNode> {
+        let UpOptions { name, user, backend, netns, fm3 } = opts;
+        let (name, user, backend, netns) = (name.as_str(), user.as_str(), *backend, *netns);
         ensure!(
             !name.is_empty()
                 && name.len() <= 12
@@ -148,7 +163,14 @@ impl LocalNode {
         } else {
             std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
         };
-        let spec = NodeSpec { name: name.into(), user: user.into(), backend, netns: index, port };
+        let spec = NodeSpec {
+            name: name.into(),
+            user: user.into(),
+            backend,
+            netns: index,
+            port,
+            podman_cgroup: !fm3,
+        };
 
         let home = root.join("home");
         for d in [
@@ -166,7 +188,9 @@ impl LocalNode {
             "[engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
         )?;
         std::fs::write(home.join(".config/containers/storage.conf"), "[storage]\ndriver = \"vfs\"\n")?;
-        std::fs::copy(agent_bin, root.join("bin/archy-agent")).context("copying the agent binary")?;
+        // Copy then rename: the running agent of a node being re-created keeps its inode.
+        std::fs::copy(agent_bin, root.join("bin/.archy-agent.new")).context("copying the agent binary")?;
+        std::fs::rename(root.join("bin/.archy-agent.new"), root.join("bin/archy-agent"))?;
         let cat = root.join("catalog");
         if !cat.exists() {
             run(Command::new("cp").arg("-r").arg(catalog).arg(&cat))?;
@@ -175,11 +199,16 @@ impl LocalNode {
         std::fs::write(
             home.join(".config/archy/agent.yml"),
             format!(
-                "data_root: {data}\ncatalog: {cat}\nlisten: \"{listen}\"\ntick_interval: 5s\nbackend: {backend}\nquadlet_dir: {home}/.config/containers/systemd\n",
+                "data_root: {data}\ncatalog: {cat}\nlisten: \"{listen}\"\ntick_interval: 5s\nbackend: {backend}\nquadlet_dir: {home}/.config/containers/systemd\n{cgroup}",
                 data = root.join("data").display(),
                 cat = cat.display(),
                 backend = if backend == Backend::Quadlet { "quadlet" } else { "podman" },
                 home = home.display(),
+                cgroup = if *fm3 {
+                    String::new()
+                } else {
+                    format!("podman_cgroup: /sys/fs/cgroup/user.slice/user-{0}.slice/user@{0}.service/archy-podman\n", u.uid)
+                },
             ),
         )?;
         std::fs::write(
@@ -595,23 +624,5 @@ impl LocalNode {
         // Podman's storage holds files owned by the user's subordinate ids: root removes all.
         std::fs::remove_dir_all(&self.root).with_context(|| format!("removing {}", self.root.display()))?;
         Ok(())
-    }
-
-    /// Everything `down` must remove that still exists, for tests and `node status`.
-    pub fn leftovers(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.root.exists() {
-            out.push(self.root.display().to_string());
-        }
-        if self.cgroup().exists() {
-            out.push(self.cgroup().display().to_string());
-        }
-        if Path::new("/run/netns").join(self.netns_name()).exists() {
-            out.push(format!("netns {}", self.netns_name()));
-        }
-        if Path::new("/sys/class/net").join(self.veth()).exists() {
-            out.push(format!("veth {}", self.veth()));
-        }
-        out
     }
 }

@@ -1,0 +1,291 @@
+//! Local nodes-in-a-box, driven through `archy-chaos node ...` as a person would: each fault
+//! primitive is real and checked for its effect, and `down` leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Nodes publish the fixtures' fixed ports inside their own network namespaces, but they
+/// share the veth index pool and the host's two cores: one test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn nodes_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join("archy-test-nodes");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The service user must traverse it to reach its node's files.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn chaos(args: &[&str]) -> (bool, String, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_archy-chaos"))
+        .args(args)
+        .env("ARCHY_NODES_DIR", nodes_dir())
+        .current_dir(root)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct TestNode {
+    name: String,
+}
+
+impl TestNode {
+    fn up(name: &str, extra: &[&str]) -> TestNode {
+        let agent = Path::new(env!("CARGO_BIN_EXE_archy-chaos")).with_file_name("archy-agent");
+        assert!(
+            agent.is_file(),
+            "{} missing: run the workspace's tests (cargo test --workspace)",
+            agent.display()
+        );
+        let mut args = vec!["node", "up", name, "--netns"];
+        args.extend(extra);
+        let n = TestNode { name: name.into() };
+        n.ok(&args);
+        n
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = chaos(args);
+        assert!(ok, "archy-chaos {args:?} failed:\n{out}\n{err}\n{}", self.log());
+        out
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn rpc(&self, method: &str, params: Value) -> Value {
+        self.json(&["node", "rpc", &self.name, method, &params.to_string()])
+    }
+
+    fn root(&self) -> PathBuf {
+        nodes_dir().join(&self.name)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.root().join("node.log")).unwrap_or_default()
+    }
+
+    fn exec(&self, argv: &[&str]) -> String {
+        let mut args = vec!["node", "exec", &self.name];
+        args.extend(argv);
+        self.ok(&args)
+    }
+
+    fn wait_up(&self, apps: &[&str]) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(90) {
+            let (ok, out, _) = chaos(&["node", "rpc", &self.name, "package.list"]);
+            if ok {
+                let list: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+                let up = |id: &str| {
+                    list.as_array().into_iter().flatten().any(|a| a["id"] == id && a["up"] == true)
+                };
+                if apps.iter().all(|id| up(id)) {
+                    return start.elapsed();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{apps:?} not up after 90 s on node {}\n{}", self.name, self.exec(&["podman", "ps", "-a"]));
+    }
+
+    /// name -> (container id, pid inside the node)
+    fn containers(&self) -> Vec<(String, String, String)> {
+        let out = self.exec(&["podman", "ps", "--format", "{{.Names}} {{.ID}} {{.Pid}}"]);
+        let mut v: Vec<_> = out
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.into(), w.next()?.into(), w.next()?.into()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn install(&self, apps: &[&str]) {
+        for a in apps {
+            self.rpc("package.install", json!({"id": a}));
+        }
+        self.wait_up(apps);
+    }
+
+    /// Down, and nothing of the node left: files, cgroup, netns, veth, processes.
+    fn down(self) {
+        let root = self.root();
+        self.ok(&["node", "down", &self.name]);
+        assert!(!root.exists(), "{} left behind", root.display());
+        let cg = ["/sys/fs/cgroup/archy-chaos", "/sys/fs/cgroup/unified/archy-chaos"]
+            .map(|c| Path::new(c).join(&self.name));
+        assert!(cg.iter().all(|c| !c.exists()), "cgroup left behind");
+        assert!(!Path::new("/run/netns").join(format!("archy-{}", self.name)).exists(), "netns left behind");
+        assert!(!Path::new("/sys/class/net").join(format!("ar-{}", self.name)).exists(), "veth left behind");
+        let mentions = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| String::from_utf8_lossy(c).contains(&*root.to_string_lossy()))
+            .count();
+        assert_eq!(mentions, 0, "processes of the node still alive");
+        std::mem::forget(self); // Drop would try again
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = chaos(&["node", "down", &self.name]);
+    }
+}
+
+#[test]
+fn power_cut_kills_every_process_and_boot_brings_apps_and_data_back() {
+    let _g = serial();
+    let n = TestNode::up("tpower", &[]);
+    n.install(&["fx-web", "fx-client", "fx-hostnet"]);
+    let marker = n.root().join("data/apps/fx-web/data/www/marker.txt");
+    std::fs::write(&marker, "written before the power cut\n").unwrap();
+    let before = n.containers();
+
+    let cut = n.json(&["node", "power-cut", "tpower"]);
+    assert!(cut["processes_killed"].as_u64().unwrap() > 5, "{cut}");
+    assert_eq!(cut["processes_left"], 0, "{cut}");
+    let status = n.json(&["node", "status", "tpower"]);
+    assert_eq!((status["up"].as_bool(), status["processes"].as_u64()), (Some(false), Some(0)), "{status}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&*n.root().join("run").to_string_lossy()), "the runtime dir tmpfs survived");
+
+    n.ok(&["node", "boot", "tpower"]);
+    // Nobody asks: the user manager starts the agent and every enabled unit by itself.
+    n.wait_up(&["fx-web", "fx-client", "fx-hostnet"]);
+    let after = n.containers();
+    assert_eq!(after.len(), before.len(), "{after:?}");
+    assert_ne!(after, before, "new containers after a power cut");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "written before the power cut\n");
+    assert!(n
+        .exec(&["wget", "-q", "-O-", "http://127.0.0.1:18080/marker.txt"])
+        .contains("before the power cut"));
+    n.down();
+}
+
+#[test]
+fn restart_agent_kills_its_cgroup_and_quadlet_containers_keep_running() {
+    let _g = serial();
+    let n = TestNode::up("tquad", &[]);
+    n.install(&["fx-web", "fx-gateway"]);
+    let before = n.containers();
+    let r = n.json(&["node", "restart-agent", "tquad"]);
+    assert_eq!(r["took_effect"], true, "the agent's pid must change: {r}");
+    n.wait_up(&["fx-web", "fx-gateway"]);
+    assert_eq!(n.containers(), before, "same container ids and pids after the agent restart");
+    n.down();
+}
+
+#[test]
+fn podman_backend_containers_survive_an_agent_restart_only_outside_its_cgroup() {
+    let _g = serial();
+    for (name, fm3) in [("tfixed", false), ("tfm3", true)] {
+        let extra: &[&str] = if fm3 { &["--backend", "podman", "--fm3"] } else { &["--backend", "podman"] };
+        let n = TestNode::up(name, extra);
+        n.install(&["fx-web"]);
+        let before = n.containers();
+        n.ok(&["node", "restart-agent", name]);
+        n.wait_up(&["fx-web"]);
+        let after = n.containers();
+        if fm3 {
+            // The platform's FM3: conmon lived in the agent's cgroup and died with it; the new
+            // agent had to start the container again (new main process).
+            assert_ne!(after, before, "FM3 not reproduced: the container survived in the agent's cgroup");
+        } else {
+            assert_eq!(after, before, "podman placed outside the agent's cgroup keeps containers alive");
+        }
+        n.down();
+    }
+}
+
+#[test]
+fn partition_cuts_the_agent_off_and_heal_restores_it() {
+    let _g = serial();
+    let n = TestNode::up("tpart", &[]);
+    n.ok(&["node", "partition", "tpart"]);
+    let (ok, _, err) = chaos(&["node", "rpc", "tpart", "node.status"]);
+    assert!(!ok, "the agent answered through a partition");
+    assert!(
+        err.contains("rpc") || err.contains("connect") || err.contains("unreachable") || !err.is_empty(),
+        "{err}"
+    );
+    // Inside the node the agent is fine.
+    assert!(n.exec(&["wget", "-q", "-O-", "http://127.0.0.1:8719/healthz"]).contains("ok"));
+    n.ok(&["node", "heal", "tpart"]);
+    assert_eq!(n.rpc("node.status", Value::Null)["ready"], true);
+    n.down();
+}
+
+#[test]
+fn three_nodes_side_by_side_do_not_interfere() {
+    let _g = serial();
+    let nodes: Vec<TestNode> = ["tside1", "tside2", "tside3"].iter().map(|n| TestNode::up(n, &[])).collect();
+    for n in &nodes {
+        n.rpc("package.install", json!({"id": "fx-web"}));
+    }
+    for n in &nodes {
+        n.wait_up(&["fx-web"]);
+    }
+    // The same fixture on the same port in three nodes, each its own container and storage.
+    let ids: Vec<String> = nodes.iter().map(|n| n.exec(&["podman", "ps", "-q"])).collect();
+    assert!(ids.iter().all(|i| !i.trim().is_empty()), "{ids:?}");
+    assert!(ids[0] != ids[1] && ids[1] != ids[2], "{ids:?}");
+    // Hurting one leaves the others alone.
+    nodes[0].ok(&["node", "power-cut", "tside1"]);
+    for (i, n) in nodes.iter().enumerate().skip(1) {
+        assert_eq!(n.exec(&["podman", "ps", "-q"]), ids[i], "node {} was hurt", n.name);
+        assert_eq!(n.rpc("node.status", Value::Null)["ready"], true);
+    }
+    for n in nodes {
+        n.down();
+    }
+}
+
+#[test]
+fn a_secret_chowned_to_root_on_the_node_is_healed() {
+    let _g = serial();
+    let n = TestNode::up("tfault", &[]);
+    n.install(&["fx-web"]);
+    let f = n.json(&["node", "fault", "tfault", "data/secrets/fx-web/api-token", "chown-root"]);
+    assert_eq!(f["owner_after"], 0, "{f}");
+    n.rpc("node.reconcile", Value::Null);
+    let meta = std::fs::metadata(n.root().join("data/secrets/fx-web/api-token")).unwrap();
+    assert_ne!(std::os::unix::fs::MetadataExt::uid(&meta), 0, "not healed");
+    n.wait_up(&["fx-web"]);
+    n.down();
+}
+
+#[test]
+fn node_commands_refuse_bad_input_clearly() {
+    let _g = serial();
+    for (args, want) in [
+        (vec!["node", "up", "Bad_Name"], "node names are"),
+        (vec!["node", "status", "nosuchnode"], "no node `nosuchnode`"),
+    ] {
+        let (ok, _, err) = chaos(&args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+    let n = TestNode::up("tinput", &[]);
+    let (ok, _, err) = chaos(&["node", "fault", "tinput", "../../etc/passwd", "delete"]);
+    assert!(!ok && err.contains("leaves the node"), "{err}");
+    n.down();
+}
