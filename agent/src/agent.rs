@@ -163,6 +163,7 @@ pub fn run(config: Config) -> Result<()> {
         catalog_dir: catalog,
         backend,
         token_digest,
+        instance: format!("{:016x}", rand::random::<u64>()),
     });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {

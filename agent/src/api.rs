@@ -53,6 +53,8 @@ pub struct Api {
     pub catalog_dir: PathBuf,
     pub backend: BackendKind,
     pub token_digest: [u8; 32],
+    /// Random per agent process: a changed instance is evidence that the agent restarted.
+    pub instance: String,
 }
 
 pub fn router(api: Arc<Api>) -> Router {
@@ -226,6 +228,7 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
                 .map(|d| d.as_secs_f64());
             Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
+                "instance": api.instance,
                 "backend": api.backend.as_str(),
                 "ready": api.shared.ready.load(Ordering::SeqCst),
                 "converged": status.last_tick.as_ref().is_some_and(|t| t.converged),

@@ -121,10 +121,106 @@ enum NodeCommand {
         #[arg(default_value = "null")]
         params: String,
     },
+    /// The same primitives on a real node over SSH (OpenSSH client, batch mode).
+    Remote {
+        /// ssh://user@host[:port]
+        url: String,
+        /// The agent's API address as reachable from here (directly or through a tunnel).
+        #[arg(long)]
+        api: String,
+        /// Private key for the connection.
+        #[arg(long)]
+        identity: Option<std::path::PathBuf>,
+        /// YAML file overriding the command run for each primitive (see README).
+        #[arg(long)]
+        commands: Option<std::path::PathBuf>,
+        /// Known-hosts file [default: the user's]
+        #[arg(long)]
+        known_hosts: Option<std::path::PathBuf>,
+        /// How long a reboot or power cut may take until a new agent answers.
+        #[arg(long, default_value = "600s")]
+        reboot_timeout: archy_agent::manifest::Dur,
+        #[command(subcommand)]
+        action: RemoteAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum RemoteAction {
+    /// Wait for the agent's /readyz.
+    Boot,
+    PowerCut,
+    Reboot,
+    KillAgent {
+        #[arg(long, default_value = "KILL")]
+        signal: String,
+    },
+    RestartAgent,
+    KillContainer {
+        app: String,
+        #[arg(long, default_value = "KILL")]
+        signal: String,
+    },
+    Partition,
+    Heal,
+    Exec {
+        #[arg(trailing_var_arg = true, required = true)]
+        argv: Vec<String>,
+    },
+    Rpc {
+        method: String,
+        #[arg(default_value = "null")]
+        params: String,
+    },
+}
+
+fn remote_node(
+    url: &str,
+    api: &str,
+    identity: Option<std::path::PathBuf>,
+    commands: Option<std::path::PathBuf>,
+) -> anyhow::Result<node::ssh::SshNode> {
+    let cmds = match commands {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => node::ssh::SshCommands::default(),
+    };
+    node::ssh::SshNode::parse(url, api, identity, cmds)
+}
+
+fn remote_command(n: &node::ssh::SshNode, action: RemoteAction) -> anyhow::Result<()> {
+    use node::Node;
+    let show = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    match action {
+        RemoteAction::Boot => println!("{} ready in {:?}", n.name(), n.boot()?),
+        RemoteAction::PowerCut => show(n.power_cut()?),
+        RemoteAction::Reboot => show(n.graceful_reboot()?),
+        RemoteAction::KillAgent { signal } => show(n.kill_agent(&signal)?),
+        RemoteAction::RestartAgent => show(n.restart_agent()?),
+        RemoteAction::KillContainer { app, signal } => show(n.kill_container(&app, &signal)?),
+        RemoteAction::Partition => show(n.partition()?),
+        RemoteAction::Heal => show(n.heal()?),
+        RemoteAction::Exec { argv } => {
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let out = n.exec(&argv)?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+            anyhow::ensure!(out.status.success(), "exited with {}", out.status);
+        }
+        RemoteAction::Rpc { method, params } => {
+            let params: serde_json::Value =
+                serde_json::from_str(&params).map_err(|e| anyhow::anyhow!("params are not JSON: {e}"))?;
+            show(n.rpc(&method, params)?);
+        }
+    }
+    Ok(())
 }
 
 fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
-    use node::LocalNode;
+    use node::{LocalNode, Node};
     let show = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match cmd {
         NodeCommand::Up { name, backend, netns, fm3, user, catalog } => {
@@ -170,6 +266,12 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
             print!("{}", String::from_utf8_lossy(&out.stdout));
             eprint!("{}", String::from_utf8_lossy(&out.stderr));
             anyhow::ensure!(out.status.success(), "exited with {}", out.status);
+        }
+        NodeCommand::Remote { url, api, identity, known_hosts, commands, reboot_timeout, action } => {
+            let mut n = remote_node(&url, &api, identity, commands)?;
+            n.reboot_timeout = reboot_timeout.0;
+            n.known_hosts = known_hosts;
+            remote_command(&n, action)?
         }
         NodeCommand::Rpc { name, method, params } => {
             let params: serde_json::Value =

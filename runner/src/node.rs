@@ -18,8 +18,52 @@ const NODE_NET: &str = "10.213.0.0/16";
 /// Port the agent listens on inside a node with its own network namespace.
 const NETNS_AGENT_PORT: u16 = 8719;
 
+pub mod ssh;
+
 /// What a fault did, for the verdict's evidence: a fault without evidence is `unknown`.
 pub type Evidence = Value;
+
+/// The fault primitives and observation helpers every node offers, local or remote.
+pub trait Node {
+    fn name(&self) -> &str;
+    /// The agent's API address as the runner reaches it.
+    fn api_addr(&self) -> String;
+    fn token(&self) -> Result<String>;
+    /// Brings the node up (a real host comes back by itself) and waits for the agent's /readyz.
+    fn boot(&self) -> Result<Duration>;
+    /// Every process dies at once, nothing is flushed; the node then boots again.
+    fn power_cut(&self) -> Result<Evidence>;
+    /// A clean stop of everything, then the node boots again.
+    fn graceful_reboot(&self) -> Result<Evidence>;
+    fn kill_agent(&self, signal: &str) -> Result<Evidence>;
+    /// A restart through the user manager, which kills the agent's whole cgroup.
+    fn restart_agent(&self) -> Result<Evidence>;
+    fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence>;
+    fn partition(&self) -> Result<Evidence>;
+    fn heal(&self) -> Result<Evidence>;
+    /// Runs a command on the node as the service user.
+    fn exec(&self, argv: &[&str]) -> Result<Output>;
+
+    /// JSON-RPC to the node's agent.
+    fn rpc(&self, method: &str, params: Value) -> Result<Value> {
+        let http = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(900)))
+            .build()
+            .new_agent();
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let v: Value = http
+            .post(&format!("http://{}/rpc", self.api_addr()))
+            .header("Authorization", &format!("Bearer {}", self.token()?))
+            .send_json(&body)?
+            .body_mut()
+            .read_json()?;
+        match v.get("result") {
+            Some(r) => Ok(r.clone()),
+            None => bail!("{method}: {}", v["error"]),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -579,28 +623,6 @@ impl LocalNode {
         }))
     }
 
-    /// JSON-RPC to the node's agent.
-    pub fn rpc(&self, method: &str, params: Value) -> Result<Value> {
-        let token = std::fs::read_to_string(self.root.join("data/agent/api-token"))
-            .context("the node's API token")?;
-        let http = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(900)))
-            .build()
-            .new_agent();
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        let v: Value = http
-            .post(&format!("http://{}/rpc", self.api_addr()))
-            .header("Authorization", &format!("Bearer {}", token.trim()))
-            .send_json(&body)?
-            .body_mut()
-            .read_json()?;
-        match v.get("result") {
-            Some(r) => Ok(r.clone()),
-            None => bail!("{method}: {}", v["error"]),
-        }
-    }
-
     /// Stops the node and removes every process, mount, namespace, cgroup, veth and file.
     pub fn down(&self) -> Result<()> {
         if self.init_pid().is_some() {
@@ -624,5 +646,48 @@ impl LocalNode {
         // Podman's storage holds files owned by the user's subordinate ids: root removes all.
         std::fs::remove_dir_all(&self.root).with_context(|| format!("removing {}", self.root.display()))?;
         Ok(())
+    }
+}
+
+impl Node for LocalNode {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+    fn api_addr(&self) -> String {
+        LocalNode::api_addr(self)
+    }
+    fn token(&self) -> Result<String> {
+        let t = std::fs::read_to_string(self.root.join("data/agent/api-token"))
+            .context("the node's API token")?;
+        Ok(t.trim().to_string())
+    }
+    fn boot(&self) -> Result<Duration> {
+        LocalNode::boot(self)
+    }
+    fn power_cut(&self) -> Result<Evidence> {
+        LocalNode::power_cut(self)
+    }
+    fn graceful_reboot(&self) -> Result<Evidence> {
+        let mut e = self.shutdown()?;
+        e["ready_after_seconds"] = json!(LocalNode::boot(self)?.as_secs_f64());
+        Ok(e)
+    }
+    fn kill_agent(&self, signal: &str) -> Result<Evidence> {
+        LocalNode::kill_agent(self, signal)
+    }
+    fn restart_agent(&self) -> Result<Evidence> {
+        LocalNode::restart_agent(self)
+    }
+    fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence> {
+        LocalNode::kill_container(self, app, signal)
+    }
+    fn partition(&self) -> Result<Evidence> {
+        LocalNode::partition(self)
+    }
+    fn heal(&self) -> Result<Evidence> {
+        LocalNode::heal(self)
+    }
+    fn exec(&self, argv: &[&str]) -> Result<Output> {
+        LocalNode::exec(self, argv)
     }
 }
