@@ -438,15 +438,27 @@ impl LocalNode {
         )
     }
 
-    /// Stops the user manager cleanly (every unit stopped), then the node.
+    /// Stops the agent and every app unit through the user manager, as a clean shutdown
+    /// does, then the manager and the node.
     pub fn shutdown(&self) -> Result<Evidence> {
         let init = self.init_pid().context("node is not up")?;
+        // Units first, explicitly: under podman 4.3, a quadlet unit's `podman rm` and conmon's
+        // cleanup can deadlock when the manager stops them while it exits itself.
+        let mut units = vec!["stop".to_string(), "archy-agent.service".to_string()];
+        let quadlet = self.root.join("home/.config/containers/systemd");
+        for e in std::fs::read_dir(&quadlet).into_iter().flatten().flatten() {
+            if let Some(app) = e.file_name().to_string_lossy().strip_suffix(".container") {
+                units.push(format!("{app}.service"));
+            }
+        }
+        let args: Vec<&str> = units.iter().map(String::as_str).collect();
+        let stopped = self.systemctl(&args).is_ok();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), nix::sys::signal::SIGTERM)?;
         let clean = self.wait_gone(Duration::from_secs(90)).is_ok();
         if !clean {
             self.power_cut()?;
         }
-        Ok(json!({"fault": "graceful_shutdown", "clean": clean}))
+        Ok(json!({"fault": "graceful_shutdown", "units_stopped": stopped, "clean": clean}))
     }
 
     fn wait_gone(&self, timeout: Duration) -> Result<()> {

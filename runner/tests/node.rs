@@ -289,3 +289,46 @@ fn node_commands_refuse_bad_input_clearly() {
     assert!(!ok && err.contains("leaves the node"), "{err}");
     n.down();
 }
+
+#[test]
+fn graceful_reboot_kill_agent_and_kill_container_each_take_effect_and_heal() {
+    let _g = serial();
+    let n = TestNode::up("tmisc", &[]);
+    n.install(&["fx-web", "fx-gateway"]);
+
+    // kill -9 of the agent: the manager restarts it; containers are not its business.
+    let before = n.containers();
+    let pid = |n: &TestNode| {
+        n.exec(&["systemctl", "--user", "show", "-p", "MainPID", "--value", "archy-agent.service"])
+    };
+    let agent = pid(&n);
+    n.ok(&["node", "kill-agent", "tmisc", "--signal", "KILL"]);
+    let start = Instant::now();
+    while pid(&n) == agent || pid(&n).trim() == "0" {
+        assert!(start.elapsed() < Duration::from_secs(30), "the agent was not restarted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    n.wait_up(&["fx-web", "fx-gateway"]);
+    assert_eq!(n.containers(), before);
+
+    // An app's main process killed as by the OOM killer: it comes back as a new process.
+    let e = n.json(&["node", "kill-container", "tmisc", "fx-gateway"]);
+    let killed = e["pid"].to_string();
+    let start = Instant::now();
+    loop {
+        let now = n.containers();
+        let gw = now.iter().find(|c| c.0 == "archy-fx-gateway");
+        if gw.is_some_and(|c| c.2 != killed) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "fx-gateway not back: {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    n.wait_up(&["fx-web", "fx-gateway"]);
+
+    // A clean shutdown of the user manager, then a boot.
+    let out = n.ok(&["node", "reboot", "tmisc", "--graceful"]);
+    assert!(out.contains("\"clean\": true"), "{out}");
+    n.wait_up(&["fx-web", "fx-gateway"]);
+    n.down();
+}
