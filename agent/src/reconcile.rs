@@ -259,7 +259,9 @@ pub fn plan(w: &World) -> Plan {
                 ))
             }
             (Some(c), None) => match c.state {
-                ContainerState::Running if !is_up(c, m) && !quadlet && m.health.is_some() => {
+                // Not healthy yet: the agent checks now rather than wait for podman's timer
+                // (the podman backend has none; under Quadlet the first is one interval away).
+                ContainerState::Running if !is_up(c, m) && m.health.is_some() => {
                     Some((Op::Probe { app: app.into() }, Reason::Health))
                 }
                 ContainerState::Running | ContainerState::Stopping | ContainerState::Paused => None,
@@ -408,7 +410,9 @@ pub struct Reconciler {
     pub target: Target,
     pub shared: Arc<Shared>,
     backoff: HashMap<String, Backoff>,
-    /// Apps started recently: ticks come fast until they are up or the window passes.
+    /// When each app that is not up began coming up (started by the agent, or seen starting
+    /// under systemd): ticks come fast for [`FAST_WINDOW`] of that, once per episode, so a
+    /// unit that never gets healthy cannot keep the loop spinning.
     started: HashMap<String, Instant>,
     probed: HashMap<String, Instant>,
     /// Apps whose health check passed during this tick's actions.
@@ -615,8 +619,8 @@ impl Reconciler {
             if let Action::Op(Op::Probe { app }, _) = action {
                 let interval =
                     catalog.get(app).and_then(|m| m.health.as_ref()).map_or(Duration::ZERO, |h| h.interval.0);
-                let due = self.started.contains_key(app)
-                    || self.probed.get(app).is_none_or(|t| now.duration_since(*t) >= interval);
+                let fast = self.started.get(app).is_some_and(|t| now.duration_since(*t) < FAST_WINDOW);
+                let due = fast || self.probed.get(app).is_none_or(|t| now.duration_since(*t) >= interval);
                 if !due {
                     continue;
                 }
@@ -654,8 +658,16 @@ impl Reconciler {
         self.observe_apps(&state, &catalog, &observed, &plan, &errors);
         report.converged = plan.actions.is_empty() && plan.waiting.is_empty() && errors.is_empty();
         let now = Instant::now();
-        self.started.retain(|_, t| now.duration_since(*t) < FAST_WINDOW);
-        report.in_motion = !self.started.is_empty();
+        for (app, why) in &plan.waiting {
+            if why.starts_with("systemd unit")
+                || why.starts_with("waiting for its health")
+                || why == "starting"
+            {
+                self.started.entry(app.clone()).or_insert(now);
+            }
+        }
+        self.started.retain(|app, _| state.apps.get(app).is_some_and(|a| a.desired == Desired::Running));
+        report.in_motion = self.started.values().any(|t| now.duration_since(*t) < FAST_WINDOW);
         Ok(())
     }
 
@@ -725,7 +737,7 @@ impl Reconciler {
                     _ => {}
                 }
                 if let Op::Run { app, .. } | Op::Start { app } = op {
-                    self.started.insert(app.clone(), Instant::now());
+                    self.started.entry(app.clone()).or_insert_with(Instant::now);
                     if *reason == Reason::Crashed {
                         self.bump(app);
                     }
@@ -814,9 +826,6 @@ impl Reconciler {
                 }
             } else {
                 self.up_since.remove(id);
-                if c.is_some_and(|c| c.state == ContainerState::Exited) {
-                    self.started.remove(id); // crashed: the backoff decides when to look again
-                }
             }
             if let Some(c) = c {
                 let seen = (c.id.clone(), c.started_at);

@@ -266,10 +266,16 @@ pub trait Runtime: Send + Sync {
     /// app that should run has no container, to tell "systemd is starting it" from "gone".
     fn unit_states(&self, apps: &[&str]) -> Result<BTreeMap<String, String>, Error>;
     fn apply(&self, op: &Op) -> Result<(), Error>;
-    /// Runs the app's health check once (podman backend); true when it passed.
-    fn probe(&self, app: &str) -> Result<bool, Error> {
-        let _ = app;
-        Ok(false)
+    /// Runs the app's health check once; true when it passed.
+    fn probe(&self, app: &str) -> Result<bool, Error>;
+}
+
+fn probe(exec: &Exec, app: &str) -> Result<bool, Error> {
+    match exec.podman(&["healthcheck", "run", &container_name(app)]) {
+        Ok(_) => Ok(true),
+        // Exit 1 is "unhealthy", recorded by podman: an answer, not a failure.
+        Err(err) if err.code() == Some(1) => Ok(false),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -346,12 +352,7 @@ impl Runtime for Podman {
     }
 
     fn probe(&self, app: &str) -> Result<bool, Error> {
-        match self.exec.podman(&["healthcheck", "run", &container_name(app)]) {
-            Ok(_) => Ok(true),
-            // Exit 1 is "unhealthy", recorded by podman: an answer, not a failure.
-            Err(err) if err.code() == Some(1) => Ok(false),
-            Err(err) => Err(err.into()),
-        }
+        probe(&self.exec, app)
     }
 }
 
@@ -448,8 +449,12 @@ impl Runtime for Quadlet {
             Op::Remove { container, timeout, .. } => {
                 drop(e.podman(&["rm", "-f", "-t", &timeout.to_string(), container])?)
             }
-            Op::Probe { .. } => {}
+            Op::Probe { app } => drop(probe(e, app)?),
         }
         Ok(())
+    }
+
+    fn probe(&self, app: &str) -> Result<bool, Error> {
+        probe(&self.exec, app)
     }
 }

@@ -320,6 +320,9 @@ impl Runtime for Fake {
     fn unit_states(&self, _: &[&str]) -> Result<BTreeMap<String, String>, runtime::Error> {
         Ok(BTreeMap::new())
     }
+    fn probe(&self, _: &str) -> Result<bool, runtime::Error> {
+        Ok(false) // healthy() containers are already healthy; probes are not needed here
+    }
     fn apply(&self, op: &Op) -> Result<(), runtime::Error> {
         let mut cs = self.containers.lock().unwrap();
         match op {

@@ -403,3 +403,113 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
     println!("{}", t.build().with(tabled::settings::Style::sharp()));
     Ok(())
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeBenchArgs {
+    /// Power cuts measured; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    pub samples: usize,
+    #[arg(long, default_value = "archy")]
+    pub user: String,
+    #[arg(long, default_value = "apps")]
+    pub catalog: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The fixture apps a node runs for the recovery figure (fx-crashloop never gets healthy).
+const NODE_APPS: [&str; 5] = ["fx-web", "fx-client", "fx-gateway", "fx-hostnet", "fx-ui"];
+
+/// `archy-chaos bench node`: boot to agent ready, power cut to every app healthy again, and
+/// the memory of everything one node runs.
+pub fn node(args: &NodeBenchArgs) -> Result<()> {
+    use crate::node::{Backend, LocalNode, Node, UpOptions};
+    let name = format!("bench{}", std::process::id() % 100000);
+    let opts = UpOptions {
+        name: name.clone(),
+        user: args.user.clone(),
+        backend: Backend::Quadlet,
+        netns: true,
+        fm3: false,
+    };
+    let bin = std::env::current_exe()?.with_file_name("archy-agent");
+    let node = LocalNode::up(&opts, &bin, &args.catalog)?;
+    let result = (|| -> Result<Value> {
+        for app in NODE_APPS {
+            node.rpc("package.install", json!({"id": app}))?;
+        }
+        let all_up = |node: &LocalNode| -> Result<bool> {
+            let list = node.rpc("package.list", Value::Null)?;
+            Ok(NODE_APPS
+                .iter()
+                .all(|id| list.as_array().into_iter().flatten().any(|a| a["id"] == *id && a["up"] == true)))
+        };
+        let start = Instant::now();
+        while !all_up(&node).unwrap_or(false) {
+            ensure!(start.elapsed() < Duration::from_secs(120), "the fixture apps never came up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let rss: u64 = node
+            .processes()
+            .iter()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .filter_map(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum::<u64>()
+            * 1024;
+        let processes = node.processes().len();
+        let (mut ready, mut recovered) = (Vec::new(), Vec::new());
+        for i in 0..args.samples {
+            eprintln!("bench: power cut {}/{}", i + 1, args.samples);
+            node.power_cut()?;
+            let start = Instant::now();
+            ready.push(LocalNode::boot(&node)?.as_secs_f64());
+            while !all_up(&node).unwrap_or(false) {
+                ensure!(start.elapsed() < Duration::from_secs(120), "apps not back after a power cut");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            recovered.push(start.elapsed().as_secs_f64());
+        }
+        Ok(json!({
+            "apps": NODE_APPS.len(),
+            "samples": args.samples,
+            "boot_to_ready_seconds": median(ready),
+            "power_cut_to_all_healthy_seconds": median(recovered),
+            "node_rss_bytes": rss,
+            "node_processes": processes,
+        }))
+    })();
+    node.down()?;
+    let figures = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&figures)?);
+        return Ok(());
+    }
+    let f = |k: &str| figures[k].as_f64().unwrap_or(f64::NAN);
+    let mut t = tabled::builder::Builder::default();
+    t.push_record(["figure", "measured", "target"]);
+    t.push_record([
+        "boot to agent ready".to_string(),
+        format!("{:.0} ms", f("boot_to_ready_seconds") * 1e3),
+        "<= 1 s".into(),
+    ]);
+    t.push_record([
+        format!("power cut + boot, {} apps healthy", NODE_APPS.len()),
+        format!("{:.2} s", f("power_cut_to_all_healthy_seconds")),
+        "<= 2 s".into(),
+    ]);
+    t.push_record([
+        "one node's RSS (all its processes)".to_string(),
+        format!("{:.1} MiB in {} processes", f("node_rss_bytes") / 1048576.0, f("node_processes")),
+        "reported".into(),
+    ]);
+    println!("{}", t.build().with(tabled::settings::Style::sharp()));
+    Ok(())
+}

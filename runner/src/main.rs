@@ -46,6 +46,9 @@ enum BenchWhat {
     /// The agent (podman backend): no-op tick, install latency, podman calls, start-up, RSS.
     /// Run as root (it switches to the service user) after scripts/setup-host.
     Agent(bench::BenchArgs),
+    /// A local node: boot to ready, power cut to every fixture app healthy, node memory.
+    /// Run as root after scripts/setup-host.
+    Node(bench::NodeBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -297,7 +300,10 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_UNKNOWN)
             }
         },
-        Command::Bench { what: BenchWhat::Agent(args) } => match bench::agent(&args) {
+        Command::Bench { what } => match match what {
+            BenchWhat::Agent(args) => bench::agent(&args),
+            BenchWhat::Node(args) => bench::node(&args),
+        } {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("archy-chaos: bench failed: {e:#}");
