@@ -166,6 +166,14 @@ fn power_cut_kills_every_process_and_boot_brings_apps_and_data_back() {
     assert_eq!(cut["processes_left"], 0, "{cut}");
     let status = n.json(&["node", "status", "tpower"]);
     assert_eq!((status["up"].as_bool(), status["processes"].as_u64()), (Some(false), Some(0)), "{status}");
+    let alive: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&*n.root().to_string_lossy()))
+        .collect();
+    assert!(alive.is_empty(), "processes of the node survived the power cut: {alive:?}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&*n.root().join("run").to_string_lossy()), "the runtime dir tmpfs survived");
 
