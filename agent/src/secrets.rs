@@ -192,13 +192,18 @@ pub fn check_complete(root: &Path, app: &Manifest, catalog: &Catalog) -> Result<
 
 /// Why `s` in `dir` is unusable, or `None` when it is valid.
 pub fn inspect(dir: &Path, s: &GeneratedSecret) -> Result<Option<HealReason>, Error> {
+    inspect_as(dir, s, nix::unistd::geteuid().as_raw())
+}
+
+/// [`inspect`] for secrets that must belong to `owner` (a checker running as another user).
+pub fn inspect_as(dir: &Path, s: &GeneratedSecret, owner: u32) -> Result<Option<HealReason>, Error> {
     let path = dir.join(&s.target);
     Ok(match s.kind {
-        SecretKind::Hex16 => check(&path, |v| hex_check(v, 32))?.err(),
-        SecretKind::Hex32 => check(&path, |v| hex_check(v, 64))?.err(),
-        SecretKind::Bcrypt => match check(&pw_path(dir, s), |v| hex_check(v, 32))? {
+        SecretKind::Hex16 => check_as(&path, owner, |v| hex_check(v, 32))?.err(),
+        SecretKind::Hex32 => check_as(&path, owner, |v| hex_check(v, 64))?.err(),
+        SecretKind::Bcrypt => match check_as(&pw_path(dir, s), owner, |v| hex_check(v, 32))? {
             Err(r) => Some(r),
-            Ok(pw) => check(&path, |h| bcrypt_check(&pw, h))?.err(),
+            Ok(pw) => check_as(&path, owner, |h| bcrypt_check(&pw, h))?.err(),
         },
     })
 }
@@ -249,6 +254,14 @@ fn check(
     path: &Path,
     valid: impl Fn(&[u8]) -> Option<HealReason>,
 ) -> Result<Result<Vec<u8>, HealReason>, Error> {
+    check_as(path, nix::unistd::geteuid().as_raw(), valid)
+}
+
+fn check_as(
+    path: &Path,
+    owner: u32,
+    valid: impl Fn(&[u8]) -> Option<HealReason>,
+) -> Result<Result<Vec<u8>, HealReason>, Error> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Err(HealReason::Missing)),
@@ -257,7 +270,7 @@ fn check(
     if !meta.file_type().is_file() {
         return Ok(Err(HealReason::Malformed));
     }
-    if meta.uid() != nix::unistd::geteuid().as_raw() {
+    if meta.uid() != owner {
         return Ok(Err(HealReason::WrongOwner));
     }
     if meta.mode() & 0o7777 != 0o600 {

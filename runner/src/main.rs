@@ -3,6 +3,8 @@
 
 mod bench;
 mod node;
+mod report;
+mod scenario;
 
 use std::process::ExitCode;
 
@@ -24,11 +26,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a scenario against the local node-in-a-box (the default) and gate on its verdict.
-    Run {
-        /// Scenario id, e.g. `reboot-survive`.
-        scenario: String,
-    },
+    /// Run a scenario on a fresh local node-in-a-box and gate on its verdict. Exit code: 0
+    /// every iteration passed, 1 one failed, 2 unknown or infrastructure error, 64 bad usage.
+    /// Run as root after scripts/setup-host.
+    Run(RunArgs),
     /// Local nodes-in-a-box: create, hurt, inspect and remove them (as root).
     Node {
         #[command(subcommand)]
@@ -49,6 +50,122 @@ enum BenchWhat {
     /// A local node: boot to ready, power cut to every fixture app healthy, node memory.
     /// Run as root after scripts/setup-host.
     Node(bench::NodeBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Scenario id: `scenarios/<id>.yml`, e.g. `reboot-survive`.
+    scenario: String,
+    /// Iterations [default: the scenario's].
+    #[arg(long)]
+    iterations: Option<u32>,
+    /// Seed of every random choice [default: random; the report prints it].
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, value_enum, default_value = "quadlet")]
+    backend: node::Backend,
+    #[arg(long, default_value = "scenarios")]
+    scenarios: std::path::PathBuf,
+    #[arg(long, default_value = "apps")]
+    catalog: std::path::PathBuf,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "reports/out")]
+    report_dir: std::path::PathBuf,
+    /// Keep the node afterwards (to look at it; `archy-chaos node down NAME` removes it).
+    #[arg(long)]
+    keep_node: bool,
+    /// Deliberately broken node for proving the suite (podman backend): podman runs in the
+    /// agent's cgroup, the platform's FM3.
+    #[arg(long)]
+    fm3: bool,
+    #[arg(long, default_value = "archy")]
+    user: String,
+}
+
+fn run_scenario(args: RunArgs) -> ExitCode {
+    use rand::SeedableRng;
+    let usage = |e: anyhow::Error| {
+        eprintln!("archy-chaos: {e:#}");
+        ExitCode::from(report::exit::USAGE)
+    };
+    let path = match scenario::find(&args.scenarios, &args.scenario) {
+        Ok(p) => p,
+        Err(e) => return usage(e),
+    };
+    let s = match scenario::Scenario::load(&path) {
+        Ok(s) => s,
+        Err(e) => return usage(e),
+    };
+    let catalog = match archy_agent::manifest::Catalog::load(&args.catalog) {
+        Ok(c) => c,
+        Err(e) => return usage(anyhow::anyhow!("{e}")),
+    };
+    let apps = match s.apps(&catalog, &path) {
+        Ok(a) => a,
+        Err(e) => return usage(e),
+    };
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let iterations = args.iterations.unwrap_or(s.iterations);
+    let name = format!("run{}", std::process::id() % 1_000_000);
+    let opts = node::UpOptions {
+        name: name.clone(),
+        user: args.user.clone(),
+        backend: args.backend,
+        netns: true,
+        fm3: args.fm3,
+    };
+    let bin = match std::env::current_exe() {
+        Ok(p) => p.with_file_name("archy-agent"),
+        Err(e) => return usage(e.into()),
+    };
+    eprintln!(
+        "archy-chaos: {} ({:?}) on local node {name}, {iterations} iteration(s), seed {seed}",
+        s.id, s.layer
+    );
+    let node = match node::LocalNode::up(&opts, &bin, &args.catalog) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("archy-chaos: cannot bring up a local node (verdict: unknown): {e:#}");
+            return ExitCode::from(report::exit::UNKNOWN);
+        }
+    };
+    let mut results = Vec::new();
+    for n in 1..=iterations {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ u64::from(n));
+        let it = scenario::iterate(&s, &node, &apps, n, &mut rng);
+        eprintln!("archy-chaos: iteration {n}/{iterations}: {:?}", it.verdict);
+        results.push(it);
+    }
+    let environment = report::environment(&node);
+    let r = report::Report {
+        schema: report::SCHEMA,
+        scenario: s.id.clone(),
+        description: s.description.clone(),
+        layer: s.layer,
+        destructive: s.destructive,
+        node: format!("local:{name}"),
+        backend: format!("{:?}", args.backend).to_lowercase(),
+        seed,
+        replay: format!("archy-chaos run {} --iterations {iterations} --seed {seed} --backend {:?}", s.id, args.backend).to_lowercase(),
+        nondeterminism: "the seed fixes the data written and every random choice of the runner; podman's and systemd's timing and the kernel's scheduling are not fixed by it",
+        verdict: report::Report::verdict_of(&results),
+        iterations: results,
+        environment,
+    };
+    if !args.keep_node {
+        if let Err(e) = node.down() {
+            eprintln!("archy-chaos: removing node {name}: {e:#}");
+        }
+    }
+    println!("{}", r.summary());
+    match r.write(&args.report_dir) {
+        Ok(p) => println!("verdict: {:?}; report: {}; replay: {}", r.verdict, p.display(), r.replay),
+        Err(e) => {
+            eprintln!("archy-chaos: cannot write the report: {e:#}");
+            return ExitCode::from(report::exit::UNKNOWN);
+        }
+    }
+    ExitCode::from(r.exit_code())
 }
 
 #[derive(Subcommand)]
@@ -287,12 +404,7 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { scenario } => {
-            // The scenario engine and the local node arrive with their own issues; until
-            // then every run is honestly "unknown", never a pass.
-            eprintln!("archy-chaos: cannot run `{scenario}`: the scenario engine is not built yet (verdict: unknown)");
-            ExitCode::from(EXIT_UNKNOWN)
-        }
+        Command::Run(args) => run_scenario(args),
         Command::Node { command } => match node_command(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

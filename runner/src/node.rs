@@ -191,6 +191,10 @@ impl LocalNode {
                 return Ok(existing);
             }
         }
+        // Index allocation and the netns are machine-wide: one `node up` at a time.
+        std::fs::create_dir_all(nodes_dir())?;
+        let lock = std::fs::File::create(nodes_dir().join(".lock"))?;
+        lock.lock()?;
         let used: Vec<u8> = std::fs::read_dir(nodes_dir())
             .into_iter()
             .flatten()

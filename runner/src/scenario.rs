@@ -1,0 +1,544 @@
+//! Scenario files (`scenarios/<id>.yml`, format version 1) and the engine that runs them
+//! against a node: steady state, steps (actions and faults), invariants, a verdict.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use archy_agent::manifest::Catalog;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::Digest;
+
+use crate::node::{FileFault, LocalNode, Node};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layer {
+    L3,
+    L5,
+    L6,
+}
+
+/// Which apps a scenario exercises.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Apps {
+    /// `fixtures` (every fixture that can be healthy) or `all`.
+    Named(String),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub version: u32,
+    pub id: String,
+    pub layer: Layer,
+    pub description: String,
+    pub apps: Apps,
+    /// Destructive scenarios refuse protected apps unless allowed.
+    #[serde(default)]
+    pub destructive: bool,
+    #[serde(default = "one")]
+    pub iterations: u32,
+    #[serde(deserialize_with = "steps")]
+    pub steps: Vec<Step>,
+    /// Checked after the steps of every iteration (and `converged` also before them).
+    pub invariants: Vec<Invariant>,
+    /// Longest wait for convergence after a fault.
+    #[serde(default = "default_converge_timeout")]
+    pub converge_timeout: archy_agent::manifest::Dur,
+}
+
+/// Steps are written `- install` or `- file-fault: { ... }`; serde_yaml reads enum variants
+/// with data only as `!tags`, so single-key maps are turned into tags first.
+fn steps<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Step>, D::Error> {
+    use serde::de::Error;
+    use serde_yaml::value::{Tag, TaggedValue};
+    let raw: Vec<serde_yaml::Value> = Deserialize::deserialize(d)?;
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let v = match v {
+                serde_yaml::Value::Mapping(m) if m.len() == 1 => {
+                    let (k, value) = m.into_iter().next().expect("one entry");
+                    let tag = k
+                        .as_str()
+                        .map(Tag::new)
+                        .ok_or_else(|| D::Error::custom(format!("steps[{i}]: the step name must be text")))?;
+                    serde_yaml::Value::Tagged(Box::new(TaggedValue { tag, value }))
+                }
+                v => v,
+            };
+            serde_yaml::from_value(v).map_err(|e| D::Error::custom(format!("steps[{i}]: {e}")))
+        })
+        .collect()
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_converge_timeout() -> archy_agent::manifest::Dur {
+    archy_agent::manifest::Dur(Duration::from_secs(120))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Step {
+    /// Install the scenario's apps (idempotent).
+    Install,
+    Uninstall,
+    Start,
+    Stop,
+    Restart,
+    /// Until every desired app is up and the next tick is a no-op.
+    WaitConverged,
+    /// Until the agent answers /readyz (after a fault that restarted it).
+    WaitReady,
+    /// A file with random content into each app's first data volume, remembered by checksum.
+    WriteData,
+    PowerCut,
+    Boot,
+    /// Power cut, then boot.
+    Reboot,
+    GracefulReboot,
+    KillAgent {
+        #[serde(default = "kill")]
+        signal: String,
+    },
+    RestartAgent,
+    KillContainer {
+        app: String,
+        #[serde(default = "kill")]
+        signal: String,
+    },
+    /// A file fault on a path under the node's data root, `{app}` substituted per app.
+    FileFault {
+        path: String,
+        fault: FaultKind,
+    },
+    Partition,
+    Heal,
+    /// Remembers every container (name, id, pid) for `containers-unchanged`.
+    SnapshotContainers,
+}
+
+fn kill() -> String {
+    "KILL".into()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    Delete,
+    Truncate,
+    Corrupt,
+    ChownRoot,
+    Chmod,
+}
+
+impl From<FaultKind> for FileFault {
+    fn from(k: FaultKind) -> FileFault {
+        match k {
+            FaultKind::Delete => FileFault::Delete,
+            FaultKind::Truncate => FileFault::Truncate,
+            FaultKind::Corrupt => FileFault::Corrupt,
+            FaultKind::ChownRoot => FileFault::ChownRoot,
+            FaultKind::Chmod => FileFault::Chmod,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Invariant {
+    /// Desired == observed within the timeout, and the next tick is a no-op with exactly one
+    /// podman call (observation) and no systemctl call.
+    Converged,
+    /// Every app of the scenario up and healthy.
+    AppsUp,
+    /// Generated secrets of every app: present, valid, 0600, owned by the service user.
+    SecretsValid,
+    /// Files written by `write-data` still there with the same checksum.
+    DataIntact,
+    /// The agent answers and is ready.
+    AgentReady,
+    /// Every container seen by `snapshot-containers` still runs: same id, same main process.
+    ContainersUnchanged,
+}
+
+impl Scenario {
+    /// Parses a scenario file; every error names the file (and line, where serde knows it).
+    pub fn load(path: &Path) -> Result<Scenario> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let s: Scenario =
+            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if s.version != FORMAT_VERSION {
+            bail!(
+                "{}: version {} is not supported (this runner reads version {FORMAT_VERSION})",
+                path.display(),
+                s.version
+            );
+        }
+        if s.iterations == 0 || s.steps.is_empty() {
+            bail!("{}: a scenario needs at least one iteration and one step", path.display());
+        }
+        Ok(s)
+    }
+
+    /// The apps this scenario runs, checked against the catalog.
+    pub fn apps(&self, catalog: &Catalog, file: &Path) -> Result<Vec<String>> {
+        let ids: Vec<String> = match &self.apps {
+            Apps::Named(n) if n == "fixtures" => catalog
+                .apps
+                .values()
+                .filter(|m| m.fixture && m.id != "fx-crashloop") // never healthy, by design
+                .map(|m| m.id.clone())
+                .collect(),
+            Apps::Named(n) if n == "all" => catalog.apps.keys().cloned().collect(),
+            Apps::Named(n) => {
+                bail!("{}: apps: `{n}` is neither `fixtures`, `all` nor a list", file.display())
+            }
+            Apps::List(l) => l.clone(),
+        };
+        for id in &ids {
+            if catalog.get(id).is_none() {
+                bail!("{}: apps: `{id}` is not in the catalog {}", file.display(), catalog.dir.display());
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// Finds `scenarios/<id>.yml`.
+pub fn find(dir: &Path, id: &str) -> Result<PathBuf> {
+    let path = dir.join(format!("{id}.yml"));
+    if !path.is_file() {
+        let known: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".yml").map(str::to_string))
+            .collect();
+        bail!("unknown scenario `{id}`; known: {}", known.join(", "));
+    }
+    Ok(path)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Unknown,
+    Fail,
+}
+
+/// What one iteration found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Iteration {
+    pub n: u32,
+    pub verdict: Verdict,
+    /// Each step with its evidence, in order.
+    pub steps: Vec<Value>,
+    /// Invariants that did not hold, and why.
+    pub failures: Vec<String>,
+    /// Why the verdict is unknown (a fault that did not take effect, an error of the run).
+    pub unknowns: Vec<String>,
+    pub measures: BTreeMap<String, f64>,
+}
+
+/// Runs one iteration. Infrastructure errors become `unknown`, never `pass`.
+pub fn iterate(
+    s: &Scenario,
+    node: &LocalNode,
+    apps: &[String],
+    n: u32,
+    rng: &mut rand::rngs::StdRng,
+) -> Iteration {
+    let mut it = Iteration {
+        n,
+        verdict: Verdict::Pass,
+        steps: Vec::new(),
+        failures: Vec::new(),
+        unknowns: Vec::new(),
+        measures: BTreeMap::new(),
+    };
+    let mut data: Vec<(PathBuf, String)> = Vec::new();
+    let mut fault_at: Option<Instant> = None;
+    for step in &s.steps {
+        let started = Instant::now();
+        if step.is_fault() {
+            fault_at.get_or_insert(started);
+        }
+        match run_step(s, node, apps, step, &mut data, rng) {
+            Ok(evidence) => {
+                if evidence.get("took_effect") == Some(&json!(false)) {
+                    it.unknowns.push(format!("{step:?} did not take effect: {evidence}"));
+                }
+                // Recovery: from the start of the first fault to convergence.
+                if matches!(step, Step::WaitConverged) {
+                    if let Some(t) = fault_at.take() {
+                        it.measures.insert("recovery_seconds".into(), t.elapsed().as_secs_f64());
+                    }
+                }
+                it.steps.push(
+                    json!({"step": step, "seconds": started.elapsed().as_secs_f64(), "evidence": evidence}),
+                );
+            }
+            Err(e) => {
+                // A convergence that never came is the system's failure; anything else is ours.
+                let msg = format!("{step:?}: {e:#}");
+                if matches!(step, Step::WaitConverged) {
+                    it.failures.push(format!("converged: {msg}"));
+                } else {
+                    it.unknowns.push(msg);
+                }
+                it.steps.push(json!({"step": step, "error": format!("{e:#}")}));
+                break;
+            }
+        }
+    }
+    if it.failures.is_empty() && it.unknowns.is_empty() {
+        for inv in &s.invariants {
+            if let Err(e) = check(s, node, apps, *inv, &data) {
+                it.failures.push(format!(
+                    "{}: {e:#}",
+                    serde_json::to_value(inv).unwrap_or_default().as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    it.verdict = if !it.failures.is_empty() {
+        Verdict::Fail
+    } else if !it.unknowns.is_empty() {
+        Verdict::Unknown
+    } else {
+        Verdict::Pass
+    };
+    it
+}
+
+fn run_step(
+    s: &Scenario,
+    node: &LocalNode,
+    apps: &[String],
+    step: &Step,
+    data: &mut Vec<(PathBuf, String)>,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<Value> {
+    use rand::RngCore;
+    let each = |method: &str| -> Result<Value> {
+        for app in apps {
+            node.rpc(method, json!({"id": app}))?;
+        }
+        Ok(json!({"apps": apps}))
+    };
+    Ok(match step {
+        Step::Install => each("package.install")?,
+        Step::Uninstall => each("package.uninstall")?,
+        Step::Start => each("package.start")?,
+        Step::Stop => each("package.stop")?,
+        Step::Restart => each("package.restart")?,
+        Step::WaitConverged => {
+            let t = wait_converged(node, apps, s.converge_timeout.0)?;
+            json!({"seconds": t.as_secs_f64()})
+        }
+        Step::WriteData => {
+            let catalog = Catalog::load(&node.root.join("catalog")).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut written = Vec::new();
+            for app in apps {
+                let Some(vol) = catalog.get(app).and_then(|m| m.volumes.first()) else { continue };
+                let dir = node.root.join("data/apps").join(app).join(&vol.name);
+                let path = dir.join(format!("archy-chaos-{:08x}.bin", rng.next_u32()));
+                let mut bytes = vec![0u8; 4096];
+                rng.fill_bytes(&mut bytes);
+                std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+                let sum = format!("{:x}", sha2::Sha256::digest(&bytes));
+                written.push(json!({"path": path, "sha256": sum}));
+                data.push((path, sum));
+            }
+            json!({"written": written})
+        }
+        Step::PowerCut => {
+            let mut e = node.power_cut()?;
+            e["took_effect"] =
+                json!(e["processes_killed"].as_u64().unwrap_or(0) > 0 && e["processes_left"] == 0);
+            e
+        }
+        Step::Boot => json!({"ready_seconds": Node::boot(node)?.as_secs_f64()}),
+        Step::WaitReady => {
+            let start = Instant::now();
+            while !node.rpc("node.status", Value::Null).is_ok_and(|s| s["ready"] == true) {
+                if start.elapsed() > s.converge_timeout.0 {
+                    bail!("the agent was not ready within {:?}", s.converge_timeout.0);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            json!({"seconds": start.elapsed().as_secs_f64()})
+        }
+        Step::Reboot => {
+            let mut e = node.power_cut()?;
+            e["took_effect"] =
+                json!(e["processes_killed"].as_u64().unwrap_or(0) > 0 && e["processes_left"] == 0);
+            e["ready_seconds"] = json!(Node::boot(node)?.as_secs_f64());
+            e
+        }
+        Step::GracefulReboot => {
+            let mut e = Node::graceful_reboot(node)?;
+            e["took_effect"] = e["clean"].clone();
+            e
+        }
+        Step::KillAgent { signal } => Node::kill_agent(node, signal)?,
+        Step::RestartAgent => Node::restart_agent(node)?,
+        Step::KillContainer { app, signal } => Node::kill_container(node, app, signal)?,
+        Step::FileFault { path, fault } => {
+            let mut out = Vec::new();
+            for app in apps {
+                let rel = format!("data/{}", path.replace("{app}", app));
+                if node.path(&rel)?.exists() {
+                    out.push(node.file_fault(&rel, (*fault).into())?);
+                }
+            }
+            json!({"faults": out, "took_effect": !out.is_empty()})
+        }
+        Step::Partition => Node::partition(node)?,
+        Step::Heal => Node::heal(node)?,
+        Step::SnapshotContainers => {
+            let now = containers(node)?;
+            data.retain(|(p, _)| p.as_os_str() != CONTAINERS_KEY);
+            data.push((PathBuf::from(CONTAINERS_KEY), now.clone()));
+            json!({"containers": now})
+        }
+    })
+}
+
+/// Where the container snapshot is kept among the remembered data (not a file).
+const CONTAINERS_KEY: &str = "<containers>";
+
+fn containers(node: &LocalNode) -> Result<String> {
+    let out = node.exec(&["podman", "ps", "--format", "{{.Names}} {{.ID}} {{.Pid}}"])?;
+    anyhow::ensure!(out.status.success(), "podman ps: {}", String::from_utf8_lossy(&out.stderr));
+    let mut lines: Vec<&str> = std::str::from_utf8(&out.stdout)?.lines().collect();
+    lines.sort();
+    Ok(lines.join("\n"))
+}
+
+impl Step {
+    fn is_fault(&self) -> bool {
+        !matches!(
+            self,
+            Step::Install
+                | Step::Uninstall
+                | Step::Start
+                | Step::Stop
+                | Step::Restart
+                | Step::WaitConverged
+                | Step::WaitReady
+                | Step::WriteData
+                | Step::SnapshotContainers
+                | Step::Boot
+        )
+    }
+}
+
+/// Waits until every app is up and a tick is a no-op; returns how long that took.
+fn wait_converged(node: &LocalNode, apps: &[String], timeout: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    let mut last = Value::Null;
+    while start.elapsed() < timeout {
+        if let Ok(list) = node.rpc("package.list", Value::Null) {
+            let up = |id: &String| {
+                list.as_array().into_iter().flatten().any(|a| a["id"] == *id && a["up"] == true)
+            };
+            if apps.iter().all(up) {
+                let r = node.rpc("node.reconcile", Value::Null)?;
+                if r["converged"] == true {
+                    return Ok(start.elapsed());
+                }
+                last = r;
+            } else {
+                last = list;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("not converged after {timeout:?}; last: {last}")
+}
+
+fn check(
+    s: &Scenario,
+    node: &LocalNode,
+    apps: &[String],
+    inv: Invariant,
+    data: &[(PathBuf, String)],
+) -> Result<()> {
+    match inv {
+        Invariant::Converged => {
+            wait_converged(node, apps, s.converge_timeout.0)?;
+            let r = node.rpc("node.reconcile", Value::Null)?;
+            let noop = r["actions"] == json!([]) && r["podman_calls"] == 1 && r["systemctl_calls"] == 0;
+            if !noop {
+                bail!("the tick after convergence was not a no-op: {r}");
+            }
+        }
+        Invariant::AppsUp => {
+            let list = node.rpc("package.list", Value::Null)?;
+            let down: Vec<&String> = apps
+                .iter()
+                .filter(|id| {
+                    !list.as_array().into_iter().flatten().any(|a| a["id"] == **id && a["up"] == true)
+                })
+                .collect();
+            if !down.is_empty() {
+                bail!("not up: {down:?}");
+            }
+        }
+        Invariant::SecretsValid => {
+            use std::os::unix::fs::MetadataExt;
+            let catalog = Catalog::load(&node.root.join("catalog")).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let uid = nix::unistd::User::from_name(&node.spec.user)?.context("service user")?.uid.as_raw();
+            for app in apps {
+                let Some(m) = catalog.get(app) else { continue };
+                let dir = node.root.join("data/secrets").join(app);
+                for g in &m.generated_secrets {
+                    if let Some(reason) = archy_agent::secrets::inspect_as(&dir, g, uid)? {
+                        bail!("{app}/{}: {}", g.target, reason.as_str());
+                    }
+                    let meta = std::fs::metadata(dir.join(&g.target))?;
+                    if meta.uid() != uid || meta.mode() & 0o777 != 0o600 {
+                        bail!("{app}/{}: owner {} mode {:o}", g.target, meta.uid(), meta.mode() & 0o777);
+                    }
+                }
+            }
+        }
+        Invariant::ContainersUnchanged => {
+            let before = data.iter().find(|(p, _)| p.as_os_str() == CONTAINERS_KEY).map(|(_, s)| s.clone());
+            let before = before.context("the scenario has no snapshot-containers step")?;
+            let now = containers(node)?;
+            if now != before {
+                bail!("containers were restarted or replaced:\nbefore: {before}\nafter:  {now}");
+            }
+        }
+        Invariant::DataIntact => {
+            for (path, sum) in data.iter().filter(|(p, _)| p.as_os_str() != CONTAINERS_KEY) {
+                let bytes = std::fs::read(path).with_context(|| format!("{} lost", path.display()))?;
+                let now = format!("{:x}", sha2::Sha256::digest(&bytes));
+                if &now != sum {
+                    bail!("{} changed: sha256 {sum} -> {now}", path.display());
+                }
+            }
+        }
+        Invariant::AgentReady => {
+            let st = node.rpc("node.status", Value::Null)?;
+            if st["ready"] != true {
+                bail!("agent not ready: {st}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! `archy-chaos run`: scenarios end to end on a fresh local node, the verdicts and exit codes
+//! a release script gates on, and the proof that the suite catches a real bug (FM3).
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Nodes share the machine's two cores: one run at a time keeps timings meaningful.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn run(args: &[&str], reports: &Path) -> (i32, Value, String) {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_archy-chaos"))
+        .arg("run")
+        .args(args)
+        .arg("--report-dir")
+        .arg(reports)
+        .env("ARCHY_NODES_DIR", std::env::temp_dir().join("archy-test-nodes"))
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = std::fs::read_dir(reports)
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| std::fs::read(e.ok()?.path()).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), report, text)
+}
+
+#[test]
+fn reboot_survive_passes_with_evidence_and_a_replay_command() {
+    let reports = tempfile::tempdir().unwrap();
+    let (code, r, text) = run(&["reboot-survive", "--iterations", "1", "--seed", "42"], reports.path());
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(r["verdict"], "pass", "{r}");
+    assert_eq!(r["seed"], 42);
+    assert!(r["replay"].as_str().unwrap().contains("--seed 42"), "{r}");
+    let it = &r["iterations"][0];
+    let cut =
+        it["steps"].as_array().unwrap().iter().find(|s| s["step"] == "power-cut").expect("power-cut step");
+    assert!(cut["evidence"]["processes_killed"].as_u64().unwrap() > 0, "{cut}");
+    assert_eq!(cut["evidence"]["took_effect"], true);
+    assert!(it["measures"]["recovery_seconds"].as_f64().unwrap() > 0.0, "{it}");
+    assert!(r["environment"]["podman"].as_str().unwrap().starts_with('4'), "{r}");
+}
+
+#[test]
+fn fm3_fails_agent_restart_survive_naming_the_invariant() {
+    let reports = tempfile::tempdir().unwrap();
+    let (code, r, text) =
+        run(&["agent-restart-survive", "--iterations", "1", "--backend", "podman", "--fm3"], reports.path());
+    assert_eq!(code, 1, "the gate must fail:\n{text}");
+    assert_eq!(r["verdict"], "fail");
+    let failures = r["iterations"][0]["failures"].to_string();
+    assert!(failures.contains("containers-unchanged"), "{failures}");
+}
+
+#[test]
+fn the_fixed_podman_backend_passes_agent_restart_survive() {
+    let reports = tempfile::tempdir().unwrap();
+    let (code, r, text) =
+        run(&["agent-restart-survive", "--iterations", "1", "--backend", "podman"], reports.path());
+    assert_eq!(code, 0, "{text}\n{r}");
+}
+
+#[test]
+fn bad_usage_exits_64_naming_the_problem() {
+    let reports = tempfile::tempdir().unwrap();
+    let (code, _, text) = run(&["no-such-scenario"], reports.path());
+    assert_eq!(code, 64, "{text}");
+    assert!(
+        text.contains("unknown scenario `no-such-scenario`") && text.contains("reboot-survive"),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body, want) in [
+        ("bad-step", "version: 1\nid: bad-step\nlayer: L3\ndescription: x\napps: fixtures\nsteps: [install, frobnicate]\ninvariants: []\n", "steps[1]"),
+        ("bad-app", "version: 1\nid: bad-app\nlayer: L3\ndescription: x\napps: [nope]\nsteps: [install]\ninvariants: []\n", "`nope` is not in the catalog"),
+        ("bad-key", "version: 1\nid: bad-key\nlayer: L3\ndescription: x\napps: fixtures\nstep: [install]\ninvariants: []\n", "unknown field `step`"),
+        ("bad-version", "version: 9\nid: x\nlayer: L3\ndescription: x\napps: fixtures\nsteps: [install]\ninvariants: []\n", "version 9"),
+    ] {
+        std::fs::write(dir.path().join(format!("{name}.yml")), body).unwrap();
+        let (code, _, text) = run(&[name, "--scenarios", dir.path().to_str().unwrap()], reports.path());
+        assert_eq!(code, 64, "{name}: {text}");
+        assert!(text.contains(want) && text.contains(&format!("{name}.yml")), "{name}: {text}");
+    }
+}
