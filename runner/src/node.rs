@@ -236,6 +236,11 @@ impl LocalNode {
             "[engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
         )?;
         std::fs::write(home.join(".config/containers/storage.conf"), "[storage]\ndriver = \"vfs\"\n")?;
+        ensure!(
+            agent_bin.is_file(),
+            "{} not found: the agent is built beside archy-chaos (`cargo build --release` builds both)",
+            agent_bin.display()
+        );
         // Copy then rename: the running agent of a node being re-created keeps its inode.
         std::fs::copy(agent_bin, root.join("bin/.archy-agent.new")).context("copying the agent binary")?;
         std::fs::rename(root.join("bin/.archy-agent.new"), root.join("bin/archy-agent"))?;
