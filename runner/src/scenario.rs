@@ -397,16 +397,42 @@ fn run_step(
         Step::RestartAgent => Node::restart_agent(node)?,
         Step::KillContainer { app, signal } => Node::kill_container(node, app, signal)?,
         Step::FileFault { path, fault } => {
-            let mut out = Vec::new();
-            for app in apps {
-                let rel = format!("data/{}", path.replace("{app}", app));
-                if node.path(&rel)?.exists() {
-                    out.push(node.file_fault(&rel, (*fault).into())?);
+            // `{app}` expands per app (else the path is hit once); a last component `*` means
+            // every file of that directory but hidden ones (locks, the env file).
+            let per_app: Vec<String> = if path.contains("{app}") {
+                apps.iter().map(|a| path.replace("{app}", a)).collect()
+            } else {
+                vec![path.clone()]
+            };
+            let mut targets = Vec::new();
+            for p in per_app {
+                let rel = format!("data/{p}");
+                match rel.strip_suffix("/*") {
+                    Some(dir) => {
+                        let mut names: Vec<String> = std::fs::read_dir(node.path(dir)?)
+                            .into_iter()
+                            .flatten()
+                            .flatten()
+                            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                            .filter(|n| !n.starts_with('.'))
+                            .collect();
+                        names.sort();
+                        targets.extend(names.into_iter().map(|n| format!("{dir}/{n}")));
+                    }
+                    None if node.path(&rel)?.exists() => targets.push(rel),
+                    None => {}
                 }
             }
+            let out =
+                targets.iter().map(|t| node.file_fault(t, (*fault).into())).collect::<Result<Vec<_>>>()?;
             json!({"faults": out, "took_effect": !out.is_empty()})
         }
-        Step::Partition => Node::partition(node)?,
+        Step::Partition => {
+            let mut e = Node::partition(node)?;
+            // Evidence: the agent no longer answers from outside the node.
+            e["took_effect"] = json!(node.rpc("node.status", Value::Null).is_err());
+            e
+        }
         Step::Heal => Node::heal(node)?,
         Step::SnapshotContainers => {
             let now = containers(node)?;

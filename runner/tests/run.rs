@@ -90,3 +90,23 @@ fn bad_usage_exits_64_naming_the_problem() {
         assert!(text.contains(want) && text.contains(&format!("{name}.yml")), "{name}: {text}");
     }
 }
+
+#[test]
+fn smoke_every_scenario_passes_once() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut ids: Vec<String> = std::fs::read_dir(root.join("scenarios"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".yml").map(str::to_string))
+        .collect();
+    ids.sort();
+    assert!(ids.len() >= 10, "{ids:?}");
+    for id in ids {
+        let reports = tempfile::tempdir().unwrap();
+        let (code, r, text) = run(&[&id, "--iterations", "1"], reports.path());
+        assert_eq!(code, 0, "{id}: {text}\n{r}");
+        // Every fault left evidence of having taken effect.
+        for step in r["iterations"][0]["steps"].as_array().unwrap() {
+            assert_ne!(step["evidence"]["took_effect"], false, "{id}: {step}");
+        }
+    }
+}
