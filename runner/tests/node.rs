@@ -2,38 +2,17 @@
 //! primitive is real and checked for its effect, and `down` leaves nothing behind.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use serde_json::{json, Value};
+use support::{chaos, nodes_dir};
 
 /// Nodes publish the fixtures' fixed ports inside their own network namespaces, but they
 /// share the veth index pool and the host's two cores: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn nodes_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join("archy-test-nodes");
-    std::fs::create_dir_all(&dir).unwrap();
-    // The service user must traverse it to reach its node's files.
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    dir
-}
-
-fn chaos(args: &[&str]) -> (bool, String, String) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_archy-chaos"))
-        .args(args)
-        .env("ARCHY_NODES_DIR", nodes_dir())
-        .current_dir(root)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())

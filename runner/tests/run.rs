@@ -1,8 +1,9 @@
 //! `archy-chaos run`: scenarios end to end on a fresh local node, the verdicts and exit codes
 //! a release script gates on, and the proof that the suite catches a real bug (FM3).
 
+mod support;
+
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value;
 
@@ -11,16 +12,9 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn run(args: &[&str], reports: &Path) -> (i32, Value, String) {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_archy-chaos"))
-        .arg("run")
-        .args(args)
-        .arg("--report-dir")
-        .arg(reports)
-        .env("ARCHY_NODES_DIR", std::env::temp_dir().join("archy-test-nodes"))
-        .current_dir(root)
-        .output()
-        .unwrap();
+    let mut run_args = vec!["run"];
+    run_args.extend(args);
+    let out = support::chaos_cmd(&run_args).arg("--report-dir").arg(reports).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let report = std::fs::read_dir(reports)
         .ok()
@@ -93,8 +87,7 @@ fn bad_usage_exits_64_naming_the_problem() {
 
 #[test]
 fn smoke_every_scenario_passes_once() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut ids: Vec<String> = std::fs::read_dir(root.join("scenarios"))
+    let mut ids: Vec<String> = std::fs::read_dir(support::repo_root().join("scenarios"))
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".yml").map(str::to_string))
         .collect();

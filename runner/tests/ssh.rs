@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use serde_json::Value;
+use support::{chaos, nodes_dir};
 
 const NS: &str = "archy-sshtest";
 const VETH: &str = "ar-sshtest";
@@ -16,28 +19,6 @@ const HOST_NS: &str = "archy-sshhost";
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn nodes_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join("archy-test-nodes");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    dir
-}
-
-fn chaos(args: &[&str]) -> (bool, String, String) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_archy-chaos"))
-        .args(args)
-        .env("ARCHY_NODES_DIR", nodes_dir())
-        .current_dir(root)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// sshd in its own network namespace, reachable only through the test's veth pair.
