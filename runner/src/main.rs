@@ -30,6 +30,17 @@ enum Command {
     /// every iteration passed, 1 one failed, 2 unknown or infrastructure error, 64 bad usage.
     /// Run as root after scripts/setup-host.
     Run(RunArgs),
+    /// The scenarios available, with their layer and what each proves.
+    List {
+        #[arg(long, default_value = "scenarios")]
+        scenarios: std::path::PathBuf,
+    },
+    /// Render a saved run report: `md` (scorecard for people), `junit` (CI), `json`.
+    Report {
+        report: std::path::PathBuf,
+        #[arg(long, default_value = "md")]
+        format: String,
+    },
     /// Local nodes-in-a-box: create, hurt, inspect and remove them (as root).
     Node {
         #[command(subcommand)]
@@ -405,6 +416,33 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run(args) => run_scenario(args),
+        Command::List { scenarios } => match report::list(&scenarios) {
+            Ok(t) => {
+                println!("{t}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("archy-chaos: {e:#}");
+                ExitCode::from(report::exit::USAGE)
+            }
+        },
+        Command::Report { report: path, format } => {
+            let rendered = std::fs::read(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(serde_json::from_slice::<serde_json::Value>(&b)?))
+                .and_then(|v| report::render(&v, &format))
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()));
+            match rendered {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("archy-chaos: {e}");
+                    ExitCode::from(report::exit::USAGE)
+                }
+            }
+        }
         Command::Node { command } => match node_command(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -95,3 +95,119 @@ pub fn environment(node: &crate::node::LocalNode) -> Value {
         "runner_version": env!("CARGO_PKG_VERSION"),
     })
 }
+
+/// Renders a saved JSON report as Markdown (for people) or JUnit XML (for CI systems).
+pub fn render(report: &Value, format: &str) -> Result<String> {
+    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let iterations = report["iterations"].as_array().cloned().unwrap_or_default();
+    match format {
+        "json" => Ok(serde_json::to_string_pretty(report)?),
+        "md" => {
+            let mut out = format!(
+                "# {} — {}\n\n{}\n\n| | |\n|---|---|\n| layer | {} |\n| node | {} ({}) |\n| seed | {} |\n| replay | `{}` |\n| environment | {} |\n\n",
+                s(&report["scenario"]),
+                s(&report["verdict"]).to_uppercase(),
+                s(&report["description"]),
+                s(&report["layer"]),
+                s(&report["node"]),
+                s(&report["backend"]),
+                report["seed"],
+                s(&report["replay"]),
+                report["environment"],
+            );
+            out.push_str("| iteration | verdict | recovery |\n|---|---|---|\n");
+            for it in &iterations {
+                let recovery =
+                    it["measures"]["recovery_seconds"].as_f64().map_or("-".into(), |r| format!("{r:.2} s"));
+                out.push_str(&format!("| {} | {} | {recovery} |\n", it["n"], s(&it["verdict"])));
+            }
+            for it in iterations.iter().filter(|i| i["verdict"] != "pass") {
+                out.push_str(&format!("\n## Iteration {}: {}\n\n", it["n"], s(&it["verdict"])));
+                for why in it["failures"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .chain(it["unknowns"].as_array().into_iter().flatten())
+                {
+                    out.push_str(&format!("- {}\n", s(why)));
+                }
+                out.push_str("\nSteps and evidence:\n\n");
+                for step in it["steps"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "- `{}`: {}\n",
+                        step["step"],
+                        step.get("evidence").or(step.get("error")).unwrap_or(&Value::Null)
+                    ));
+                }
+            }
+            out.push_str(&format!("\n{}\n", s(&report["nondeterminism"])));
+            Ok(out)
+        }
+        "junit" => {
+            let esc = |t: &str| {
+                t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+            };
+            let failures = iterations.iter().filter(|i| i["verdict"] == "fail").count();
+            let errors = iterations.iter().filter(|i| i["verdict"] == "unknown").count();
+            let scenario = esc(&s(&report["scenario"]));
+            let mut out = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"{scenario}\" tests=\"{}\" failures=\"{failures}\" errors=\"{errors}\">\n",
+                iterations.len()
+            );
+            for it in &iterations {
+                let why: Vec<String> = it["failures"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .chain(it["unknowns"].as_array().into_iter().flatten())
+                    .map(&s)
+                    .collect();
+                out.push_str(&format!(
+                    "  <testcase classname=\"archy-chaos.{scenario}\" name=\"iteration {}\">\n",
+                    it["n"]
+                ));
+                match it["verdict"].as_str() {
+                    Some("fail") => {
+                        out.push_str(&format!("    <failure message=\"{}\"/>\n", esc(&why.join("; "))))
+                    }
+                    Some("unknown") => {
+                        out.push_str(&format!("    <error message=\"{}\"/>\n", esc(&why.join("; "))))
+                    }
+                    _ => {}
+                }
+                out.push_str("  </testcase>\n");
+            }
+            out.push_str(&format!(
+                "  <system-out>{}</system-out>\n</testsuite>\n",
+                esc(&s(&report["replay"]))
+            ));
+            Ok(out)
+        }
+        other => anyhow::bail!("unknown format `{other}`: md, junit or json"),
+    }
+}
+
+/// The scenarios of `dir`, for `archy-chaos list`.
+pub fn list(dir: &Path) -> Result<String> {
+    let mut rows = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) == Some("yml") {
+            let s = crate::scenario::Scenario::load(&path)?;
+            rows.push([
+                s.id,
+                format!("{:?}", s.layer),
+                s.destructive.to_string(),
+                s.iterations.to_string(),
+                s.description,
+            ]);
+        }
+    }
+    rows.sort();
+    let mut t = tabled::builder::Builder::default();
+    t.push_record(["scenario", "layer", "destructive", "iterations", "what it proves"]);
+    for r in rows {
+        t.push_record(r);
+    }
+    Ok(t.build().with(tabled::settings::Style::sharp()).to_string())
+}
