@@ -10,6 +10,7 @@ pub mod atomic;
 pub mod config;
 pub mod doctor;
 pub mod exec;
+pub mod failpoint;
 pub mod manifest;
 pub mod metrics;
 pub mod quadlet;

@@ -13,6 +13,7 @@ use rand::Rng;
 use serde::Serialize;
 
 use crate::exec::{Exec, Tool};
+use crate::failpoint;
 use crate::manifest::{Catalog, Manifest, Problem, Restart};
 use crate::metrics::Metrics;
 use crate::quadlet::{self, Target};
@@ -565,6 +566,10 @@ impl Reconciler {
             }
         }
 
+        if !changed.is_empty() {
+            failpoint::hit(&self.target.data_root, "secrets_ensured");
+        }
+
         // Secret completeness: an app that reads another app's secret does not start before
         // that secret exists and is valid (the platform's gateway cascade).
         let mut incomplete = BTreeMap::new();
@@ -728,6 +733,16 @@ impl Reconciler {
                 m.actions.with_label_values(&[op.kind(), if result.is_ok() { "ok" } else { "error" }]).inc();
                 result?;
                 tracing::info!(action = %action.describe(), "applied");
+                let point = match op {
+                    Op::WriteUnit { .. } => Some("unit_written"),
+                    Op::DaemonReload => Some("daemon_reloaded"),
+                    Op::Run { .. } | Op::Start { .. } => Some("container_started"),
+                    Op::Probe { .. } => Some("health_checked"),
+                    _ => None,
+                };
+                if let Some(point) = point {
+                    failpoint::hit(&self.target.data_root, point);
+                }
                 match reason {
                     Reason::Drift(kind) => m.drift_repairs.with_label_values(&[kind]).inc(),
                     Reason::Orphan => {

@@ -92,6 +92,8 @@ pub enum Step {
     /// Install the scenario's apps (idempotent).
     Install,
     Uninstall,
+    /// Uninstall deleting the apps' data and secrets too.
+    Purge,
     Start,
     Stop,
     Restart,
@@ -125,6 +127,12 @@ pub enum Step {
     Heal,
     /// Remembers every container (name, id, pid) for `containers-unchanged`.
     SnapshotContainers,
+    /// Arms a kill point: the agent dies by SIGKILL when it passes it (during the next
+    /// steps). `each` takes point (iteration - 1) of the agent's list, so iterations
+    /// enumerate every step boundary of an install in order.
+    KillAgentAt {
+        point: String,
+    },
 }
 
 fn kill() -> String {
@@ -169,6 +177,8 @@ pub enum Invariant {
     AgentReady,
     /// Every container seen by `snapshot-containers` still runs: same id, same main process.
     ContainersUnchanged,
+    /// The kill point armed by `kill-agent-at` was reached (the agent died there).
+    KillPointHit,
 }
 
 impl Scenario {
@@ -275,7 +285,7 @@ pub fn iterate(
         if step.is_fault() {
             fault_at.get_or_insert(started);
         }
-        match run_step(s, node, apps, step, &mut data, rng) {
+        match run_step(s, node, apps, step, &mut data, rng, n) {
             Ok(evidence) => {
                 if evidence.get("took_effect") == Some(&json!(false)) {
                     it.unknowns.push(format!("{step:?} did not take effect: {evidence}"));
@@ -306,10 +316,16 @@ pub fn iterate(
     if it.failures.is_empty() && it.unknowns.is_empty() {
         for inv in &s.invariants {
             if let Err(e) = check(s, node, apps, *inv, &data) {
-                it.failures.push(format!(
+                let msg = format!(
                     "{}: {e:#}",
                     serde_json::to_value(inv).unwrap_or_default().as_str().unwrap_or("?")
-                ));
+                );
+                // A kill point never reached is a fault without effect: unknown, not fail.
+                if *inv == Invariant::KillPointHit {
+                    it.unknowns.push(msg);
+                } else {
+                    it.failures.push(msg);
+                }
             }
         }
     }
@@ -330,6 +346,7 @@ fn run_step(
     step: &Step,
     data: &mut Vec<(PathBuf, String)>,
     rng: &mut rand::rngs::StdRng,
+    iteration: u32,
 ) -> Result<Value> {
     use rand::RngCore;
     let each = |method: &str| -> Result<Value> {
@@ -341,6 +358,15 @@ fn run_step(
     Ok(match step {
         Step::Install => each("package.install")?,
         Step::Uninstall => each("package.uninstall")?,
+        Step::Purge => {
+            for app in apps {
+                // Not installed is already the goal.
+                if let Err(e) = node.rpc("package.uninstall", json!({"id": app, "purge": true})) {
+                    anyhow::ensure!(e.to_string().contains("-32003"), e);
+                }
+            }
+            json!({"apps": apps, "purge": true})
+        }
         Step::Start => each("package.start")?,
         Step::Stop => each("package.stop")?,
         Step::Restart => each("package.restart")?,
@@ -434,6 +460,22 @@ fn run_step(
             e
         }
         Step::Heal => Node::heal(node)?,
+        Step::KillAgentAt { point } => {
+            use archy_agent::failpoint::{FILE, POINTS};
+            let point = match point.as_str() {
+                "each" => POINTS[(iteration as usize - 1) % POINTS.len()],
+                p => POINTS
+                    .iter()
+                    .find(|x| **x == p)
+                    .copied()
+                    .with_context(|| format!("unknown kill point `{p}`; known: {POINTS:?}"))?,
+            };
+            let file = node.path(&format!("data/{FILE}"))?;
+            std::fs::write(&file, point)?;
+            let uid = nix::unistd::User::from_name(&node.spec.user)?.context("service user")?.uid;
+            nix::unistd::chown(&file, Some(uid), None)?;
+            json!({"armed": point})
+        }
         Step::SnapshotContainers => {
             let now = containers(node)?;
             data.retain(|(p, _)| p.as_os_str() != CONTAINERS_KEY);
@@ -460,6 +502,7 @@ impl Step {
             self,
             Step::Install
                 | Step::Uninstall
+                | Step::Purge
                 | Step::Start
                 | Step::Stop
                 | Step::Restart
@@ -478,10 +521,11 @@ fn wait_converged(node: &LocalNode, apps: &[String], timeout: Duration) -> Resul
     let mut last = Value::Null;
     while start.elapsed() < timeout {
         if let Ok(list) = node.rpc("package.list", Value::Null) {
-            let up = |id: &String| {
-                list.as_array().into_iter().flatten().any(|a| a["id"] == *id && a["up"] == true)
-            };
-            if apps.iter().all(up) {
+            // Each app in its desired state: up if it should run, gone once uninstalled.
+            let entry = |id: &String| list.as_array().into_iter().flatten().find(|a| a["id"] == *id).cloned();
+            let settled =
+                |id: &String| entry(id).is_none_or(|a| a["desired"] == "stopped" || a["up"] == true);
+            if apps.iter().all(settled) {
                 let r = node.rpc("node.reconcile", Value::Null)?;
                 if r["converged"] == true {
                     return Ok(start.elapsed());
@@ -557,6 +601,11 @@ fn check(
                 if &now != sum {
                     bail!("{} changed: sha256 {sum} -> {now}", path.display());
                 }
+            }
+        }
+        Invariant::KillPointHit => {
+            if node.path(&format!("data/{}", archy_agent::failpoint::FILE))?.exists() {
+                bail!("the armed kill point was never reached: the fault did not take effect");
             }
         }
         Invariant::AgentReady => {

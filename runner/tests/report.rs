@@ -11,7 +11,8 @@ fn check_snapshot(name: &str, actual: &str) {
         std::fs::write(&path, actual).unwrap();
         return;
     }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (ARCHY_BLESS=1 creates it)", path.display()));
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (ARCHY_BLESS=1 creates it)", path.display()));
     assert_eq!(expected, actual, "{} differs (ARCHY_BLESS=1 rewrites it)", path.display());
 }
 
