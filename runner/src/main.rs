@@ -89,6 +89,13 @@ struct RunArgs {
     /// agent's cgroup, the platform's FM3.
     #[arg(long)]
     fm3: bool,
+    /// Apps a destructive scenario must not hurt (on a synced node a cycle costs hours of
+    /// chain resync), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    protected: Vec<String>,
+    /// Run destructive scenarios on protected apps anyway.
+    #[arg(long)]
+    allow_protected: bool,
     #[arg(long, default_value = "archy")]
     user: String,
 }
@@ -115,6 +122,13 @@ fn run_scenario(args: RunArgs) -> ExitCode {
         Ok(a) => a,
         Err(e) => return usage(e),
     };
+    let hurt: Vec<&String> = apps.iter().filter(|a| args.protected.contains(a)).collect();
+    if s.destructive && !hurt.is_empty() && !args.allow_protected {
+        return usage(anyhow::anyhow!(
+            "{} is destructive and would hurt protected apps {hurt:?}: leave them out of the scenario, or pass --allow-protected",
+            s.id
+        ));
+    }
     let seed = args.seed.unwrap_or_else(rand::random);
     let iterations = args.iterations.unwrap_or(s.iterations);
     let name = format!("run{}", std::process::id() % 1_000_000);
@@ -141,12 +155,20 @@ fn run_scenario(args: RunArgs) -> ExitCode {
         }
     };
     let mut results = Vec::new();
+    let bar = indicatif::ProgressBar::new(u64::from(iterations)).with_style(
+        indicatif::ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} iterations, {elapsed} (ETA {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(s.id.clone());
     for n in 1..=iterations {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ u64::from(n));
         let it = scenario::iterate(&s, &node, &apps, n, &mut rng);
-        eprintln!("archy-chaos: iteration {n}/{iterations}: {:?}", it.verdict);
+        bar.println(format!("iteration {n}/{iterations}: {:?}", it.verdict));
+        bar.inc(1);
         results.push(it);
     }
+    bar.finish_and_clear();
     let environment = report::environment(&node);
     let r = report::Report {
         schema: report::SCHEMA,

@@ -71,6 +71,10 @@ fn bad_usage_exits_64_naming_the_problem() {
         "{text}"
     );
 
+    let (code, _, text) = run(&["reboot-survive", "--protected", "fx-web,lnd"], reports.path());
+    assert_eq!(code, 64, "{text}");
+    assert!(text.contains("protected apps [\"fx-web\"]") && text.contains("--allow-protected"), "{text}");
+
     let dir = tempfile::tempdir().unwrap();
     for (name, body, want) in [
         ("bad-step", "version: 1\nid: bad-step\nlayer: L3\ndescription: x\napps: fixtures\nsteps: [install, frobnicate]\ninvariants: []\n", "steps[1]"),
