@@ -156,9 +156,11 @@ fn run_scenario(args: RunArgs) -> ExitCode {
     };
     let mut results = Vec::new();
     let bar = indicatif::ProgressBar::new(u64::from(iterations)).with_style(
-        indicatif::ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} iterations, {elapsed} (ETA {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg:>24} [{bar:30}] {pos}/{len} iterations, {elapsed} (ETA {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_message(s.id.clone());
     for n in 1..=iterations {

@@ -133,6 +133,19 @@ pub enum Step {
     KillAgentAt {
         point: String,
     },
+    /// Runs a command inside the node as its service user; with `expect`, its output must
+    /// contain that text (a check: a mismatch fails the iteration).
+    Exec {
+        argv: Vec<String>,
+        #[serde(default)]
+        expect: Option<String>,
+    },
+    /// Writes a file on the node (a path under the node's root, e.g. the catalog's build
+    /// context of an app), as a platform update would.
+    WriteFile {
+        path: String,
+        content: String,
+    },
 }
 
 fn kill() -> String {
@@ -179,6 +192,8 @@ pub enum Invariant {
     ContainersUnchanged,
     /// The kill point armed by `kill-agent-at` was reached (the agent died there).
     KillPointHit,
+    /// No managed container of an app that is not installed.
+    NoOrphans,
 }
 
 impl Scenario {
@@ -305,6 +320,8 @@ pub fn iterate(
                 let msg = format!("{step:?}: {e:#}");
                 if matches!(step, Step::WaitConverged) {
                     it.failures.push(format!("converged: {msg}"));
+                } else if matches!(step, Step::Exec { expect: Some(_), .. }) {
+                    it.failures.push(format!("check: {msg}"));
                 } else {
                     it.unknowns.push(msg);
                 }
@@ -476,6 +493,31 @@ fn run_step(
             nix::unistd::chown(&file, Some(uid), None)?;
             json!({"armed": point})
         }
+        Step::Exec { argv, expect } => {
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let out = node.exec(&argv)?;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            if let Some(want) = expect {
+                anyhow::ensure!(
+                    out.status.success() && stdout.contains(want.as_str()),
+                    "{argv:?} printed {stdout:?} ({}), expected {want:?}",
+                    out.status
+                );
+            } else {
+                anyhow::ensure!(
+                    out.status.success(),
+                    "{argv:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            json!({"argv": argv, "stdout": stdout.chars().take(200).collect::<String>()})
+        }
+        Step::WriteFile { path, content } => {
+            let file = node.path(path)?;
+            let before = std::fs::read(&file).ok().map(|b| format!("{:x}", sha2::Sha256::digest(b)));
+            std::fs::write(&file, content).with_context(|| format!("writing {}", file.display()))?;
+            json!({"path": path, "sha256_before": before, "sha256_after": format!("{:x}", sha2::Sha256::digest(content.as_bytes()))})
+        }
         Step::SnapshotContainers => {
             let now = containers(node)?;
             data.retain(|(p, _)| p.as_os_str() != CONTAINERS_KEY);
@@ -510,6 +552,7 @@ impl Step {
                 | Step::WaitReady
                 | Step::WriteData
                 | Step::SnapshotContainers
+                | Step::Exec { expect: Some(_), .. }
                 | Step::Boot
         )
     }
@@ -606,6 +649,28 @@ fn check(
         Invariant::KillPointHit => {
             if node.path(&format!("data/{}", archy_agent::failpoint::FILE))?.exists() {
                 bail!("the armed kill point was never reached: the fault did not take effect");
+            }
+        }
+        Invariant::NoOrphans => {
+            let out = node.exec(&[
+                "podman",
+                "ps",
+                "-a",
+                "--format",
+                "{{.Names}} {{index .Labels \"io.archy.app\"}}",
+                "--filter",
+                "label=io.archy.app",
+            ])?;
+            let list = node.rpc("package.list", Value::Null)?;
+            let installed: Vec<&str> =
+                list.as_array().into_iter().flatten().filter_map(|a| a["id"].as_str()).collect();
+            let orphans: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.split_whitespace().nth(1).is_none_or(|app| !installed.contains(&app)))
+                .map(str::to_string)
+                .collect();
+            if !orphans.is_empty() {
+                bail!("orphan containers: {orphans:?}");
             }
         }
         Invariant::AgentReady => {
