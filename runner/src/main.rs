@@ -155,7 +155,22 @@ fn run_scenario(args: RunArgs) -> ExitCode {
         }
     };
     let mut results = Vec::new();
-    let bar = indicatif::ProgressBar::new(u64::from(iterations)).with_style(
+    // Per-app scenarios (the lifecycle matrix) run every iteration once per app.
+    // Each group is the app under test last, after the dependencies it needs.
+    let with_deps = |app: &String| {
+        let mut group: Vec<String> = Vec::new();
+        let mut todo = vec![app.clone()];
+        while let Some(a) = todo.pop() {
+            if !group.contains(&a) {
+                todo.extend(catalog.get(&a).map(|m| m.depends_on.clone()).unwrap_or_default());
+                group.insert(0, a);
+            }
+        }
+        group
+    };
+    let groups: Vec<Vec<String>> =
+        if s.per_app { apps.iter().map(with_deps).collect() } else { vec![apps.clone()] };
+    let bar = indicatif::ProgressBar::new(u64::from(iterations) * groups.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "{msg:>24} [{bar:30}] {pos}/{len} iterations, {elapsed} (ETA {eta})",
         )
@@ -163,12 +178,31 @@ fn run_scenario(args: RunArgs) -> ExitCode {
         .progress_chars("=> "),
     );
     bar.set_message(s.id.clone());
-    for n in 1..=iterations {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ u64::from(n));
-        let it = scenario::iterate(&s, &node, &apps, n, &mut rng);
-        bar.println(format!("iteration {n}/{iterations}: {:?}", it.verdict));
-        bar.inc(1);
-        results.push(it);
+    for group in &groups {
+        for n in 1..=iterations {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ u64::from(n));
+            let it = scenario::iterate(&s, &node, group, n, &mut rng);
+            bar.println(format!("{} iteration {n}/{iterations}: {:?}", group.join(","), it.verdict));
+            bar.inc(1);
+            results.push(it);
+        }
+        if s.per_app {
+            // The next app starts from a clean node, whatever this one left behind.
+            for app in group {
+                let _ = node::Node::rpc(
+                    &node,
+                    "package.uninstall",
+                    serde_json::json!({"id": app, "purge": true}),
+                );
+            }
+            let start = std::time::Instant::now();
+            while start.elapsed() < std::time::Duration::from_secs(60)
+                && node::Node::rpc(&node, "package.list", serde_json::Value::Null)
+                    .is_ok_and(|l| l.as_array().is_some_and(|a| !a.is_empty()))
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
     }
     bar.finish_and_clear();
     let environment = report::environment(&node);

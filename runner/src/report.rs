@@ -115,11 +115,16 @@ pub fn render(report: &Value, format: &str) -> Result<String> {
                 s(&report["replay"]),
                 report["environment"],
             );
+            out.push_str(&scorecard(&iterations));
             out.push_str("| iteration | verdict | recovery |\n|---|---|---|\n");
             for it in &iterations {
                 let recovery =
                     it["measures"]["recovery_seconds"].as_f64().map_or("-".into(), |r| format!("{r:.2} s"));
-                out.push_str(&format!("| {} | {} | {recovery} |\n", it["n"], s(&it["verdict"])));
+                let n = match it["subject"].as_str() {
+                    Some(app) => format!("{app} #{}", it["n"]),
+                    None => it["n"].to_string(),
+                };
+                out.push_str(&format!("| {n} | {} | {recovery} |\n", s(&it["verdict"])));
             }
             for it in iterations.iter().filter(|i| i["verdict"] != "pass") {
                 out.push_str(&format!("\n## Iteration {}: {}\n\n", it["n"], s(&it["verdict"])));
@@ -185,6 +190,71 @@ pub fn render(report: &Value, format: &str) -> Result<String> {
         }
         other => anyhow::bail!("unknown format `{other}`: md, junit or json"),
     }
+}
+
+/// Apps x states, computed from the steps of per-app iterations (never kept by hand): each
+/// cell counts the iterations whose step of that kind succeeded, marked full, partial or
+/// missing. Empty unless the scenario ran per app.
+fn scorecard(iterations: &[Value]) -> String {
+    use std::collections::BTreeMap;
+    let mut states: Vec<String> = Vec::new();
+    let mut cells: BTreeMap<(String, String), (u32, u32)> = BTreeMap::new();
+    for it in iterations {
+        let Some(app) = it["subject"].as_str().map(str::to_string) else { continue };
+        let mut last: Option<(String, String)> = None;
+        for step in it["steps"].as_array().into_iter().flatten() {
+            let state = match &step["step"] {
+                Value::String(s) => s.clone(),
+                Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
+                _ => continue,
+            };
+            let ok = step.get("error").is_none();
+            if state.starts_with("wait-") || state == "snapshot-containers" {
+                // A wait is how a state is reached: its failure is the state's.
+                if let (false, Some(key)) = (ok, &last) {
+                    if let Some(cell) = cells.get_mut(key) {
+                        cell.0 = cell.0.saturating_sub(1);
+                    }
+                }
+                continue;
+            }
+            if !states.contains(&state) {
+                states.push(state.clone());
+            }
+            let key = (app.clone(), state);
+            let cell = cells.entry(key.clone()).or_default();
+            cell.1 += 1;
+            cell.0 += ok as u32;
+            last = Some(key);
+        }
+    }
+    if cells.is_empty() {
+        return String::new();
+    }
+    let apps: Vec<&String> =
+        cells.keys().map(|(a, _)| a).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let mut out =
+        format!("## Scorecard\n\n| app | {} |\n|---|{}\n", states.join(" | "), "---|".repeat(states.len()));
+    let (mut full, mut total) = (0, 0);
+    for app in apps {
+        out.push_str(&format!("| {app} |"));
+        for state in &states {
+            total += 1;
+            let cell = match cells.get(&(app.clone(), state.clone())) {
+                Some((ok, n)) if ok == n => {
+                    full += 1;
+                    format!(" {ok}/{n} full |")
+                }
+                Some((0, n)) => format!(" 0/{n} missing |"),
+                Some((ok, n)) => format!(" {ok}/{n} partial |"),
+                None => " - missing |".to_string(),
+            };
+            out.push_str(&cell);
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!("\n{full}/{total} cells full.\n\n"));
+    out
 }
 
 /// The scenarios of `dir`, for `archy-chaos list`.

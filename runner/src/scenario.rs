@@ -48,6 +48,10 @@ pub struct Scenario {
     pub steps: Vec<Step>,
     /// Checked after the steps of every iteration (and `converged` also before them).
     pub invariants: Vec<Invariant>,
+    /// Run the iterations once per app rather than for all apps together (the lifecycle
+    /// matrix): the report's scorecard then has a row per app.
+    #[serde(default)]
+    pub per_app: bool,
     /// Longest wait for convergence after a fault.
     #[serde(default = "default_converge_timeout")]
     pub converge_timeout: archy_agent::manifest::Dur,
@@ -140,6 +144,8 @@ pub enum Step {
         #[serde(default)]
         expect: Option<String>,
     },
+    /// Each app with a published port answers HTTP on it, from inside the node.
+    Reachable,
     /// Writes a file on the node (a path under the node's root, e.g. the catalog's build
     /// context of an app), as a platform update would.
     WriteFile {
@@ -267,6 +273,11 @@ pub enum Verdict {
 #[derive(Debug, Clone, Serialize)]
 pub struct Iteration {
     pub n: u32,
+    /// The apps this iteration exercised.
+    pub apps: Vec<String>,
+    /// The app under test of a per-app scenario (the others are its dependencies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     pub verdict: Verdict,
     /// Each step with its evidence, in order.
     pub steps: Vec<Value>,
@@ -287,6 +298,8 @@ pub fn iterate(
 ) -> Iteration {
     let mut it = Iteration {
         n,
+        apps: apps.to_vec(),
+        subject: s.per_app.then(|| apps.last().cloned()).flatten(),
         verdict: Verdict::Pass,
         steps: Vec::new(),
         failures: Vec::new(),
@@ -320,7 +333,7 @@ pub fn iterate(
                 let msg = format!("{step:?}: {e:#}");
                 if matches!(step, Step::WaitConverged) {
                     it.failures.push(format!("converged: {msg}"));
-                } else if matches!(step, Step::Exec { expect: Some(_), .. }) {
+                } else if matches!(step, Step::Exec { expect: Some(_), .. } | Step::Reachable) {
                     it.failures.push(format!("check: {msg}"));
                 } else {
                     it.unknowns.push(msg);
@@ -512,6 +525,18 @@ fn run_step(
             }
             json!({"argv": argv, "stdout": stdout.chars().take(200).collect::<String>()})
         }
+        Step::Reachable => {
+            let catalog = Catalog::load(&node.root.join("catalog")).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut answered = Vec::new();
+            for app in apps {
+                let Some(port) = catalog.get(app).and_then(|m| m.ports.first()) else { continue };
+                let url = format!("http://127.0.0.1:{}/", port.host);
+                let out = node.exec(&["wget", "-q", "-O", "/dev/null", &url])?;
+                anyhow::ensure!(out.status.success(), "{app} does not answer on {url}");
+                answered.push(url);
+            }
+            json!({"answered": answered})
+        }
         Step::WriteFile { path, content } => {
             let file = node.path(path)?;
             let before = std::fs::read(&file).ok().map(|b| format!("{:x}", sha2::Sha256::digest(b)));
@@ -553,6 +578,7 @@ impl Step {
                 | Step::WriteData
                 | Step::SnapshotContainers
                 | Step::Exec { expect: Some(_), .. }
+                | Step::Reachable
                 | Step::Boot
         )
     }
