@@ -31,6 +31,14 @@ fn a_failing_run_renders_as_markdown_and_junit() {
 }
 
 #[test]
+fn a_per_app_run_renders_its_scorecard() {
+    let (ok, md, err) = chaos(&["report", "runner/tests/fixtures/lifecycle-report.json"]);
+    assert!(ok, "{err}");
+    assert!(md.contains("## Scorecard") && md.contains("| fx-web | 2/2 full |") && md.contains("45/45 cells full"), "{md}");
+    check_snapshot("lifecycle-report.md", &md);
+}
+
+#[test]
 fn report_and_list_refuse_bad_input() {
     let (ok, _, err) = chaos(&["report", "runner/tests/fixtures/fm3-report.json", "--format", "pdf"]);
     assert!(!ok && err.contains("unknown format `pdf`"), "{err}");
