@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::api::{self, Api};
 use crate::config::{BackendChoice, Config};
-use crate::exec::{Exec, ExecConfig};
+use crate::exec::Exec;
 use crate::metrics::Metrics;
 use crate::quadlet::{PodmanVersion, Target};
 use crate::reconcile::{NodeStatus, Reconciler, Shared};
@@ -100,13 +100,7 @@ pub fn run(config: Config) -> Result<()> {
     let backend = detect_backend(config.backend);
     let metrics = Arc::new(Metrics::new(backend.as_str()));
     let exec = Arc::new(Exec::new(
-        ExecConfig {
-            podman: config.podman.clone(),
-            podman_args: config.podman_args.clone(),
-            systemctl: config.systemctl.clone(),
-            podman_cgroup: config.podman_cgroup.clone(),
-            timeout: config.exec_timeout.0,
-        },
+        config.exec(),
         metrics.clone(),
     ));
     let podman = match &config.podman_version {

@@ -144,6 +144,17 @@ impl Config {
         Ok(c)
     }
 
+    /// How the agent runs podman and systemctl.
+    pub fn exec(&self) -> crate::exec::ExecConfig {
+        crate::exec::ExecConfig {
+            podman: self.podman.clone(),
+            podman_args: self.podman_args.clone(),
+            systemctl: self.systemctl.clone(),
+            podman_cgroup: self.podman_cgroup.clone(),
+            timeout: self.exec_timeout.0,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Config, Error> {
         let text =
             std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::agent::{detect_backend, USER_GENERATOR};
 use crate::config::Config;
-use crate::exec::{Exec, ExecConfig};
+use crate::exec::Exec;
 use crate::manifest::Catalog;
 use crate::metrics::Metrics;
 use crate::runtime::BackendKind;
@@ -145,13 +145,7 @@ pub fn checks(config: &Config) -> Vec<Check> {
     }
 
     let exec = Exec::new(
-        ExecConfig {
-            podman: config.podman.clone(),
-            podman_args: config.podman_args.clone(),
-            systemctl: config.systemctl.clone(),
-            podman_cgroup: None,
-            timeout: config.exec_timeout.0,
-        },
+        config.exec(),
         Arc::new(Metrics::new(backend.as_str())),
     );
     // As root, or without a runtime dir, podman would answer for another setup than the

@@ -34,7 +34,12 @@ fn a_failing_run_renders_as_markdown_and_junit() {
 fn a_per_app_run_renders_its_scorecard() {
     let (ok, md, err) = chaos(&["report", "runner/tests/fixtures/lifecycle-report.json"]);
     assert!(ok, "{err}");
-    assert!(md.contains("## Scorecard") && md.contains("| fx-web | 2/2 full |") && md.contains("45/45 cells full"), "{md}");
+    assert!(
+        md.contains("## Scorecard")
+            && md.contains("| fx-web | 2/2 full |")
+            && md.contains("45/45 cells full"),
+        "{md}"
+    );
     check_snapshot("lifecycle-report.md", &md);
 }
 
