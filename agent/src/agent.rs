@@ -99,10 +99,7 @@ pub fn run(config: Config) -> Result<()> {
     }
     let backend = detect_backend(config.backend);
     let metrics = Arc::new(Metrics::new(backend.as_str()));
-    let exec = Arc::new(Exec::new(
-        config.exec(),
-        metrics.clone(),
-    ));
+    let exec = Arc::new(Exec::new(config.exec(), metrics.clone()));
     let podman = match &config.podman_version {
         Some(v) => v.parse().map_err(anyhow::Error::msg)?,
         None => podman_version(&exec, &config),

@@ -144,10 +144,7 @@ pub fn checks(config: &Config) -> Vec<Check> {
         ));
     }
 
-    let exec = Exec::new(
-        config.exec(),
-        Arc::new(Metrics::new(backend.as_str())),
-    );
+    let exec = Exec::new(config.exec(), Arc::new(Metrics::new(backend.as_str())));
     // As root, or without a runtime dir, podman would answer for another setup than the
     // agent's (root's storage, a /tmp fallback): fix those first.
     let runtime_dir_ok = out.iter().any(|c| c.name == "XDG_RUNTIME_DIR" && c.verdict == Verdict::Ok);
