@@ -1,6 +1,6 @@
 //! Wires the agent together: config -> exec -> runtime -> store -> reconciler thread + API.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
@@ -11,7 +11,7 @@ use crate::config::{BackendChoice, Config};
 use crate::exec::Exec;
 use crate::metrics::Metrics;
 use crate::quadlet::{PodmanVersion, Target};
-use crate::reconcile::{NodeStatus, Reconciler, Shared};
+use crate::reconcile::{Reconciler, Shared};
 use crate::runtime::{self, BackendKind, Runtime};
 use crate::store::Store;
 
@@ -122,15 +122,7 @@ pub fn run(config: Config) -> Result<()> {
             Box::new(runtime::Quadlet { exec: exec.clone(), unit_dir: config.quadlet_dir.clone() })
         }
     };
-    let shared = Arc::new(Shared {
-        store: Mutex::new(store),
-        metrics,
-        status: Mutex::new(NodeStatus::default()),
-        installs: Mutex::new(Default::default()),
-        ready: AtomicBool::new(false),
-        shutdown: AtomicBool::new(false),
-        started,
-    });
+    let shared = Arc::new(Shared::new(store, metrics, started));
     let mut target = Target::new(podman, config.data_root.clone());
     target.memory_limits = memory_controller();
     if !target.memory_limits {

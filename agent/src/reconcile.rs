@@ -380,6 +380,21 @@ pub struct Shared {
     pub started: Instant,
 }
 
+impl Shared {
+    /// State for an agent that started at `started` (for the start-up metric).
+    pub fn new(store: Store, metrics: Arc<Metrics>, started: Instant) -> Shared {
+        Shared {
+            store: Mutex::new(store),
+            metrics,
+            status: Mutex::new(NodeStatus::default()),
+            installs: Mutex::new(HashMap::new()),
+            ready: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            started,
+        }
+    }
+}
+
 /// A request to run a tick now, optionally answered with its report.
 pub type Wake = Option<std::sync::mpsc::Sender<TickReport>>;
 

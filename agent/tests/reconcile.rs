@@ -5,7 +5,6 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -13,7 +12,7 @@ use archy_agent::exec::{Exec, ExecConfig};
 use archy_agent::manifest::Catalog;
 use archy_agent::metrics::Metrics;
 use archy_agent::quadlet::{render, Target};
-use archy_agent::reconcile::{plan, Action, NodeStatus, Plan, Reason, Reconciler, Shared, World};
+use archy_agent::reconcile::{plan, Action, Plan, Reason, Reconciler, Shared, World};
 use archy_agent::runtime::{self, BackendKind, Binding, Container, ContainerState, Health, Op, Runtime};
 use archy_agent::store::{AppState, Desired, State, Store};
 use support::*;
@@ -357,15 +356,7 @@ fn reconciler(dir: &std::path::Path, crashes: &[&str], apps: &[(&str, Desired)])
     let (mut store, _) = Store::open(dir).unwrap();
     store.needs_adoption = false;
     store.update(|s| *s = state(apps)).unwrap();
-    let shared = Arc::new(Shared {
-        store: Mutex::new(store),
-        metrics,
-        status: Mutex::new(NodeStatus::default()),
-        installs: Mutex::new(Default::default()),
-        ready: AtomicBool::new(false),
-        shutdown: AtomicBool::new(false),
-        started: Instant::now(),
-    });
+    let shared = Arc::new(Shared::new(store, metrics, Instant::now()));
     let target = Target::new("4.3.1".parse().unwrap(), dir.to_path_buf());
     let fake = Fake {
         containers: Mutex::new(Vec::new()),
