@@ -442,9 +442,14 @@ impl LocalNode {
         let before = self.processes().len();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), nix::sys::signal::SIGKILL)?;
         self.wait_gone(Duration::from_secs(10))?;
-        Ok(
-            json!({"fault": "power_cut", "init_pid": init, "processes_killed": before, "processes_left": self.processes().len()}),
-        )
+        let left = self.processes().len();
+        Ok(json!({
+            "fault": "power_cut",
+            "init_pid": init,
+            "processes_killed": before,
+            "processes_left": left,
+            "took_effect": before > 0 && left == 0,
+        }))
     }
 
     /// Stops the agent and every app unit through the user manager, as a clean shutdown
@@ -467,7 +472,9 @@ impl LocalNode {
         if !clean {
             self.power_cut()?;
         }
-        Ok(json!({"fault": "graceful_shutdown", "units_stopped": stopped, "clean": clean}))
+        Ok(
+            json!({"fault": "graceful_shutdown", "units_stopped": stopped, "clean": clean, "took_effect": clean}),
+        )
     }
 
     fn wait_gone(&self, timeout: Duration) -> Result<()> {

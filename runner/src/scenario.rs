@@ -306,6 +306,16 @@ pub fn iterate(
         unknowns: Vec::new(),
         measures: BTreeMap::new(),
     };
+    // The node's own copy of the catalog (what its agent runs), read once per iteration;
+    // a `write-file` into it changes files, not manifests.
+    let catalog = match Catalog::load(&node.root.join("catalog")) {
+        Ok(c) => c,
+        Err(e) => {
+            it.unknowns.push(format!("the node's catalog: {e}"));
+            it.verdict = Verdict::Unknown;
+            return it;
+        }
+    };
     let mut data: Vec<(PathBuf, String)> = Vec::new();
     let mut fault_at: Option<Instant> = None;
     for step in &s.steps {
@@ -313,7 +323,7 @@ pub fn iterate(
         if step.is_fault() {
             fault_at.get_or_insert(started);
         }
-        match run_step(s, node, apps, step, &mut data, rng, n) {
+        match run_step(s, node, &catalog, apps, step, &mut data, rng, n) {
             Ok(evidence) => {
                 if evidence.get("took_effect") == Some(&json!(false)) {
                     it.unknowns.push(format!("{step:?} did not take effect: {evidence}"));
@@ -345,7 +355,7 @@ pub fn iterate(
     }
     if it.failures.is_empty() && it.unknowns.is_empty() {
         for inv in &s.invariants {
-            if let Err(e) = check(s, node, apps, *inv, &data) {
+            if let Err(e) = check(s, node, &catalog, apps, *inv, &data) {
                 let msg = format!(
                     "{}: {e:#}",
                     serde_json::to_value(inv).unwrap_or_default().as_str().unwrap_or("?")
@@ -369,9 +379,11 @@ pub fn iterate(
     it
 }
 
+#[allow(clippy::too_many_arguments)] // the iteration's context, passed as it is
 fn run_step(
     s: &Scenario,
     node: &LocalNode,
+    catalog: &Catalog,
     apps: &[String],
     step: &Step,
     data: &mut Vec<(PathBuf, String)>,
@@ -405,7 +417,6 @@ fn run_step(
             json!({"seconds": t.as_secs_f64()})
         }
         Step::WriteData => {
-            let catalog = Catalog::load(&node.root.join("catalog")).map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut written = Vec::new();
             for app in apps {
                 let Some(vol) = catalog.get(app).and_then(|m| m.volumes.first()) else { continue };
@@ -420,12 +431,7 @@ fn run_step(
             }
             json!({"written": written})
         }
-        Step::PowerCut => {
-            let mut e = node.power_cut()?;
-            e["took_effect"] =
-                json!(e["processes_killed"].as_u64().unwrap_or(0) > 0 && e["processes_left"] == 0);
-            e
-        }
+        Step::PowerCut => node.power_cut()?,
         Step::Boot => json!({"ready_seconds": Node::boot(node)?.as_secs_f64()}),
         Step::WaitReady => {
             let start = Instant::now();
@@ -439,16 +445,10 @@ fn run_step(
         }
         Step::Reboot => {
             let mut e = node.power_cut()?;
-            e["took_effect"] =
-                json!(e["processes_killed"].as_u64().unwrap_or(0) > 0 && e["processes_left"] == 0);
             e["ready_seconds"] = json!(Node::boot(node)?.as_secs_f64());
             e
         }
-        Step::GracefulReboot => {
-            let mut e = Node::graceful_reboot(node)?;
-            e["took_effect"] = e["clean"].clone();
-            e
-        }
+        Step::GracefulReboot => Node::graceful_reboot(node)?,
         Step::KillAgent { signal } => Node::kill_agent(node, signal)?,
         Step::RestartAgent => Node::restart_agent(node)?,
         Step::KillContainer { app, signal } => Node::kill_container(node, app, signal)?,
@@ -526,7 +526,6 @@ fn run_step(
             json!({"argv": argv, "stdout": stdout.chars().take(200).collect::<String>()})
         }
         Step::Reachable => {
-            let catalog = Catalog::load(&node.root.join("catalog")).map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut answered = Vec::new();
             for app in apps {
                 let Some(port) = catalog.get(app).and_then(|m| m.ports.first()) else { continue };
@@ -612,6 +611,7 @@ fn wait_converged(node: &LocalNode, apps: &[String], timeout: Duration) -> Resul
 fn check(
     s: &Scenario,
     node: &LocalNode,
+    catalog: &Catalog,
     apps: &[String],
     inv: Invariant,
     data: &[(PathBuf, String)],
@@ -639,7 +639,6 @@ fn check(
         }
         Invariant::SecretsValid => {
             use std::os::unix::fs::MetadataExt;
-            let catalog = Catalog::load(&node.root.join("catalog")).map_err(|e| anyhow::anyhow!("{e}"))?;
             let uid = nix::unistd::User::from_name(&node.spec.user)?.context("service user")?.uid.as_raw();
             for app in apps {
                 let Some(m) = catalog.get(app) else { continue };
