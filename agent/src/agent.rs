@@ -104,6 +104,7 @@ pub fn run(config: Config) -> Result<()> {
         Some(v) => v.parse().map_err(anyhow::Error::msg)?,
         None => podman_version(&exec, &config),
     };
+    crate::failpoint::breakages(); // logged at start-up, not at first use
     let (store, recovery) = Store::open(&config.data_root).context("opening the desired state")?;
     if let Some(r) = &recovery {
         tracing::error!(

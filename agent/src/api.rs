@@ -235,6 +235,7 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
                 "last_tick_at": at,
                 "last_tick": status.last_tick,
                 "generation": generation,
+                "broken": crate::failpoint::breakages(),
             }))
         }
         "node.reconcile" => {

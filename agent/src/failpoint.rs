@@ -1,14 +1,65 @@
+//! Test mechanisms, inert in production.
+//!
 //! Kill points: named steps of an operation at which the agent can be made to die, so the
 //! runner can enumerate every step boundary of an install deterministically. Inert unless the
 //! file `DATA_ROOT/agent/failpoint` names a point; one-shot: the file is removed before dying.
+//!
+//! Breakages: deliberate bugs of the platform's past, switched on only by the environment
+//! variable `ARCHY_AGENT_BREAK` (comma separated), so the runner can prove that its
+//! scenarios catch them. The agent logs each loudly and reports them in `node.status`.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// Every point, in the order an install passes them.
-pub const POINTS: &[&str] =
-    &["secrets_ensured", "unit_written", "daemon_reloaded", "container_started", "health_checked"];
+pub const POINTS: &[&str] = &[
+    "state_write",
+    "secrets_ensured",
+    "unit_written",
+    "daemon_reloaded",
+    "container_started",
+    "health_checked",
+];
+
+/// The points an uninstall passes under Quadlet (stop the unit, remove its file, reload) and
+/// under the podman backend (remove the container).
+pub const UNINSTALL_POINTS_QUADLET: &[&str] =
+    &["state_write", "container_stopped", "unit_removed", "daemon_reloaded"];
+pub const UNINSTALL_POINTS_PODMAN: &[&str] = &["state_write", "container_removed"];
 
 pub const FILE: &str = "agent/failpoint";
+
+/// The breakages there are: generated secrets are never checked after install; the state
+/// file is truncated and rewritten in place; ports are published under host networking.
+pub const BREAKAGES: &[&str] = &["no-secret-heal", "non-atomic-state", "publish-host-ports"];
+
+pub const BREAK_ENV: &str = "ARCHY_AGENT_BREAK";
+
+/// The breakages switched on for this process (unknown names are ignored with an error log).
+pub fn breakages() -> &'static [String] {
+    static ON: OnceLock<Vec<String>> = OnceLock::new();
+    ON.get_or_init(|| {
+        let raw = std::env::var(BREAK_ENV).unwrap_or_default();
+        raw.split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+            .filter(|b| {
+                let known = BREAKAGES.contains(b);
+                if known {
+                    tracing::error!(breakage = b, "DELIBERATELY BROKEN AGENT (test mechanism)");
+                } else {
+                    tracing::error!(breakage = b, known = ?BREAKAGES, "unknown breakage ignored");
+                }
+                known
+            })
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+pub fn broken(what: &str) -> bool {
+    breakages().iter().any(|b| b == what)
+}
 
 /// Dies by SIGKILL (nothing flushed, like `kill -9`) if `point` is armed.
 pub fn hit(data_root: &Path, point: &str) {

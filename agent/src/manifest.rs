@@ -315,6 +315,13 @@ impl FromStr for Dur {
     }
 }
 
+/// Written back in milliseconds (scenario steps are recorded in reports).
+impl serde::Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", self.0.as_millis()))
+    }
+}
+
 /// Deserializes a string through `FromStr` inside the deserializer's own visitor, so that
 /// its error carries the field path and the line, like serde's built-in errors do.
 macro_rules! deserialize_from_str {

@@ -153,10 +153,14 @@ fn container_keys(m: &Manifest, target: &Target) -> Vec<(&'static str, String)> 
     let mut k: Vec<(&'static str, String)> = Vec::new();
     k.push(("ContainerName", m.container_name()));
     k.push(("Image", m.image.clone()));
+    let publish_anyway = crate::failpoint::broken("publish-host-ports");
     match m.network {
         // Podman rejects published ports under host networking (exit 125).
-        Network::Host => k.push(("Network", "host".into())),
-        Network::Bridge => {
+        Network::Host if !publish_anyway => k.push(("Network", "host".into())),
+        network => {
+            if network == Network::Host {
+                k.push(("Network", "host".into()));
+            }
             for p in &m.ports {
                 let bind = match p.bind {
                     std::net::IpAddr::V6(a) => format!("[{a}]"),

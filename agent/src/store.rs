@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::atomic;
+use crate::{atomic, failpoint};
 
 pub const STATE_FILE: &str = "state.json";
 pub const PREVIOUS_FILE: &str = "state.json.prev";
@@ -161,7 +161,19 @@ impl Store {
         }
         next.generation = self.state.generation + 1;
         let bytes = to_bytes(&next);
-        atomic::write(&self.dir, STATE_FILE, &bytes, 0o600)?;
+        if failpoint::broken("non-atomic-state") {
+            // The platform's bug: truncated in place, then written; a kill in between
+            // leaves an empty file.
+            use std::io::Write;
+            let path = self.dir.join(STATE_FILE);
+            let err = |op, source| atomic::Error { path: path.clone(), op, source };
+            let mut f = std::fs::File::create(&path).map_err(|e| err("truncate", e))?;
+            failpoint::hit(&self.dir, "state_write");
+            f.write_all(&bytes).map_err(|e| err("write", e))?;
+        } else {
+            failpoint::hit(&self.dir, "state_write");
+            atomic::write(&self.dir, STATE_FILE, &bytes, 0o600)?;
+        }
         self.state = next;
         atomic::write(&self.dir, PREVIOUS_FILE, &bytes, 0o600)?;
         self.needs_adoption = false;

@@ -147,6 +147,24 @@ fn a_converged_node_plans_nothing() {
     }
 }
 
+/// Found by the port-drift scenario: a hand-made container with the app's label but another
+/// name hid the real one (the app showed as down, yet every tick was a no-op).
+#[test]
+fn stray_container_with_an_apps_label_is_removed() {
+    let c = catalog();
+    for backend in [BackendKind::Podman, BackendKind::Quadlet] {
+        let mut case = Case::new(backend, &[("fx-web", Desired::Running)]);
+        let mut stray = healthy(&c, "fx-web");
+        stray.name = "fx-web".into();
+        stray.spec_hash = None;
+        case.observed = vec![healthy(&c, "fx-web"), stray];
+        if backend == BackendKind::Quadlet {
+            case.units.insert("fx-web".into(), render(c.get("fx-web").unwrap(), &target()).text);
+        }
+        assert_eq!(names(&case.plan(&c)), ["remove fx-web (orphan)"], "{backend:?}");
+    }
+}
+
 #[test]
 fn drift_of_spec_or_ports_recreates() {
     let c = catalog();

@@ -227,7 +227,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Writes a catalog of `n` copies of fx-web (`bench-01`...) on distinct host ports.
-fn bench_catalog(source: &Path, dir: &Path, n: usize) -> Result<()> {
+pub fn bench_catalog(source: &Path, dir: &Path, n: usize) -> Result<()> {
     let template = std::fs::read_to_string(source.join("fx-web/manifest.yml")).context("reading fx-web")?;
     for i in 1..=n {
         let id = format!("bench-{i:02}");
@@ -431,6 +431,7 @@ pub fn node(args: &NodeBenchArgs) -> Result<()> {
         backend: Backend::Quadlet,
         netns: true,
         fm3: false,
+        breakages: Vec::new(),
     };
     let bin = std::env::current_exe()?.with_file_name("archy-agent");
     let node = LocalNode::up(&opts, &bin, &args.catalog)?;

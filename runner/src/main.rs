@@ -2,10 +2,16 @@
 //! against a node and gates a release on the result.
 
 mod bench;
+mod chart;
+mod fleet;
+mod gate;
+mod measure;
 mod node;
+mod push;
 mod report;
 mod scenario;
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -40,17 +46,54 @@ enum Command {
         report: std::path::PathBuf,
         #[arg(long, default_value = "md")]
         format: String,
+        /// Markdown: append SVG charts (the tick scaling curve, latency distributions) inline.
+        #[arg(long)]
+        charts: bool,
+    },
+    /// A suite over every node of an inventory, nodes in parallel; a report per node and a
+    /// fleet report, worst node first. Exit code: the worst node's, as for `run`.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
     },
     /// Local nodes-in-a-box: create, hurt, inspect and remove them (as root).
     Node {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Decide whether a run may ship: its own verdict, and its KPIs against a baseline run.
+    ///
+    /// Exit code: 0 ship; 1 do not ship (the run failed, or a KPI regressed: the output
+    /// names it); 2 undecided (the run's verdict is unknown, or --pushgateway failed on a
+    /// passing gate): rerun, then look at the run's report; 64 bad usage (the message names
+    /// the file and what is wrong). With --write-baseline: 0 written, 1 the run did not
+    /// pass (nothing written).
+    ///
+    /// Rule: every KPI is lower-is-better. For each KPI in both files with at least 5
+    /// samples on each side, the ratio median(run)/median(baseline) is bootstrapped (2000
+    /// resamples, fixed seed: the same files always give the same answer). A KPI regresses
+    /// when the whole 95% interval lies above 1 + tolerance, and is better when it lies
+    /// below 1 - tolerance; otherwise it is the same (within noise). Fewer samples: "too few
+    /// samples", not judged. In the baseline but not the run: "missing"; in the run but not
+    /// the baseline: "new" (neither fails the gate; refresh the baseline).
+    ///
+    /// Baseline (schema 1; take one from a passing run with --write-baseline):
+    ///   {"schema": 1, "created_unix": 1764100000, "from": "<report path>",
+    ///    "environment": {...the run's...},
+    ///    "kpis": {"<scenario>/<kpi>": {"unit": "s|ratio|calls", "samples": [0.41, ...]}}}
+    #[command(verbatim_doc_comment)]
+    Gate(gate::GateArgs),
     /// Benchmarks, each figure beside its raw-podman baseline measured in the same run.
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
     },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// `fleet run --inventory fleet.yml --suite nightly --parallel 2` (as root).
+    Run(fleet::FleetArgs),
 }
 
 #[derive(Subcommand)]
@@ -65,30 +108,44 @@ enum BenchWhat {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Scenario id: `scenarios/<id>.yml`, e.g. `reboot-survive`.
-    scenario: String,
-    /// Iterations [default: the scenario's].
+    /// Scenarios (`scenarios/<id>.yml`, e.g. `reboot-survive`) and suites
+    /// (`scenarios/suites/<id>.yml`: `smoke`, `release`, `nightly`), run in order, each
+    /// scenario on a fresh local node. `archy-chaos list` shows them.
+    #[arg(required = true)]
+    targets: Vec<String>,
+    /// Iterations of every scenario [default: the suite's, else the scenario's].
     #[arg(long)]
     iterations: Option<u32>,
     /// Seed of every random choice [default: random; the report prints it].
     #[arg(long)]
     seed: Option<u64>,
+    /// Run these apps instead of each scenario's own (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    apps: Vec<String>,
+    /// The node: `local` (a fresh node-in-a-box per scenario) or `local:NAME` to name it.
+    #[arg(long, default_value = "local")]
+    node: String,
     #[arg(long, value_enum, default_value = "quadlet")]
     backend: node::Backend,
     #[arg(long, default_value = "scenarios")]
     scenarios: std::path::PathBuf,
     #[arg(long, default_value = "apps")]
     catalog: std::path::PathBuf,
-    /// Where the JSON report goes.
+    /// Where the JSON report goes (`archy-chaos report FILE` renders it).
     #[arg(long, default_value = "reports/out")]
     report_dir: std::path::PathBuf,
-    /// Keep the node afterwards (to look at it; `archy-chaos node down NAME` removes it).
+    /// Keep the last node afterwards (to look at it; `archy-chaos node down NAME` removes it).
     #[arg(long)]
     keep_node: bool,
     /// Deliberately broken node for proving the suite (podman backend): podman runs in the
     /// agent's cgroup, the platform's FM3.
     #[arg(long)]
     fm3: bool,
+    /// Deliberately broken agent behaviour, for proving that the suite catches it (never on
+    /// a real node): secrets never re-checked after install, state written in place,
+    /// ports published under host networking.
+    #[arg(long = "break", value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(archy_agent::failpoint::BREAKAGES))]
+    breakages: Vec<String>,
     /// Apps a destructive scenario must not hurt (on a synced node a cycle costs hours of
     /// chain resync), comma separated.
     #[arg(long, value_delimiter = ',')]
@@ -96,67 +153,188 @@ struct RunArgs {
     /// Run destructive scenarios on protected apps anyway.
     #[arg(long)]
     allow_protected: bool,
+    /// Push the results to a Prometheus pushgateway, e.g. http://127.0.0.1:9091.
+    #[arg(long)]
+    pushgateway: Option<String>,
+    /// Print the JSON report on stdout instead of the summary table.
+    #[arg(long)]
+    json: bool,
     #[arg(long, default_value = "archy")]
     user: String,
 }
 
-fn run_scenario(args: RunArgs) -> ExitCode {
-    use rand::SeedableRng;
+fn run_scenarios(args: RunArgs) -> ExitCode {
     let usage = |e: anyhow::Error| {
         eprintln!("archy-chaos: {e:#}");
         ExitCode::from(report::exit::USAGE)
     };
-    let path = match scenario::find(&args.scenarios, &args.scenario) {
+    let plan = match scenario::resolve(&args.scenarios, &args.targets) {
         Ok(p) => p,
-        Err(e) => return usage(e),
-    };
-    let s = match scenario::Scenario::load(&path) {
-        Ok(s) => s,
         Err(e) => return usage(e),
     };
     let catalog = match archy_agent::manifest::Catalog::load(&args.catalog) {
         Ok(c) => c,
         Err(e) => return usage(anyhow::anyhow!("{e}")),
     };
-    let apps = match s.apps(&catalog, &path) {
-        Ok(a) => a,
-        Err(e) => return usage(e),
-    };
-    let hurt: Vec<&String> = apps.iter().filter(|a| args.protected.contains(a)).collect();
-    if s.destructive && !hurt.is_empty() && !args.allow_protected {
-        return usage(anyhow::anyhow!(
-            "{} is destructive and would hurt protected apps {hurt:?}: leave them out of the scenario, or pass --allow-protected",
-            s.id
-        ));
+    let mut work = Vec::new();
+    for (path, s, iterations) in plan {
+        let apps = if args.apps.is_empty() {
+            s.apps(&catalog, &path)
+        } else {
+            let mut s2 = s.clone();
+            s2.apps = scenario::Apps::List(args.apps.clone());
+            s2.apps(&catalog, Path::new("--apps"))
+        };
+        let apps = match apps {
+            Ok(a) => a,
+            Err(e) => return usage(e),
+        };
+        let hurt: Vec<&String> = apps.iter().filter(|a| args.protected.contains(a)).collect();
+        if s.destructive && !hurt.is_empty() && !args.allow_protected {
+            return usage(anyhow::anyhow!(
+                "{} is destructive and would hurt protected apps {hurt:?}: leave them out (--apps), or pass --allow-protected",
+                s.id
+            ));
+        }
+        work.push((s, apps, args.iterations.unwrap_or(iterations)));
     }
     let seed = args.seed.unwrap_or_else(rand::random);
-    let iterations = args.iterations.unwrap_or(s.iterations);
-    let name = format!("run{}", std::process::id() % 1_000_000);
-    let opts = node::UpOptions {
-        name: name.clone(),
-        user: args.user.clone(),
-        backend: args.backend,
-        netns: true,
-        fm3: args.fm3,
+    let name = match args.node.split_once(':') {
+        None if args.node == "local" => format!("run{}", std::process::id() % 1_000_000),
+        Some(("local", name)) if node::LocalNode::open(name).is_err() => name.to_string(),
+        Some(("local", name)) => {
+            return usage(anyhow::anyhow!(
+                "node {name} exists: run brings up a fresh node per scenario (`archy-chaos node down {name}` first)"
+            ))
+        }
+        Some(("ssh", _)) => {
+            return usage(anyhow::anyhow!(
+                "scenario runs over SSH are not supported yet: `archy-chaos node remote` drives a real node's primitives"
+            ))
+        }
+        _ => return usage(anyhow::anyhow!("--node {}: expected `local` or `local:NAME`", args.node)),
     };
     let bin = match std::env::current_exe() {
         Ok(p) => p.with_file_name("archy-agent"),
         Err(e) => return usage(e.into()),
     };
-    eprintln!(
-        "archy-chaos: {} ({:?}) on local node {name}, {iterations} iteration(s), seed {seed}",
-        s.id, s.layer
+    let started = std::time::SystemTime::now();
+    let cpu_before = report::cpu_times();
+    let total: u64 =
+        work.iter().map(|(s, apps, n)| u64::from(*n) * if s.per_app { apps.len() as u64 } else { 1 }).sum();
+    let bar = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>24} [{bar:30}] {pos}/{len} iterations, {elapsed} (ETA {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
-    let node = match node::LocalNode::up(&opts, &bin, &args.catalog) {
-        Ok(n) => n,
+    eprintln!(
+        "archy-chaos: {} scenario(s), {total} iteration(s) on local node {name}, seed {seed}",
+        work.len()
+    );
+    let mut scenarios = Vec::new();
+    let mut environment = serde_json::Value::Null;
+    for (i, (s, apps, iterations)) in work.iter().enumerate() {
+        bar.set_message(s.id.clone());
+        let opts = node::UpOptions {
+            name: name.clone(),
+            user: args.user.clone(),
+            backend: args.backend,
+            netns: true,
+            fm3: args.fm3,
+            breakages: args.breakages.clone(),
+        };
+        let node = match node::LocalNode::up(&opts, &bin, &args.catalog) {
+            Ok(n) => n,
+            Err(e) => {
+                bar.println(format!(
+                    "archy-chaos: cannot bring up a local node for {} (verdict: unknown): {e:#}",
+                    s.id
+                ));
+                scenarios.push(report::ScenarioReport::new(s, Vec::new()));
+                continue;
+            }
+        };
+        let results = run_one(s, &node, &catalog, apps, *iterations, seed ^ (i as u64) << 32, &bar);
+        scenarios.push(report::ScenarioReport::new(s, results));
+        if i + 1 == work.len() {
+            environment = report::environment(&node, cpu_before);
+        }
+        if !(args.keep_node && i + 1 == work.len()) {
+            if let Err(e) = node.down() {
+                bar.println(format!("archy-chaos: removing node {name}: {e:#}"));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let mut replay = format!(
+        "archy-chaos run {} --node {} --seed {seed} --backend {:?}",
+        args.targets.join(" "),
+        args.node,
+        args.backend
+    );
+    if let Some(n) = args.iterations {
+        replay.push_str(&format!(" --iterations {n}"));
+    }
+    if !args.apps.is_empty() {
+        replay.push_str(&format!(" --apps {}", args.apps.join(",")));
+    }
+    if !args.breakages.is_empty() {
+        replay.push_str(&format!(" --break {}", args.breakages.join(",")));
+    }
+    if args.fm3 {
+        replay.push_str(" --fm3");
+    }
+    let r = report::Report {
+        schema: report::SCHEMA,
+        verdict: report::Report::verdict_of(&scenarios),
+        node: format!("local:{name}"),
+        backend: format!("{:?}", args.backend).to_lowercase(),
+        seed,
+        replay: replay.to_lowercase(),
+        nondeterminism: "the seed fixes the data written, the kill instants and every random choice of the runner; podman's and systemd's timing and the kernel's scheduling are not fixed by it",
+        started_unix: started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        duration_seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+        environment,
+        scenarios,
+    };
+    let path = match r.write(&args.report_dir, &args.targets.join("+")) {
+        Ok(p) => p,
         Err(e) => {
-            eprintln!("archy-chaos: cannot bring up a local node (verdict: unknown): {e:#}");
+            eprintln!("archy-chaos: cannot write the report: {e:#}");
             return ExitCode::from(report::exit::UNKNOWN);
         }
     };
-    let mut results = Vec::new();
-    // Per-app scenarios (the lifecycle matrix) run every iteration once per app.
-    // Each group is the app under test last, after the dependencies it needs.
+    if let Some(url) = &args.pushgateway {
+        let pushed =
+            serde_json::to_value(&r).map_err(anyhow::Error::from).and_then(|v| push::push(url, &v, None));
+        if let Err(e) = pushed {
+            eprintln!("archy-chaos: pushing to {url}: {e:#}");
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        println!("{}", r.summary());
+        println!("verdict: {:?}; report: {}; replay: {}", r.verdict, path.display(), r.replay);
+    }
+    ExitCode::from(r.exit_code())
+}
+
+/// The iterations of one scenario on its node. Per-app scenarios (the lifecycle matrix) run
+/// every iteration once per app, the app under test last after the dependencies it needs,
+/// from a clean node.
+fn run_one(
+    s: &scenario::Scenario,
+    node: &node::LocalNode,
+    catalog: &archy_agent::manifest::Catalog,
+    apps: &[String],
+    iterations: u32,
+    seed: u64,
+    bar: &indicatif::ProgressBar,
+) -> Vec<scenario::Iteration> {
+    use rand::SeedableRng;
     let with_deps = |app: &String| {
         let mut group: Vec<String> = Vec::new();
         let mut todo = vec![app.clone()];
@@ -169,72 +347,36 @@ fn run_scenario(args: RunArgs) -> ExitCode {
         group
     };
     let groups: Vec<Vec<String>> =
-        if s.per_app { apps.iter().map(with_deps).collect() } else { vec![apps.clone()] };
-    let bar = indicatif::ProgressBar::new(u64::from(iterations) * groups.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>24} [{bar:30}] {pos}/{len} iterations, {elapsed} (ETA {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(s.id.clone());
+        if s.per_app { apps.iter().map(with_deps).collect() } else { vec![apps.to_vec()] };
+    let mut results = Vec::new();
     for group in &groups {
         for n in 1..=iterations {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ u64::from(n));
-            let it = scenario::iterate(&s, &node, group, n, &mut rng);
-            bar.println(format!("{} iteration {n}/{iterations}: {:?}", group.join(","), it.verdict));
+            let it = scenario::iterate(s, node, group, n, &mut rng);
+            let line = format!("{} [{}] iteration {n}/{iterations}: {:?}", s.id, group.join(","), it.verdict);
+            if bar.is_hidden() {
+                eprintln!("{line}"); // no terminal (CI): the log still shows progress
+            } else {
+                bar.println(line);
+            }
             bar.inc(1);
             results.push(it);
         }
         if s.per_app {
-            // The next app starts from a clean node, whatever this one left behind.
             for app in group {
-                let _ = node::Node::rpc(
-                    &node,
-                    "package.uninstall",
-                    serde_json::json!({"id": app, "purge": true}),
-                );
+                let _ =
+                    node::Node::rpc(node, "package.uninstall", serde_json::json!({"id": app, "purge": true}));
             }
             let start = std::time::Instant::now();
             while start.elapsed() < std::time::Duration::from_secs(60)
-                && node::Node::rpc(&node, "package.list", serde_json::Value::Null)
+                && node::Node::rpc(node, "package.list", serde_json::Value::Null)
                     .is_ok_and(|l| l.as_array().is_some_and(|a| !a.is_empty()))
             {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
     }
-    bar.finish_and_clear();
-    let environment = report::environment(&node);
-    let r = report::Report {
-        schema: report::SCHEMA,
-        scenario: s.id.clone(),
-        description: s.description.clone(),
-        layer: s.layer,
-        destructive: s.destructive,
-        node: format!("local:{name}"),
-        backend: format!("{:?}", args.backend).to_lowercase(),
-        seed,
-        replay: format!("archy-chaos run {} --iterations {iterations} --seed {seed} --backend {:?}", s.id, args.backend).to_lowercase(),
-        nondeterminism: "the seed fixes the data written and every random choice of the runner; podman's and systemd's timing and the kernel's scheduling are not fixed by it",
-        verdict: report::Report::verdict_of(&results),
-        iterations: results,
-        environment,
-    };
-    if !args.keep_node {
-        if let Err(e) = node.down() {
-            eprintln!("archy-chaos: removing node {name}: {e:#}");
-        }
-    }
-    println!("{}", r.summary());
-    match r.write(&args.report_dir) {
-        Ok(p) => println!("verdict: {:?}; report: {}; replay: {}", r.verdict, p.display(), r.replay),
-        Err(e) => {
-            eprintln!("archy-chaos: cannot write the report: {e:#}");
-            return ExitCode::from(report::exit::UNKNOWN);
-        }
-    }
-    ExitCode::from(r.exit_code())
+    results
 }
 
 #[derive(Subcommand)]
@@ -252,6 +394,9 @@ enum NodeCommand {
         /// platform's FM3 (a restart of the agent kills its containers).
         #[arg(long)]
         fm3: bool,
+        /// Deliberately broken agent behaviour, for proving the suite (see `run --help`).
+        #[arg(long = "break", value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(archy_agent::failpoint::BREAKAGES))]
+        breakages: Vec<String>,
         #[arg(long, default_value = "archy")]
         user: String,
         #[arg(long, default_value = "apps")]
@@ -412,9 +557,9 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
     use node::{LocalNode, Node};
     let show = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match cmd {
-        NodeCommand::Up { name, backend, netns, fm3, user, catalog } => {
+        NodeCommand::Up { name, backend, netns, fm3, breakages, user, catalog } => {
             let bin = std::env::current_exe()?.with_file_name("archy-agent");
-            let opts = node::UpOptions { name: name.clone(), user, backend, netns, fm3 };
+            let opts = node::UpOptions { name: name.clone(), user, backend, netns, fm3, breakages };
             let n = LocalNode::up(&opts, &bin, &catalog)?;
             println!("node {name} up; agent at http://{}", n.api_addr());
         }
@@ -473,7 +618,7 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run(args) => run_scenario(args),
+        Command::Run(args) => run_scenarios(args),
         Command::List { scenarios } => match report::list(&scenarios) {
             Ok(t) => {
                 println!("{t}");
@@ -484,11 +629,15 @@ fn main() -> ExitCode {
                 ExitCode::from(report::exit::USAGE)
             }
         },
-        Command::Report { report: path, format } => {
+        Command::Report { report: path, format, charts } => {
             let rendered = std::fs::read(&path)
                 .map_err(anyhow::Error::from)
                 .and_then(|b| Ok(serde_json::from_slice::<serde_json::Value>(&b)?))
-                .and_then(|v| report::render(&v, &format))
+                .and_then(|v| match v["kind"].as_str() {
+                    Some("fleet") if format == "md" => fleet::render(&v),
+                    _ if charts && format == "md" => Ok(report::render(&v, &format)? + &chart::markdown(&v)?),
+                    _ => report::render(&v, &format),
+                })
                 .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()));
             match rendered {
                 Ok(text) => {
@@ -501,6 +650,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Fleet { command: FleetCommand::Run(args) } => fleet::run(&args),
         Command::Node { command } => match node_command(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -508,6 +658,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_UNKNOWN)
             }
         },
+        Command::Gate(args) => gate::run(&args),
         Command::Bench { what } => match match what {
             BenchWhat::Agent(args) => bench::agent(&args),
             BenchWhat::Node(args) => bench::node(&args),

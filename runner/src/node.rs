@@ -115,6 +115,8 @@ pub struct UpOptions {
     pub netns: bool,
     /// Podman backend: leave podman in the agent's cgroup, the platform's FM3 bug.
     pub fm3: bool,
+    /// Deliberate agent bugs (`archy_agent::failpoint::BREAKAGES`), for proving the suite.
+    pub breakages: Vec<String>,
 }
 
 pub struct LocalNode {
@@ -171,7 +173,7 @@ impl LocalNode {
 
     /// Creates the node's files (idempotent) and boots it.
     pub fn up(opts: &UpOptions, agent_bin: &Path, catalog: &Path) -> Result<LocalNode> {
-        let UpOptions { name, user, backend, netns, fm3 } = opts;
+        let UpOptions { name, user, backend, netns, fm3, breakages } = opts;
         let (name, user, backend, netns) = (name.as_str(), user.as_str(), *backend, *netns);
         ensure!(
             !name.is_empty()
@@ -236,6 +238,12 @@ impl LocalNode {
             "[engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
         )?;
         std::fs::write(home.join(".config/containers/storage.conf"), "[storage]\ndriver = \"vfs\"\n")?;
+        // No journald in a node: every unit's output goes to the manager's, i.e. node.log.
+        std::fs::create_dir_all(home.join(".config/systemd"))?;
+        std::fs::write(
+            home.join(".config/systemd/user.conf"),
+            "[Manager]\nDefaultStandardOutput=inherit\nDefaultStandardError=inherit\n",
+        )?;
         ensure!(
             agent_bin.is_file(),
             "{} not found: the agent is built beside archy-chaos (`cargo build --release` builds both)",
@@ -252,7 +260,8 @@ impl LocalNode {
         std::fs::write(
             home.join(".config/archy/agent.yml"),
             format!(
-                "data_root: {data}\ncatalog: {cat}\nlisten: \"{listen}\"\ntick_interval: 5s\nbackend: {backend}\nquadlet_dir: {home}/.config/containers/systemd\n{cgroup}",
+                "data_root: {data}\ncatalog: {cat}\nlisten: \"{listen}\"\ntick_interval: 5s\nbackend: {backend}\nquadlet_dir: {home}/.config/containers/systemd\npodman: {podman}\n{cgroup}",
+                podman = root.join("bin/podman").display(),
                 data = root.join("data").display(),
                 cat = cat.display(),
                 backend = if backend == Backend::Quadlet { "quadlet" } else { "podman" },
@@ -267,8 +276,13 @@ impl LocalNode {
         std::fs::write(
             home.join(".config/systemd/user/archy-agent.service"),
             format!(
-                "[Unit]\nDescription=archy agent\n\n[Service]\nExecStart={bin} run --config {cfg}\nRestart=always\nRestartSec=1\nEnvironment=ARCHY_LOG=info\n\n[Install]\nWantedBy=default.target\n",
+                "[Unit]\nDescription=archy agent\n# Never give up restarting: systemd's default (5 starts in 10 s) left a crash-looping\n# agent down for good (found by agent-kill9-survive x20).\nStartLimitIntervalSec=0\n\n[Service]\nExecStart={bin} run --config {cfg}\nRestart=always\nRestartSec=1\nEnvironment=ARCHY_LOG=info\n{broken}\n[Install]\nWantedBy=default.target\n",
                 bin = root.join("bin/archy-agent").display(),
+                broken = if breakages.is_empty() {
+                    String::new()
+                } else {
+                    format!("Environment={}={}\n", archy_agent::failpoint::BREAK_ENV, breakages.join(","))
+                },
                 cfg = home.join(".config/archy/agent.yml").display(),
             ),
         )?;
@@ -276,6 +290,15 @@ impl LocalNode {
         if !wants.exists() {
             std::os::unix::fs::symlink("../archy-agent.service", &wants)?;
         }
+        // The agent's podman: the real one, unless the runner's fault flag says it fails.
+        std::fs::write(
+            root.join("bin/podman"),
+            format!(
+                "#!/bin/sh\nif [ -e {flag} ]; then echo 'Error: podman failing (archy-chaos fault)' >&2; exit 125; fi\nexec /usr/bin/podman \"$@\"\n",
+                flag = root.join(crate::scenario::PODMAN_FAIL_FLAG).display()
+            ),
+        )?;
+        std::fs::set_permissions(root.join("bin/podman"), std::fs::Permissions::from_mode(0o755))?;
         std::fs::write(root.join("init.sh"), INIT)?;
         std::fs::set_permissions(root.join("init.sh"), std::fs::Permissions::from_mode(0o755))?;
         std::fs::write(root.join("node.json"), serde_json::to_vec_pretty(&spec)?)?;

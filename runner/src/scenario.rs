@@ -55,6 +55,69 @@ pub struct Scenario {
     /// Longest wait for convergence after a fault.
     #[serde(default = "default_converge_timeout")]
     pub converge_timeout: archy_agent::manifest::Dur,
+    /// KPI limits: `install_ratio: { p50: 1.5 }`. A KPI over its limit fails the scenario.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, BTreeMap<Quantile, f64>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantile {
+    P50,
+    P95,
+    P99,
+    Max,
+}
+
+impl Quantile {
+    pub fn fraction(self) -> f64 {
+        match self {
+            Quantile::P50 => 0.5,
+            Quantile::P95 => 0.95,
+            Quantile::P99 => 0.99,
+            Quantile::Max => 1.0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantile::P50 => "p50",
+            Quantile::P95 => "p95",
+            Quantile::P99 => "p99",
+            Quantile::Max => "max",
+        }
+    }
+}
+
+/// An operation of the package API, for steps that act during one.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LifecycleOp {
+    Install,
+    Uninstall,
+    Start,
+    Stop,
+    Restart,
+}
+
+impl LifecycleOp {
+    pub const ALL: [LifecycleOp; 5] = [
+        LifecycleOp::Install,
+        LifecycleOp::Stop,
+        LifecycleOp::Start,
+        LifecycleOp::Restart,
+        LifecycleOp::Uninstall,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LifecycleOp::Install => "install",
+            LifecycleOp::Uninstall => "uninstall",
+            LifecycleOp::Start => "start",
+            LifecycleOp::Stop => "stop",
+            LifecycleOp::Restart => "restart",
+        }
+    }
 }
 
 /// Steps are written `- install` or `- file-fault: { ... }`; serde_yaml reads enum variants
@@ -137,6 +200,31 @@ pub enum Step {
     KillAgentAt {
         point: String,
     },
+    /// Starts `op` on the apps, then SIGKILLs the agent at a random instant (from the run's
+    /// seeded RNG) within `within`.
+    KillAgentDuring {
+        op: LifecycleOp,
+        within: archy_agent::manifest::Dur,
+    },
+    /// Every podman call of the agent fails (exit 125) for `for`, then podman works again.
+    PodmanFail {
+        #[serde(rename = "for")]
+        duration: archy_agent::manifest::Dur,
+    },
+    /// L6: per app, install request -> up (a cold install: run after `purge`) beside a raw
+    /// `podman run -d` of the same container until its health check passes.
+    MeasureInstall,
+    /// L6: no-op reconcile ticks with `counts` copies of fx-web installed, each tick beside
+    /// the bare `podman ps` it is built on (the scaling curve).
+    MeasureTicks {
+        counts: Vec<usize>,
+        #[serde(default = "five")]
+        ticks: u32,
+    },
+    /// L6: podman and systemctl calls of each lifecycle operation on the first app.
+    MeasureCalls,
+    /// L6: agent restart to ready, with the apps installed.
+    MeasureStartup,
     /// Runs a command inside the node as its service user; with `expect`, its output must
     /// contain that text (a check: a mismatch fails the iteration).
     Exec {
@@ -152,6 +240,10 @@ pub enum Step {
         path: String,
         content: String,
     },
+}
+
+fn five() -> u32 {
+    5
 }
 
 fn kill() -> String {
@@ -200,6 +292,12 @@ pub enum Invariant {
     KillPointHit,
     /// No managed container of an app that is not installed.
     NoOrphans,
+    /// The state file parses and the agent never had to recover it: a crash must not damage
+    /// the state.
+    StateValid,
+    /// Each app's live port bindings are those of its manifest (and nothing is published
+    /// under host networking).
+    PortsMatch,
 }
 
 impl Scenario {
@@ -219,7 +317,55 @@ impl Scenario {
         if s.iterations == 0 || s.steps.is_empty() {
             bail!("{}: a scenario needs at least one iteration and one step", path.display());
         }
+        let measured = s.measures();
+        for (kpi, limits) in &s.thresholds {
+            if !measured.contains(kpi) {
+                bail!(
+                    "{}: thresholds: `{kpi}` is not measured by this scenario's steps; they measure: {}",
+                    path.display(),
+                    if measured.is_empty() { "nothing".to_string() } else { measured.join(", ") }
+                );
+            }
+            for (q, v) in limits {
+                if !v.is_finite() || *v <= 0.0 {
+                    bail!("{}: thresholds: {kpi}.{}: {v} is not a positive number", path.display(), q.name());
+                }
+            }
+        }
         Ok(s)
+    }
+
+    /// The KPIs this scenario's steps record.
+    pub fn measures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut fault = false;
+        for step in &self.steps {
+            fault |= step.is_fault();
+            match step {
+                Step::WaitConverged if fault => out.push("recovery_seconds".into()),
+                Step::MeasureInstall => {
+                    out.extend(["install_seconds", "raw_run_seconds", "install_ratio"].map(String::from))
+                }
+                Step::MeasureTicks { counts, .. } => {
+                    for n in counts {
+                        for k in ["tick_seconds", "raw_ps_seconds", "tick_ratio"] {
+                            out.push(format!("{k}_{n:02}apps"));
+                        }
+                    }
+                }
+                Step::MeasureCalls => {
+                    for op in LifecycleOp::ALL {
+                        out.push(format!("{}_podman_calls", op.name()));
+                        out.push(format!("{}_systemctl_calls", op.name()));
+                    }
+                }
+                Step::MeasureStartup => out.push("startup_seconds".into()),
+                _ => {}
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// The apps this scenario runs, checked against the catalog.
@@ -246,19 +392,112 @@ impl Scenario {
     }
 }
 
-/// Finds `scenarios/<id>.yml`.
-pub fn find(dir: &Path, id: &str) -> Result<PathBuf> {
-    let path = dir.join(format!("{id}.yml"));
-    if !path.is_file() {
-        let known: Vec<String> = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".yml").map(str::to_string))
-            .collect();
-        bail!("unknown scenario `{id}`; known: {}", known.join(", "));
+/// A named selection of scenarios with iteration counts (`scenarios/suites/<id>.yml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suite {
+    pub version: u32,
+    pub id: String,
+    pub description: String,
+    pub runs: Vec<SuiteRun>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteRun {
+    /// `all`, a layer (`L3`, `L5`, `L6`), or a list of scenario ids.
+    pub scenarios: Apps,
+    /// Overrides each scenario's own count.
+    #[serde(default)]
+    pub iterations: Option<u32>,
+    #[serde(default)]
+    pub except: Vec<String>,
+}
+
+impl Suite {
+    pub fn load(path: &Path) -> Result<Suite> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let suite: Suite =
+            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if suite.version != FORMAT_VERSION {
+            bail!("{}: version {} is not supported", path.display(), suite.version);
+        }
+        if Some(suite.id.as_str()) != path.file_stem().and_then(|s| s.to_str()) {
+            bail!("{}: id `{}` must be the file's name", path.display(), suite.id);
+        }
+        Ok(suite)
     }
-    Ok(path)
+}
+
+/// The ids of `dir/*.yml`, sorted.
+pub fn ids(dir: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".yml").map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// What `run` was asked for, expanded: each scenario with its file and iteration count.
+/// A target is a scenario (`scenarios/<id>.yml`) or a suite (`scenarios/suites/<id>.yml`).
+pub fn resolve(dir: &Path, targets: &[String]) -> Result<Vec<(PathBuf, Scenario, u32)>> {
+    let mut out: Vec<(PathBuf, Scenario, u32)> = Vec::new();
+    for t in targets {
+        let path = dir.join(format!("{t}.yml"));
+        if path.is_file() {
+            let s = Scenario::load(&path)?;
+            let n = s.iterations;
+            out.push((path, s, n));
+            continue;
+        }
+        let suite_path = dir.join("suites").join(format!("{t}.yml"));
+        if !suite_path.is_file() {
+            bail!(
+                "unknown scenario or suite `{t}`; scenarios: {}; suites: {}",
+                ids(dir).join(", "),
+                ids(&dir.join("suites")).join(", ")
+            );
+        }
+        let suite = Suite::load(&suite_path)?;
+        let all: Vec<(PathBuf, Scenario)> = ids(dir)
+            .into_iter()
+            .map(|id| {
+                let p = dir.join(format!("{id}.yml"));
+                Scenario::load(&p).map(|s| (p, s))
+            })
+            .collect::<Result<_>>()?;
+        for run in &suite.runs {
+            let picked: Vec<&(PathBuf, Scenario)> = match &run.scenarios {
+                Apps::Named(n) if n == "all" => all.iter().collect(),
+                Apps::Named(layer) => {
+                    let l: Layer = serde_yaml::from_str(layer).map_err(|_| {
+                        anyhow::anyhow!(
+                            "{}: scenarios: `{layer}` is neither `all`, L3, L5, L6 nor a list",
+                            suite_path.display()
+                        )
+                    })?;
+                    all.iter().filter(|(_, s)| s.layer == l).collect()
+                }
+                Apps::List(ids) => ids
+                    .iter()
+                    .map(|id| {
+                        all.iter().find(|(_, s)| &s.id == id).with_context(|| {
+                            format!("{}: scenarios: no scenario `{id}`", suite_path.display())
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            };
+            for (p, s) in picked.into_iter().filter(|(_, s)| !run.except.contains(&s.id)) {
+                out.push((p.clone(), s.clone(), run.iterations.unwrap_or(s.iterations)));
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -285,7 +524,17 @@ pub struct Iteration {
     pub failures: Vec<String>,
     /// Why the verdict is unknown (a fault that did not take effect, an error of the run).
     pub unknowns: Vec<String>,
-    pub measures: BTreeMap<String, f64>,
+    /// KPI samples this iteration recorded, by name.
+    pub measures: BTreeMap<String, Vec<f64>>,
+    /// The node's last log lines, for an iteration that did not pass.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub log: String,
+}
+
+impl Iteration {
+    fn measure(&mut self, name: &str, v: f64) {
+        self.measures.entry(name.to_string()).or_default().push(v);
+    }
 }
 
 /// Runs one iteration. Infrastructure errors become `unknown`, never `pass`.
@@ -305,6 +554,7 @@ pub fn iterate(
         failures: Vec::new(),
         unknowns: Vec::new(),
         measures: BTreeMap::new(),
+        log: String::new(),
     };
     // The node's own copy of the catalog (what its agent runs), read once per iteration;
     // a `write-file` into it changes files, not manifests.
@@ -331,7 +581,15 @@ pub fn iterate(
                 // Recovery: from the start of the first fault to convergence.
                 if matches!(step, Step::WaitConverged) {
                     if let Some(t) = fault_at.take() {
-                        it.measures.insert("recovery_seconds".into(), t.elapsed().as_secs_f64());
+                        it.measure("recovery_seconds", t.elapsed().as_secs_f64());
+                    }
+                }
+                // Measuring steps hand their samples over in their evidence.
+                if let Some(m) = evidence.get("measures").and_then(Value::as_object) {
+                    for (k, v) in m {
+                        for x in v.as_array().into_iter().flatten().filter_map(Value::as_f64) {
+                            it.measure(k, x);
+                        }
                     }
                 }
                 it.steps.push(
@@ -343,6 +601,9 @@ pub fn iterate(
                 let msg = format!("{step:?}: {e:#}");
                 if matches!(step, Step::WaitConverged) {
                     it.failures.push(format!("converged: {msg}"));
+                } else if matches!(step, Step::WaitReady) {
+                    // An agent that does not come back after a fault is the system's failure.
+                    it.failures.push(format!("agent-ready: {msg}"));
                 } else if matches!(step, Step::Exec { expect: Some(_), .. } | Step::Reachable) {
                     it.failures.push(format!("check: {msg}"));
                 } else {
@@ -376,6 +637,11 @@ pub fn iterate(
     } else {
         Verdict::Pass
     };
+    if it.verdict != Verdict::Pass {
+        let log = std::fs::read_to_string(node.root.join("node.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        it.log = lines[lines.len().saturating_sub(30)..].join("\n");
+    }
     it
 }
 
@@ -390,12 +656,22 @@ fn run_step(
     rng: &mut rand::rngs::StdRng,
     iteration: u32,
 ) -> Result<Value> {
-    use rand::RngCore;
+    use rand::{Rng, RngCore};
+    let failpoint = node.path(&format!("data/{}", archy_agent::failpoint::FILE))?;
     let each = |method: &str| -> Result<Value> {
+        let mut retried = Vec::new();
         for app in apps {
-            node.rpc(method, json!({"id": app}))?;
+            let armed = failpoint.exists();
+            if let Err(e) = node.rpc(method, json!({"id": app})) {
+                // The agent died at its armed kill point during the request: like any client,
+                // retry once it is back.
+                anyhow::ensure!(armed && !failpoint.exists(), e);
+                wait_ready(node, s.converge_timeout.0)?;
+                node.rpc(method, json!({"id": app}))?;
+                retried.push(app);
+            }
         }
-        Ok(json!({"apps": apps}))
+        Ok(json!({"apps": apps, "retried_after_agent_death": retried}))
     };
     Ok(match step {
         Step::Install => each("package.install")?,
@@ -433,16 +709,7 @@ fn run_step(
         }
         Step::PowerCut => node.power_cut()?,
         Step::Boot => json!({"ready_seconds": Node::boot(node)?.as_secs_f64()}),
-        Step::WaitReady => {
-            let start = Instant::now();
-            while !node.rpc("node.status", Value::Null).is_ok_and(|s| s["ready"] == true) {
-                if start.elapsed() > s.converge_timeout.0 {
-                    bail!("the agent was not ready within {:?}", s.converge_timeout.0);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            json!({"seconds": start.elapsed().as_secs_f64()})
-        }
+        Step::WaitReady => json!({"seconds": wait_ready(node, s.converge_timeout.0)?.as_secs_f64()}),
         Step::Reboot => {
             let mut e = node.power_cut()?;
             e["ready_seconds"] = json!(Node::boot(node)?.as_secs_f64());
@@ -491,16 +758,25 @@ fn run_step(
         }
         Step::Heal => Node::heal(node)?,
         Step::KillAgentAt { point } => {
-            use archy_agent::failpoint::{FILE, POINTS};
+            use archy_agent::failpoint::{POINTS, UNINSTALL_POINTS_PODMAN, UNINSTALL_POINTS_QUADLET};
+            let nth = |list: &[&'static str]| list[(iteration as usize - 1) % list.len()];
             let point = match point.as_str() {
-                "each" => POINTS[(iteration as usize - 1) % POINTS.len()],
+                "each" => nth(POINTS),
+                "each-uninstall" if node.spec.backend == crate::node::Backend::Quadlet => {
+                    nth(UNINSTALL_POINTS_QUADLET)
+                }
+                "each-uninstall" => nth(UNINSTALL_POINTS_PODMAN),
                 p => POINTS
                     .iter()
+                    .chain(UNINSTALL_POINTS_QUADLET)
+                    .chain(UNINSTALL_POINTS_PODMAN)
                     .find(|x| **x == p)
                     .copied()
-                    .with_context(|| format!("unknown kill point `{p}`; known: {POINTS:?}"))?,
+                    .with_context(|| {
+                        format!("unknown kill point `{p}`; known: {POINTS:?}, each, each-uninstall")
+                    })?,
             };
-            let file = node.path(&format!("data/{FILE}"))?;
+            let file = failpoint.clone();
             std::fs::write(&file, point)?;
             let uid = nix::unistd::User::from_name(&node.spec.user)?.context("service user")?.uid;
             nix::unistd::chown(&file, Some(uid), None)?;
@@ -542,6 +818,45 @@ fn run_step(
             std::fs::write(&file, content).with_context(|| format!("writing {}", file.display()))?;
             json!({"path": path, "sha256_before": before, "sha256_after": format!("{:x}", sha2::Sha256::digest(content.as_bytes()))})
         }
+        Step::KillAgentDuring { op, within } => {
+            let delay = Duration::from_secs_f64(rng.random_range(0.0..within.0.as_secs_f64().max(0.001)));
+            each(&format!("package.{}", op.name()))?;
+            std::thread::sleep(delay);
+            let mut e = Node::kill_agent(node, "KILL")?;
+            e["delay_seconds"] = json!(delay.as_secs_f64());
+            e
+        }
+        Step::PodmanFail { duration } => {
+            let flag = node.path(PODMAN_FAIL_FLAG)?;
+            let errors = || -> Result<f64> {
+                Ok(exec_calls(node)?.iter().filter(|c| c.2 == "error").map(|c| c.3).sum())
+            };
+            let before = errors()?;
+            std::fs::write(&flag, "")?;
+            let start = Instant::now();
+            // A tick now, so the fault meets the agent whatever its tick interval.
+            let tick = node.rpc("node.reconcile", Value::Null);
+            std::thread::sleep(duration.0.saturating_sub(start.elapsed()));
+            let after = errors();
+            std::fs::remove_file(&flag)?;
+            let failed = after? - before;
+            json!({"failed_podman_calls": failed, "tick_during": tick.map_err(|e| e.to_string()), "took_effect": failed > 0.0})
+        }
+        Step::MeasureInstall => {
+            crate::measure::install(node, catalog, apps, s.converge_timeout.0, iteration)?
+        }
+        Step::MeasureTicks { counts, ticks } => {
+            crate::measure::ticks(node, counts, *ticks, s.converge_timeout.0)?
+        }
+        Step::MeasureCalls => crate::measure::calls(node, apps, s.converge_timeout.0)?,
+        Step::MeasureStartup => {
+            let start = Instant::now();
+            let mut e = Node::restart_agent(node)?;
+            let ready = wait_ready(node, s.converge_timeout.0)?;
+            e["measures"] = json!({"startup_seconds": [start.elapsed().as_secs_f64()]});
+            e["ready_after_restart_seconds"] = json!(ready.as_secs_f64());
+            e
+        }
         Step::SnapshotContainers => {
             let now = containers(node)?;
             data.retain(|(p, _)| p.as_os_str() != CONTAINERS_KEY);
@@ -549,6 +864,40 @@ fn run_step(
             json!({"containers": now})
         }
     })
+}
+
+/// While this file exists (under the node's root), the node's podman fails for its agent.
+pub const PODMAN_FAIL_FLAG: &str = "data/agent/podman-fail";
+
+/// The agent's external calls so far: (tool, verb, result, count), from its /metrics.
+pub fn exec_calls(node: &LocalNode) -> Result<Vec<(String, String, String, f64)>> {
+    let text =
+        ureq::get(&format!("http://{}/metrics", Node::api_addr(node))).call()?.body_mut().read_to_string()?;
+    let label = |l: &str, k: &str| l.split(&format!("{k}=\"")).nth(1)?.split('"').next().map(str::to_string);
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("archy_agent_exec_calls_total{"))
+        .filter_map(|l| {
+            Some((
+                label(l, "tool")?,
+                label(l, "verb")?,
+                label(l, "result")?,
+                l.rsplit(' ').next()?.parse().ok()?,
+            ))
+        })
+        .collect())
+}
+
+/// Until the agent answers and is ready; how long that took.
+pub fn wait_ready(node: &LocalNode, timeout: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    while !node.rpc("node.status", Value::Null).is_ok_and(|s| s["ready"] == true) {
+        if start.elapsed() > timeout {
+            bail!("the agent was not ready within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(start.elapsed())
 }
 
 /// Where the container snapshot is kept among the remembered data (not a file).
@@ -579,12 +928,15 @@ impl Step {
                 | Step::Exec { expect: Some(_), .. }
                 | Step::Reachable
                 | Step::Boot
+                | Step::MeasureInstall
+                | Step::MeasureTicks { .. }
+                | Step::MeasureCalls
         )
     }
 }
 
 /// Waits until every app is up and a tick is a no-op; returns how long that took.
-fn wait_converged(node: &LocalNode, apps: &[String], timeout: Duration) -> Result<Duration> {
+pub fn wait_converged(node: &LocalNode, apps: &[String], timeout: Duration) -> Result<Duration> {
     let start = Instant::now();
     let mut last = Value::Null;
     while start.elapsed() < timeout {
@@ -594,11 +946,12 @@ fn wait_converged(node: &LocalNode, apps: &[String], timeout: Duration) -> Resul
             let settled =
                 |id: &String| entry(id).is_none_or(|a| a["desired"] == "stopped" || a["up"] == true);
             if apps.iter().all(settled) {
-                let r = node.rpc("node.reconcile", Value::Null)?;
-                if r["converged"] == true {
-                    return Ok(start.elapsed());
+                // An agent that dies during the tick (an armed kill point) is retried.
+                match node.rpc("node.reconcile", Value::Null) {
+                    Ok(r) if r["converged"] == true => return Ok(start.elapsed()),
+                    Ok(r) => last = r,
+                    Err(e) => last = json!(e.to_string()),
                 }
-                last = r;
             } else {
                 last = list;
             }
@@ -691,11 +1044,64 @@ fn check(
                 list.as_array().into_iter().flatten().filter_map(|a| a["id"].as_str()).collect();
             let orphans: Vec<String> = String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .filter(|l| l.split_whitespace().nth(1).is_none_or(|app| !installed.contains(&app)))
+                .filter(|l| {
+                    let mut f = l.split_whitespace();
+                    let (name, app) = (f.next().unwrap_or_default(), f.next().unwrap_or_default());
+                    // Not installed, or not the name the app's container has (a stray).
+                    !installed.contains(&app) || catalog.get(app).is_none_or(|m| m.container_name() != name)
+                })
                 .map(str::to_string)
                 .collect();
             if !orphans.is_empty() {
                 bail!("orphan containers: {orphans:?}");
+            }
+        }
+        Invariant::StateValid => {
+            let path = node.root.join("data").join(archy_agent::store::STATE_FILE);
+            let bytes = std::fs::read(&path).with_context(|| format!("{} missing", path.display()))?;
+            serde_json::from_slice::<archy_agent::store::State>(&bytes)
+                .with_context(|| format!("{} does not parse", path.display()))?;
+            let aside: Vec<String> = std::fs::read_dir(node.root.join("data"))?
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| n.starts_with("state.json.") && n != archy_agent::store::PREVIOUS_FILE)
+                .collect();
+            if !aside.is_empty() {
+                bail!("the agent found its state file damaged and moved it aside ({aside:?}): a crash must never damage the state");
+            }
+        }
+        Invariant::PortsMatch => {
+            for app in apps {
+                let Some(m) = catalog.get(app) else { continue };
+                let out = node.exec(&[
+                    "podman",
+                    "inspect",
+                    &m.container_name(),
+                    "--format",
+                    "{{json .HostConfig.PortBindings}}|{{json .Config.CreateCommand}}",
+                ])?;
+                anyhow::ensure!(out.status.success(), "{app}: no container to inspect");
+                let text = String::from_utf8_lossy(&out.stdout);
+                let (bindings, command) = text.trim().split_once('|').context("podman inspect output")?;
+                let command: Vec<String> = serde_json::from_str(command).unwrap_or_default();
+                let published: Vec<&String> =
+                    command.iter().filter(|a| a.starts_with("--publish") || a.starts_with("-p")).collect();
+                if m.network == archy_agent::manifest::Network::Host {
+                    if !published.is_empty() {
+                        bail!("{app} runs with host networking but was created with {published:?} (podman 4 discards the mapping with a warning, podman 5 refuses it with exit 125)");
+                    }
+                    continue;
+                }
+                let live: BTreeMap<String, Vec<Value>> = serde_json::from_str(bindings).unwrap_or_default();
+                let mut want: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+                for p in &m.ports {
+                    want.entry(format!("{}/{}", p.container_port(), p.protocol))
+                        .or_default()
+                        .push(json!({"HostIp": p.bind.to_string(), "HostPort": p.host.to_string()}));
+                }
+                if live != want {
+                    bail!("{app}: live port bindings {live:?}, manifest {want:?}");
+                }
             }
         }
         Invariant::AgentReady => {

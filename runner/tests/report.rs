@@ -25,22 +25,30 @@ fn a_failing_run_renders_as_markdown_and_junit() {
     check_snapshot("fm3-report.md", &md);
     let (ok, junit, err) = chaos(&["report", fixture, "--format", "junit"]);
     assert!(ok, "{err}");
-    assert_eq!(junit.matches("<testcase ").count(), 1);
+    assert_eq!(junit.matches("<testcase ").count(), 1, "{junit}");
     assert!(junit.contains("<failure message=\"containers-unchanged"), "{junit}");
     check_snapshot("fm3-report.junit.xml", &junit);
 }
 
 #[test]
-fn a_per_app_run_renders_its_scorecard() {
-    let (ok, md, err) = chaos(&["report", "runner/tests/fixtures/lifecycle-report.json"]);
+fn a_per_app_run_renders_its_scorecard_and_kpis() {
+    let fixture = "runner/tests/fixtures/lifecycle-l6-report.json";
+    let (ok, md, err) = chaos(&["report", fixture]);
     assert!(ok, "{err}");
     assert!(
         md.contains("## Scorecard")
-            && md.contains("| fx-web | 2/2 full |")
-            && md.contains("45/45 cells full"),
+            && md.contains("| fx-web | 4/4 full | 2/2 full |")
+            && md.contains("45/45 cells full")
+            && md.contains("| install_ratio | 4 |")
+            && md.contains("p50 <= 4.00x: PASS"),
         "{md}"
     );
-    check_snapshot("lifecycle-report.md", &md);
+    check_snapshot("lifecycle-l6-report.md", &md);
+    let (ok, junit, err) = chaos(&["report", fixture, "--format", "junit"]);
+    assert!(ok, "{err}");
+    // One case per iteration (10 per-app, 2 + 2 for the L6 scenarios) and per threshold (2 + 3).
+    assert_eq!(junit.matches("<testcase ").count(), 19, "{junit}");
+    check_snapshot("lifecycle-l6-report.junit.xml", &junit);
 }
 
 #[test]
@@ -49,6 +57,13 @@ fn report_and_list_refuse_bad_input() {
     assert!(!ok && err.contains("unknown format `pdf`"), "{err}");
     let (ok, _, err) = chaos(&["report", "no/such/report.json"]);
     assert!(!ok && err.contains("no/such/report.json"), "{err}");
+    let old = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(old.path(), r#"{"schema": 1, "scenario": "x"}"#).unwrap();
+    let (ok, _, err) = chaos(&["report", old.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("report schema 1 is not the one this runner reads (2)"), "{err}");
     let (ok, out, err) = chaos(&["list"]);
-    assert!(ok && out.contains("reboot-survive") && out.contains("L5"), "{out}{err}");
+    assert!(
+        ok && out.contains("reboot-survive") && out.contains("L5") && out.contains("release"),
+        "{out}{err}"
+    );
 }

@@ -1,0 +1,28 @@
+#!/bin/bash
+# The release gate: run the release suite on a local node, then gate on its verdict and on
+# its KPIs against the committed baseline. Exits 0 only when the release may ship.
+# Usage (as root, after scripts/setup-host): examples/create-release.sh [VERSION]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+version=${1:-$(git describe --tags --always)}
+out=reports/out/release-$version
+seed=${SEED:-$(date +%s)}
+
+cargo build --release --locked
+rc=0
+./target/release/archy-chaos run release --seed "$seed" --report-dir "$out" \
+  ${PUSHGATEWAY:+--pushgateway "$PUSHGATEWAY"} || rc=$?
+report=$(ls -t "$out"/*.json | head -1)
+./target/release/archy-chaos report "$report" --format md > "$out/report.md"
+./target/release/archy-chaos report "$report" --format junit > "$out/junit.xml"
+# 0 ship, 1 a scenario, threshold or KPI regression failed, 2 the run could not decide.
+gate=0
+./target/release/archy-chaos gate "$report" --baseline reports/baseline.json \
+  ${PUSHGATEWAY:+--pushgateway "$PUSHGATEWAY"} || gate=$?
+if [ "$rc" -ne 0 ] || [ "$gate" -ne 0 ]; then
+  echo "release $version blocked (run exit $rc, gate exit $gate): see $out/report.md" >&2
+  # A failure beats an unknown, as in every verdict of archy-chaos.
+  if [ "$rc" -eq 1 ] || [ "$gate" -eq 1 ]; then exit 1; fi
+  exit $(( gate > rc ? gate : rc ))
+fi
+echo "release $version may ship: $out/report.md"
