@@ -20,6 +20,7 @@ pub struct Metrics {
     pub exec_duration: HistogramVec,
     pub install_duration: HistogramVec,
     pub app_up: IntGaugeVec,
+    pub app_desired: IntGaugeVec,
     pub app_restarts: IntCounterVec,
     pub app_error: IntGaugeVec,
     pub secrets_generated: IntCounterVec,
@@ -99,12 +100,17 @@ impl Metrics {
             ),
             app_up: gauge_vec(
                 "app_up",
-                "1 when the app is running and healthy, 0 otherwise (installed apps).",
+                "1 when the app is running and healthy, 0 otherwise (installed apps; see app_desired).",
                 &["app"],
+            ),
+            app_desired: gauge_vec(
+                "app_desired",
+                "1 on the app's desired state (running, stopped, absent: being uninstalled), 0 on the others.",
+                &["app", "state"],
             ),
             app_restarts: counter(
                 "app_restarts_total",
-                "Container restarts not asked for by the agent.",
+                "New containers the agent did not ask for, or asked for after a crash.",
                 &["app"],
             ),
             app_error: gauge_vec(

@@ -443,7 +443,13 @@ pub struct Reconciler {
     /// Apps whose health check passed during this tick's actions.
     healthy: BTreeSet<String>,
     up_since: HashMap<String, Instant>,
+    /// Each app's container as last observed (id, start time): a new one is a restart.
     last_seen: HashMap<String, (String, i64)>,
+    /// Apps the agent (re)started or stopped for a reason other than a crash since their
+    /// container was last seen to change: their next new container is no unasked restart.
+    asked: BTreeSet<String>,
+    /// Apps whose per-app gauges are exported (the installed ones as of the last tick).
+    exported: BTreeSet<String>,
 }
 
 impl Reconciler {
@@ -466,6 +472,8 @@ impl Reconciler {
             healthy: BTreeSet::new(),
             up_since: HashMap::new(),
             last_seen: HashMap::new(),
+            asked: BTreeSet::new(),
+            exported: BTreeSet::new(),
         }
     }
 
@@ -596,6 +604,13 @@ impl Reconciler {
         if !changed.is_empty() {
             failpoint::hit(&self.target.data_root, "secrets_ensured");
         }
+        // A healed secret is a new configuration for its owner and readers: failures under the
+        // old one (an app crash-looping on a deleted secret) must not hold back the fixed one.
+        self.backoff.retain(|app, _| {
+            !catalog.get(app).is_some_and(|m| {
+                changed.contains(app) || m.secret_files.iter().any(|r| changed.contains(&r.app))
+            })
+        });
 
         // Secret completeness: an app that reads another app's secret does not start before
         // that secret exists and is valid (the platform's gateway cascade).
@@ -787,6 +802,14 @@ impl Reconciler {
                         self.bump(app);
                     }
                 }
+                // A restart after a crash still counts as one; one the agent chose does not.
+                if let (
+                    Op::Run { app, .. } | Op::Start { app } | Op::Stop { app, .. } | Op::Remove { app, .. },
+                    false,
+                ) = (op, *reason == Reason::Crashed)
+                {
+                    self.asked.insert(app.clone());
+                }
                 Ok(())
             }
             Action::Purge(app) => {
@@ -849,6 +872,17 @@ impl Reconciler {
             })
             .collect();
         let mut apps = BTreeMap::new();
+        // Series of apps no longer installed go, so that nothing alerts on what is not there.
+        let installed: BTreeSet<String> = state.apps.keys().cloned().collect();
+        for app in std::mem::replace(&mut self.exported, installed).difference(&self.exported) {
+            self.last_seen.remove(app);
+            self.asked.remove(app);
+            let _ = m.app_up.remove_label_values(&[app]);
+            let _ = m.app_error.remove_label_values(&[app]);
+            for d in Desired::ALL {
+                let _ = m.app_desired.remove_label_values(&[app, d.as_str()]);
+            }
+        }
         for (id, s) in &state.apps {
             let c = observed.iter().find(|c| &c.app == id);
             // What was observed before this tick's actions says nothing about an app acted on,
@@ -860,6 +894,10 @@ impl Reconciler {
             };
             m.app_up.with_label_values(&[id]).set(up as i64);
             m.app_error.with_label_values(&[id]).set(errors.contains_key(id) as i64);
+            for d in Desired::ALL {
+                m.app_desired.with_label_values(&[id, d.as_str()]).set((s.desired == d) as i64);
+            }
+            m.app_restarts.with_label_values(&[id]); // at 0 from install on, for increase()
             if up {
                 self.started.remove(id);
                 let since = *self.up_since.entry(id.clone()).or_insert(now);
@@ -874,10 +912,16 @@ impl Reconciler {
             }
             if let Some(c) = c {
                 let seen = (c.id.clone(), c.started_at);
-                if let Some(prev) = self.last_seen.insert(id.clone(), seen.clone()) {
-                    if prev != seen && !acted.contains(id.as_str()) && c.started_at != 0 {
+                match self.last_seen.insert(id.clone(), seen.clone()) {
+                    // A health probe is no restart: under Quadlet, systemd's restarts of a
+                    // crashed container are first seen while the agent probes the new one.
+                    Some(prev) if prev != seen && c.started_at != 0 && !self.asked.remove(id) => {
                         m.app_restarts.with_label_values(&[id]).inc();
                     }
+                    None => {
+                        self.asked.remove(id);
+                    }
+                    _ => {}
                 }
             }
             apps.insert(

@@ -28,6 +28,18 @@ pub enum Desired {
     Absent,
 }
 
+impl Desired {
+    pub const ALL: [Desired; 3] = [Desired::Running, Desired::Stopped, Desired::Absent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+            Desired::Absent => "absent",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppState {

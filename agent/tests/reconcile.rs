@@ -315,13 +315,19 @@ fn a_local_image_is_built_before_its_container_and_rebuilt_when_its_context_chan
     );
 }
 
-/// An in-memory runtime: containers appear healthy on Run, vanish on Remove; one app can be
-/// made to crash after every start.
+/// An in-memory runtime: containers appear healthy on Run (a new one each time), vanish on
+/// Remove; apps in `crashes` exit after every start.
 struct Fake {
-    containers: Mutex<Vec<Container>>,
-    crashes: BTreeSet<String>,
+    world: FakeWorld,
     catalog: Catalog,
     target: Target,
+}
+
+/// What a test changes under a running reconciler: which apps crash, and the containers.
+#[derive(Clone, Default)]
+struct FakeWorld {
+    crashes: Arc<Mutex<BTreeSet<String>>>,
+    containers: Arc<Mutex<Vec<Container>>>,
 }
 
 impl Runtime for Fake {
@@ -329,7 +335,7 @@ impl Runtime for Fake {
         BackendKind::Podman
     }
     fn observe(&self) -> Result<Vec<Container>, runtime::Error> {
-        Ok(self.containers.lock().unwrap().clone())
+        Ok(self.world.containers.lock().unwrap().clone())
     }
     fn unit_files(&self) -> Result<BTreeMap<String, String>, runtime::Error> {
         Ok(BTreeMap::new())
@@ -341,12 +347,14 @@ impl Runtime for Fake {
         Ok(false) // healthy() containers are already healthy; probes are not needed here
     }
     fn apply(&self, op: &Op) -> Result<(), runtime::Error> {
-        let mut cs = self.containers.lock().unwrap();
+        let mut cs = self.world.containers.lock().unwrap();
         match op {
             Op::Run { app, .. } | Op::Start { app } => {
+                let n = cs.iter().map(|c| c.started_at).max().unwrap_or(0) + 1;
                 cs.retain(|c| &c.app != app);
                 let mut c = healthy_on(&self.catalog, app, &self.target);
-                if self.crashes.contains(app) {
+                (c.id, c.started_at) = (format!("id-{app}-{n}"), n);
+                if self.world.crashes.lock().unwrap().contains(app) {
                     c.state = ContainerState::Exited;
                     c.exit_code = 1;
                 }
@@ -360,6 +368,12 @@ impl Runtime for Fake {
 }
 
 fn reconciler(dir: &std::path::Path, crashes: &[&str], apps: &[(&str, Desired)]) -> Reconciler {
+    let world = FakeWorld::default();
+    world.crashes.lock().unwrap().extend(crashes.iter().map(|s| s.to_string()));
+    reconciler_in(dir, world, apps)
+}
+
+fn reconciler_in(dir: &std::path::Path, world: FakeWorld, apps: &[(&str, Desired)]) -> Reconciler {
     let metrics = Arc::new(Metrics::new("podman"));
     let exec = Arc::new(Exec::new(
         ExecConfig {
@@ -376,12 +390,7 @@ fn reconciler(dir: &std::path::Path, crashes: &[&str], apps: &[(&str, Desired)])
     store.update(|s| *s = state(apps)).unwrap();
     let shared = Arc::new(Shared::new(store, metrics, Instant::now()));
     let target = Target::new("4.3.1".parse().unwrap(), dir.to_path_buf());
-    let fake = Fake {
-        containers: Mutex::new(Vec::new()),
-        crashes: crashes.iter().map(|s| s.to_string()).collect(),
-        catalog: catalog(),
-        target: target.clone(),
-    };
+    let fake = Fake { world, catalog: catalog(), target: target.clone() };
     Reconciler::new(Box::new(fake), exec, repo_root().join("apps"), target, shared)
 }
 
@@ -426,4 +435,106 @@ fn an_app_whose_secret_source_is_not_installed_waits_and_says_why() {
         status.apps["fx-client"].waiting.as_deref(),
         Some("secrets not ready: fx-web/api-token (missing)")
     );
+}
+
+/// Release run, secret scenarios x20: fx-client crash-looped while fx-web's secret was gone,
+/// and once the agent healed it, fx-client stayed "backing off after a failure" for longer
+/// than any convergence window. A healed secret forgives its readers' earlier failures.
+#[test]
+fn a_healed_secret_resets_its_readers_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = FakeWorld::default();
+    world.crashes.lock().unwrap().insert("fx-client".into());
+    let mut r = reconciler_in(
+        dir.path(),
+        world.clone(),
+        &[("fx-web", Desired::Running), ("fx-client", Desired::Running)],
+    );
+    for _ in 0..20 {
+        r.tick();
+    }
+    assert_eq!(
+        r.shared.status.lock().unwrap().apps["fx-client"].waiting.as_deref(),
+        Some("backing off after a failure")
+    );
+    // The cause goes away and the secret it read is regenerated.
+    world.crashes.lock().unwrap().clear();
+    std::fs::remove_file(dir.path().join("secrets/fx-web/api-token")).unwrap();
+    let healed = r.tick();
+    assert!(healed.actions.contains(&"run fx-client (secretchanged)".to_string()), "{healed:?}");
+    let next = r.tick();
+    assert!(next.converged, "{next:?}");
+}
+
+fn metric(r: &Reconciler, series: &str) -> Option<f64> {
+    let text = r.shared.metrics.render();
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Dashboard work: under Quadlet, systemd restarts a crashed container and the agent first
+/// sees the new one while probing its health; such restarts went uncounted, so the crash-loop
+/// alert could not fire for apps with a health check.
+#[test]
+fn restarts_first_seen_during_a_health_probe_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = FakeWorld::default();
+    let mut r = reconciler_in(dir.path(), world.clone(), &[("fx-web", Desired::Running)]);
+    for _ in 0..3 {
+        r.tick();
+    }
+    let restarts = "archy_agent_app_restarts_total{app=\"fx-web\"}";
+    assert_eq!(metric(&r, restarts), Some(0.0), "the agent's own install is no restart");
+    for n in 1..=2 {
+        // Restarted behind the agent's back, not healthy yet: the agent probes it.
+        let mut cs = world.containers.lock().unwrap();
+        let c = cs.iter_mut().find(|c| c.app == "fx-web").unwrap();
+        (c.id, c.started_at, c.health) = (format!("restarted-{n}"), 100 + n, Health::Starting);
+        drop(cs);
+        r.tick();
+        let waiting = r.shared.status.lock().unwrap().apps["fx-web"].waiting.clone();
+        assert_eq!(waiting.as_deref(), Some("waiting for its health check"));
+        assert_eq!(metric(&r, restarts), Some(n as f64));
+    }
+    // A restart the agent asks for (a changed secret) is not counted.
+    std::fs::remove_file(dir.path().join("secrets/fx-web/api-token")).unwrap();
+    for _ in 0..3 {
+        r.tick();
+    }
+    assert_eq!(metric(&r, restarts), Some(2.0));
+}
+
+/// Dashboard work: `app_up` of an uninstalled app stayed at its last value (ArchyAppDown on an
+/// app that is gone) and a stopped app looked like a down one.
+#[test]
+fn app_series_say_the_desired_state_and_go_with_the_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r =
+        reconciler(dir.path(), &[], &[("fx-web", Desired::Running), ("fx-gateway", Desired::Stopped)]);
+    r.tick();
+    let desired = |r: &Reconciler, app: &str, state: &str| {
+        metric(r, &format!("archy_agent_app_desired{{app=\"{app}\",state=\"{state}\"}}"))
+    };
+    assert_eq!(desired(&r, "fx-web", "running"), Some(1.0));
+    assert_eq!(desired(&r, "fx-web", "stopped"), Some(0.0));
+    assert_eq!(desired(&r, "fx-gateway", "stopped"), Some(1.0));
+    assert_eq!(metric(&r, "archy_agent_app_up{app=\"fx-gateway\"}"), Some(0.0));
+
+    r.shared
+        .store
+        .lock()
+        .unwrap()
+        .update(|s| s.apps.get_mut("fx-web").unwrap().desired = Desired::Absent)
+        .unwrap();
+    for _ in 0..3 {
+        r.tick();
+    }
+    assert!(!r.shared.status.lock().unwrap().apps.contains_key("fx-web"), "fx-web forgotten");
+    let text = r.shared.metrics.render();
+    for gone in [
+        "archy_agent_app_up{app=\"fx-web\"}",
+        "archy_agent_app_desired{app=\"fx-web\"",
+        "archy_agent_app_error{app=\"fx-web\"}",
+    ] {
+        assert!(!text.contains(gone), "{gone} stays after uninstall:\n{text}");
+    }
 }
