@@ -423,6 +423,25 @@ mod tests {
         assert_eq!(compare(&report(&fast), &baseline(&BASE), 0.1)[0].verdict, Change::Better);
     }
 
+    /// The committed baseline must fit the release suite as it is now: a renamed KPI or
+    /// scenario would otherwise leave the gate comparing nothing ("missing" never fails).
+    #[test]
+    fn the_committed_baseline_covers_the_release_suites_kpis() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let baseline = load(&root.join("reports/baseline.json"), "baseline", BASELINE_SCHEMA).unwrap();
+        let have: std::collections::BTreeSet<&str> =
+            baseline["kpis"].as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = std::collections::BTreeSet::new();
+        for (_, s, _) in crate::scenario::resolve(&root.join("scenarios"), &["release".into()]).unwrap() {
+            want.extend(s.measures().into_iter().map(|k| format!("{}/{k}", s.id)));
+        }
+        let want: std::collections::BTreeSet<&str> = want.iter().map(String::as_str).collect();
+        assert_eq!(
+            have, want,
+            "refresh it: archy-chaos gate RELEASE_RUN.json --write-baseline reports/baseline.json"
+        );
+    }
+
     #[test]
     fn zeros_compare_as_unchanged_and_leaving_zero_as_infinitely_worse() {
         assert_eq!(ratio(0.0, 0.0), 1.0);
