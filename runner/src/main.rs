@@ -75,7 +75,10 @@ enum Command {
     /// when the whole 95% interval lies above 1 + tolerance, and is better when it lies
     /// below 1 - tolerance; otherwise it is the same (within noise). Fewer samples: "too few
     /// samples", not judged. In the baseline but not the run: "missing"; in the run but not
-    /// the baseline: "new" (neither fails the gate; refresh the baseline).
+    /// the baseline: "new" (neither fails the gate; refresh the baseline). A latency
+    /// measured beside raw podman in the same run (X_seconds with X_ratio beside it) is
+    /// judged by its ratio, which carries across a busier or slower machine; the raw_*
+    /// references describe the machine and are shown, never judged.
     ///
     /// Baseline (schema 1; take one from a passing run with --write-baseline):
     ///   {"schema": 1, "created_unix": 1764100000, "from": "<report path>",
