@@ -452,7 +452,7 @@ pub fn resolve(dir: &Path, targets: &[String]) -> Result<Vec<(PathBuf, Scenario,
         if path.is_file() {
             let s = Scenario::load(&path)?;
             let n = s.iterations;
-            out.push((path, s, n));
+            add(&mut out, path, s, n);
             continue;
         }
         let suite_path = dir.join("suites").join(format!("{t}.yml"));
@@ -493,11 +493,20 @@ pub fn resolve(dir: &Path, targets: &[String]) -> Result<Vec<(PathBuf, Scenario,
                     .collect::<Result<_>>()?,
             };
             for (p, s) in picked.into_iter().filter(|(_, s)| !run.except.contains(&s.id)) {
-                out.push((p.clone(), s.clone(), run.iterations.unwrap_or(s.iterations)));
+                add(&mut out, p.clone(), s.clone(), run.iterations.unwrap_or(s.iterations));
             }
         }
     }
     Ok(out)
+}
+
+/// A scenario named twice (the nightly's soak of release scenarios) runs once with the
+/// iterations added: one entry per scenario in the report, so KPIs and verdicts stay unique.
+fn add(out: &mut Vec<(PathBuf, Scenario, u32)>, path: PathBuf, s: Scenario, n: u32) {
+    match out.iter_mut().find(|(_, o, _)| o.id == s.id) {
+        Some(entry) => entry.2 += n,
+        None => out.push((path, s, n)),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -1112,4 +1121,24 @@ fn check(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nightly named reboot-survive twice (release x20, soak x100): its report had two
+    /// reboot-survive entries, and the gate kept the KPIs of one of them only.
+    #[test]
+    fn a_scenario_named_twice_in_a_suite_runs_once_with_the_iterations_added() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let plan = resolve(&dir, &["nightly".into()]).unwrap();
+        let mut ids: Vec<&str> = plan.iter().map(|(_, s, _)| s.id.as_str()).collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "{ids:?}");
+        let reboot = plan.iter().find(|(_, s, _)| s.id == "reboot-survive").unwrap();
+        assert_eq!(reboot.2, 120);
+    }
 }
