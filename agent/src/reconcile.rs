@@ -445,8 +445,8 @@ pub struct Reconciler {
     up_since: HashMap<String, Instant>,
     /// Each app's container as last observed (id, start time): a new one is a restart.
     last_seen: HashMap<String, (String, i64)>,
-    /// Apps the agent (re)started or stopped for a reason other than a crash since their
-    /// container was last seen to change: their next new container is no unasked restart.
+    /// Apps the agent (re)started for a reason other than a crash since their container was
+    /// last seen to change: their next new container is no unasked restart.
     asked: BTreeSet<String>,
     /// Apps whose per-app gauges are exported (the installed ones as of the last tick).
     exported: BTreeSet<String>,
@@ -798,17 +798,12 @@ impl Reconciler {
                 }
                 if let Op::Run { app, .. } | Op::Start { app } = op {
                     self.started.entry(app.clone()).or_insert_with(Instant::now);
+                    // A restart after a crash still counts as one; one the agent chose does not.
                     if *reason == Reason::Crashed {
                         self.bump(app);
+                    } else {
+                        self.asked.insert(app.clone());
                     }
-                }
-                // A restart after a crash still counts as one; one the agent chose does not.
-                if let (
-                    Op::Run { app, .. } | Op::Start { app } | Op::Stop { app, .. } | Op::Remove { app, .. },
-                    false,
-                ) = (op, *reason == Reason::Crashed)
-                {
-                    self.asked.insert(app.clone());
                 }
                 Ok(())
             }
