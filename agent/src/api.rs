@@ -12,11 +12,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{Catalog, GeneratedSecret, SecretKind};
-use crate::reconcile::{Shared, Wake};
+use crate::reconcile::{AppStatus, Shared, TickReport, Wake};
 use crate::runtime::BackendKind;
 use crate::secrets;
 use crate::store::{AppState, Desired};
@@ -31,6 +32,53 @@ pub mod code {
     pub const UNKNOWN_APP: i64 = -32001;
     pub const INVALID_MANIFEST: i64 = -32002;
     pub const NOT_INSTALLED: i64 = -32003;
+}
+
+/// `node.status`: the agent process and its last tick.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub version: String,
+    /// Random per agent process: a changed instance is evidence that the agent restarted.
+    pub instance: String,
+    pub backend: BackendKind,
+    /// The first reconcile pass is done.
+    pub ready: bool,
+    pub converged: bool,
+    /// Unix time of the last tick.
+    pub last_tick_at: Option<f64>,
+    pub last_tick: Option<TickReport>,
+    /// Of the desired state: every accepted change increments it.
+    pub generation: u64,
+    /// Deliberate breakages switched on (test builds only).
+    #[serde(default)]
+    pub broken: Vec<String>,
+}
+
+/// What `package.install`, `uninstall`, `start`, `stop` and `restart` answer: the request was
+/// recorded in the desired state; the reconciler acts on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accepted {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<Desired>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge: Option<bool>,
+}
+
+/// A JSON-RPC error object; `code` is one of [`code`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} (code {code})")]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    fn new(code: i64, message: impl Into<String>) -> RpcError {
+        RpcError { code, message: message.into(), data: None }
+    }
 }
 
 /// Name of the API token file in the agent's own directory.
@@ -91,24 +139,20 @@ fn authorized(headers: &HeaderMap, digest: &[u8; 32]) -> bool {
     got.iter().zip(digest).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
-fn error(id: Value, code: i64, message: impl Into<String>, data: Option<Value>) -> Value {
-    let mut e = json!({ "code": code, "message": message.into() });
-    if let Some(d) = data {
-        e["data"] = d;
-    }
+fn error(id: Value, e: RpcError) -> Value {
     json!({ "jsonrpc": "2.0", "id": id, "error": e })
 }
 
 async fn rpc(AxState(api): AxState<Arc<Api>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     if !authorized(&headers, &api.token_digest) {
-        let body = error(Value::Null, code::INVALID_REQUEST, "missing or wrong bearer token", None);
+        let body = error(Value::Null, RpcError::new(code::INVALID_REQUEST, "missing or wrong bearer token"));
         return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], axum::Json(body))
             .into_response();
     }
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return axum::Json(error(Value::Null, code::PARSE, format!("not JSON: {e}"), None))
+            return axum::Json(error(Value::Null, RpcError::new(code::PARSE, format!("not JSON: {e}"))))
                 .into_response()
         }
     };
@@ -118,9 +162,10 @@ async fn rpc(AxState(api): AxState<Arc<Api>>, headers: HeaderMap, body: axum::bo
     else {
         return axum::Json(error(
             id,
-            code::INVALID_REQUEST,
-            "expected {\"jsonrpc\": \"2.0\", \"method\": ..., \"id\": ...}",
-            None,
+            RpcError::new(
+                code::INVALID_REQUEST,
+                "expected {\"jsonrpc\": \"2.0\", \"method\": ..., \"id\": ...}",
+            ),
         ))
         .into_response();
     };
@@ -129,22 +174,18 @@ async fn rpc(AxState(api): AxState<Arc<Api>>, headers: HeaderMap, body: axum::bo
     // Store writes fsync and node.reconcile waits for a tick: off the async threads.
     let response = tokio::task::spawn_blocking(move || match call(&api, &method, &params) {
         Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
-        Err((code, message, data)) => error(id, code, message, data),
+        Err(e) => error(id, e),
     })
     .await
-    .unwrap_or_else(|e| error(Value::Null, code::INTERNAL, format!("handler failed: {e}"), None));
+    .unwrap_or_else(|e| error(Value::Null, RpcError::new(code::INTERNAL, format!("handler failed: {e}"))));
     axum::Json(response).into_response()
 }
 
-type RpcError = (i64, String, Option<Value>);
-
 fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
     let app = || -> Result<String, RpcError> {
-        params.get("id").and_then(Value::as_str).map(str::to_string).ok_or((
-            code::INVALID_PARAMS,
-            format!("{method} needs params {{\"id\": APP}}"),
-            None,
-        ))
+        params.get("id").and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
+            RpcError::new(code::INVALID_PARAMS, format!("{method} needs params {{\"id\": APP}}"))
+        })
     };
     match method {
         "package.install" => {
@@ -155,9 +196,13 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
                 let mine: Vec<String> =
                     problems.iter().filter(|p| p.file.starts_with(&dir)).map(ToString::to_string).collect();
                 return Err(if mine.is_empty() {
-                    (code::UNKNOWN_APP, format!("no app `{id}` in the catalog"), None)
+                    RpcError::new(code::UNKNOWN_APP, format!("no app `{id}` in the catalog"))
                 } else {
-                    (code::INVALID_MANIFEST, format!("the manifest of `{id}` is invalid"), Some(json!(mine)))
+                    RpcError {
+                        code: code::INVALID_MANIFEST,
+                        message: format!("the manifest of `{id}` is invalid"),
+                        data: Some(json!(mine)),
+                    }
                 });
             }
             let fresh = set(api, &id, |s| {
@@ -172,7 +217,7 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(id.clone(), Instant::now());
             }
-            Ok(json!({ "id": id, "desired": "running" }))
+            reply(Accepted { id, desired: Some(Desired::Running), purge: None })
         }
         "package.uninstall" => {
             let id = app()?;
@@ -181,7 +226,7 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
             set(api, &id, |s| {
                 s.apps.insert(id.clone(), AppState { desired: Desired::Absent, purge, restart: false });
             })?;
-            Ok(json!({ "id": id, "desired": "absent", "purge": purge }))
+            reply(Accepted { id, desired: Some(Desired::Absent), purge: Some(purge) })
         }
         "package.start" | "package.stop" | "package.restart" => {
             let id = app()?;
@@ -194,26 +239,30 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
                     _ => a.restart = true,
                 }
             })?;
-            Ok(json!({ "id": id }))
+            reply(Accepted { id, desired: None, purge: None })
         }
         "package.list" => {
             let status = api.shared.status.lock().unwrap_or_else(|e| e.into_inner());
             let store = api.shared.store.lock().unwrap_or_else(|e| e.into_inner());
             // Desired state is authoritative; status fills in what the last tick observed.
-            let apps: Vec<Value> = store
+            let apps: Vec<AppStatus> = store
                 .state()
                 .apps
                 .iter()
                 .map(|(id, a)| match status.apps.get(id) {
-                    Some(s) => {
-                        let mut v = json!(s);
-                        v["desired"] = json!(a.desired);
-                        v
-                    }
-                    None => json!({ "id": id, "desired": a.desired, "up": false }),
+                    Some(s) => AppStatus { desired: a.desired, ..s.clone() },
+                    None => AppStatus {
+                        id: id.clone(),
+                        desired: a.desired,
+                        state: None,
+                        health: None,
+                        up: false,
+                        waiting: None,
+                        error: None,
+                    },
                 })
                 .collect();
-            Ok(json!(apps))
+            reply(apps)
         }
         "container-list" => {
             let status = api.shared.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,35 +275,39 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
                 .last_tick_at
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs_f64());
-            Ok(json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "instance": api.instance,
-                "backend": api.backend.as_str(),
-                "ready": api.shared.ready.load(Ordering::SeqCst),
-                "converged": status.last_tick.as_ref().is_some_and(|t| t.converged),
-                "last_tick_at": at,
-                "last_tick": status.last_tick,
-                "generation": generation,
-                "broken": crate::failpoint::breakages(),
-            }))
+            reply(NodeStatus {
+                version: env!("CARGO_PKG_VERSION").into(),
+                instance: api.instance.clone(),
+                backend: api.backend,
+                ready: api.shared.ready.load(Ordering::SeqCst),
+                converged: status.last_tick.as_ref().is_some_and(|t| t.converged),
+                last_tick_at: at,
+                last_tick: status.last_tick.clone(),
+                generation,
+                broken: crate::failpoint::breakages().to_vec(),
+            })
         }
         "node.reconcile" => {
             let (tx, rx) = mpsc::channel();
             wake(api, Some(tx));
             let report = rx
                 .recv_timeout(std::time::Duration::from_secs(900))
-                .map_err(|_| (code::INTERNAL, "the reconciler did not answer".to_string(), None))?;
-            Ok(json!(report))
+                .map_err(|_| RpcError::new(code::INTERNAL, "the reconciler did not answer"))?;
+            reply(report)
         }
-        _ => Err((code::METHOD_NOT_FOUND, format!("no method `{method}`"), None)),
+        _ => Err(RpcError::new(code::METHOD_NOT_FOUND, format!("no method `{method}`"))),
     }
+}
+
+fn reply(v: impl Serialize) -> Result<Value, RpcError> {
+    serde_json::to_value(v).map_err(|e| RpcError::new(code::INTERNAL, format!("encoding the answer: {e}")))
 }
 
 fn installed(api: &Api, id: &str) -> Result<(), RpcError> {
     let store = api.shared.store.lock().unwrap_or_else(|e| e.into_inner());
     match store.state().apps.get(id) {
         Some(a) if a.desired != Desired::Absent => Ok(()),
-        _ => Err((code::NOT_INSTALLED, format!("`{id}` is not installed"), None)),
+        _ => Err(RpcError::new(code::NOT_INSTALLED, format!("`{id}` is not installed"))),
     }
 }
 
@@ -262,9 +315,9 @@ fn installed(api: &Api, id: &str) -> Result<(), RpcError> {
 fn set<R>(api: &Api, id: &str, f: impl FnOnce(&mut crate::store::State) -> R) -> Result<R, RpcError> {
     let r = {
         let mut store = api.shared.store.lock().unwrap_or_else(|e| e.into_inner());
-        store
-            .update(f)
-            .map_err(|e| (code::INTERNAL, format!("cannot save the desired state of `{id}`: {e}"), None))?
+        store.update(f).map_err(|e| {
+            RpcError::new(code::INTERNAL, format!("cannot save the desired state of `{id}`: {e}"))
+        })?
     };
     wake(api, None);
     Ok(r)

@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::exec::{Exec, Tool};
 use crate::failpoint;
@@ -338,8 +338,8 @@ pub fn plan(w: &World) -> Plan {
     p
 }
 
-/// Status of one installed app, for the API.
-#[derive(Debug, Clone, Serialize)]
+/// Status of one installed app, as `package.list` answers it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AppStatus {
     pub id: String,
     pub desired: Desired,
@@ -353,8 +353,8 @@ pub struct AppStatus {
     pub error: Option<String>,
 }
 
-/// What one tick did.
-#[derive(Debug, Clone, Default, Serialize)]
+/// What one tick did, as `node.reconcile` answers it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TickReport {
     pub actions: Vec<String>,
     pub failed: Vec<String>,
@@ -370,7 +370,7 @@ pub struct TickReport {
 }
 
 #[derive(Debug, Default)]
-pub struct NodeStatus {
+pub struct Status {
     pub last_tick: Option<TickReport>,
     pub last_tick_at: Option<SystemTime>,
     pub apps: BTreeMap<String, AppStatus>,
@@ -381,7 +381,7 @@ pub struct NodeStatus {
 pub struct Shared {
     pub store: Mutex<Store>,
     pub metrics: Arc<Metrics>,
-    pub status: Mutex<NodeStatus>,
+    pub status: Mutex<Status>,
     /// Install requests not yet up, for the install-latency histogram.
     pub installs: Mutex<HashMap<String, Instant>>,
     pub ready: AtomicBool,
@@ -395,7 +395,7 @@ impl Shared {
         Shared {
             store: Mutex::new(store),
             metrics,
-            status: Mutex::new(NodeStatus::default()),
+            status: Mutex::new(Status::default()),
             installs: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),

@@ -30,7 +30,7 @@ impl BackendKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ContainerState {
     Running,
@@ -41,7 +41,7 @@ pub enum ContainerState {
     Other,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     /// No health check, or none recorded yet.
@@ -51,7 +51,7 @@ pub enum Health {
     Unhealthy,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
 pub struct Binding {
     pub host_ip: String,
     pub host_port: u16,
@@ -60,7 +60,7 @@ pub struct Binding {
 }
 
 /// One managed container as observed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub struct Container {
     pub app: String,
     pub id: String,

@@ -292,6 +292,24 @@ fn owned_0600(path: &Path) -> bool {
     })
 }
 
+/// What is wrong with a secret's content (its file's checks aside): `value` is the target's
+/// bytes and, for bcrypt, `password` the plaintext beside it. For checks of a node's secrets
+/// read from afar, where the files cannot be opened here.
+pub fn problem(kind: SecretKind, value: &[u8], password: Option<&Vec<u8>>) -> Option<HealReason> {
+    let nonempty = |v: &[u8]| if v.is_empty() { Some(HealReason::Empty) } else { None };
+    match kind {
+        SecretKind::Hex16 => nonempty(value).or_else(|| hex_check(value, 32)),
+        SecretKind::Hex32 => nonempty(value).or_else(|| hex_check(value, 64)),
+        SecretKind::Bcrypt => {
+            let pw = password.map_or(&[][..], Vec::as_slice);
+            nonempty(pw)
+                .or_else(|| hex_check(pw, 32))
+                .or_else(|| nonempty(value))
+                .or_else(|| bcrypt_check(pw, value))
+        }
+    }
+}
+
 fn hex_check(v: &[u8], len: usize) -> Option<HealReason> {
     let ok = v.len() == len && v.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
     (!ok).then_some(HealReason::Malformed)

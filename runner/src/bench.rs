@@ -10,6 +10,8 @@ use archy_agent::manifest::Catalog;
 use archy_agent::quadlet::{self, Target};
 use serde_json::{json, Value};
 
+use crate::agent_client::AgentClient;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Apps installed for the no-op tick and start-up figures (copies of fixture fx-web).
@@ -150,25 +152,22 @@ impl Agent<'_> {
         }
     }
 
-    fn rpc(&self, method: &str, params: Value) -> Result<Value> {
-        let token = std::fs::read_to_string(self.home.dir.join("data/agent/api-token"))?;
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        let mut r = self
-            .http
-            .post(&format!("http://127.0.0.1:{}/rpc", self.port))
-            .header("Authorization", &format!("Bearer {token}"))
-            .send_json(&body)?;
-        let v: Value = r.body_mut().read_json()?;
-        v.get("result").cloned().with_context(|| format!("{method}: {v}"))
+    /// A client of this agent (a new one per call: the agent's address is fixed, its token
+    /// file is read at the first request).
+    fn client(&self) -> AgentClient<'_> {
+        let token = self.home.dir.join("data/agent/api-token");
+        AgentClient::at(
+            format!("127.0.0.1:{}", self.port),
+            Box::new(move || Ok(std::fs::read_to_string(&token)?.trim().to_string())),
+        )
     }
 
     fn up(&self, app: &str) -> Result<bool> {
-        Ok(self
-            .rpc("package.list", Value::Null)?
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|a| a["id"] == app && a["up"] == true))
+        Ok(self.client().app(app)?.is_some_and(|a| a.up))
+    }
+
+    fn gone(&self, app: &str) -> Result<bool> {
+        Ok(self.client().app(app)?.is_none())
     }
 
     fn wait(&self, what: &str, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
@@ -183,20 +182,8 @@ impl Agent<'_> {
     }
 
     fn podman_calls(&self) -> Result<Vec<(String, f64)>> {
-        let text = self
-            .http
-            .get(&format!("http://127.0.0.1:{}/metrics", self.port))
-            .call()?
-            .body_mut()
-            .read_to_string()?;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with("archy_agent_exec_calls_total{") && l.contains("tool=\"podman\""))
-            .filter_map(|l| {
-                let verb = l.split("verb=\"").nth(1)?.split('"').next()?.to_string();
-                Some((verb, l.rsplit(' ').next()?.parse().ok()?))
-            })
-            .collect())
+        let calls = self.client().exec_calls()?;
+        Ok(calls.into_iter().filter(|c| c.tool == "podman").map(|c| (c.verb, c.count)).collect())
     }
 
     fn rss_bytes(&self) -> Result<u64> {
@@ -226,25 +213,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Writes a catalog of `n` copies of fx-web (`bench-01`...) on distinct host ports.
-pub fn bench_catalog(source: &Path, dir: &Path, n: usize) -> Result<()> {
-    let template = std::fs::read_to_string(source.join("fx-web/manifest.yml")).context("reading fx-web")?;
-    for i in 1..=n {
-        let id = format!("bench-{i:02}");
-        std::fs::create_dir_all(dir.join(&id))?;
-        let text = template
-            .replace("id: fx-web", &format!("id: {id}"))
-            .replace("host: 18080", &format!("host: {}", 18100 + i));
-        std::fs::write(dir.join(&id).join("manifest.yml"), text)?;
-    }
-    Ok(())
-}
-
 pub fn agent(args: &BenchArgs) -> Result<()> {
     ensure!(args.apps >= 1 && args.samples >= 1, "--apps and --samples must be at least 1");
     let home = Home::new(&args.user)?;
     let catalog = home.dir.join("catalog");
-    bench_catalog(&args.catalog, &catalog, args.apps)?;
+    let fx_web =
+        std::fs::read_to_string(args.catalog.join("fx-web/manifest.yml")).context("reading fx-web")?;
+    for (id, text) in crate::measure::fixture_copies(&fx_web, args.apps) {
+        std::fs::create_dir_all(catalog.join(&id))?;
+        std::fs::write(catalog.join(&id).join("manifest.yml"), text)?;
+    }
     let rootfs = args.rootfs.to_string_lossy();
     home.podman(&["import", "-q", &rootfs, "localhost/archy-fixture:1"])?;
     let bin = std::env::current_exe()?.with_file_name("archy-agent");
@@ -256,10 +234,10 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
     let ids: Vec<String> = (1..=args.apps).map(|i| format!("bench-{i:02}")).collect();
     eprintln!("bench: installing {} apps", ids.len());
     for id in &ids {
-        agent.rpc("package.install", json!({"id": id}))?;
+        agent.client().op("install", id)?;
     }
     agent.wait("every app up", || Ok(ids.iter().all(|id| agent.up(id).unwrap_or(false))))?;
-    agent.wait("convergence", || Ok(agent.rpc("node.reconcile", Value::Null)?["converged"] == true))?;
+    agent.wait("convergence", || Ok(agent.client().reconcile()?.converged))?;
 
     // 1. No-op tick vs the bare `podman ps` it is built on, interleaved.
     eprintln!("bench: no-op ticks");
@@ -268,10 +246,10 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
         ps.push(
             home.podman(&["ps", "-a", "--format", "json", "--filter", "label=io.archy.app"])?.as_secs_f64(),
         );
-        let r = agent.rpc("node.reconcile", Value::Null)?;
-        ensure!(r["actions"] == json!([]), "a tick of the converged node did something: {r}");
-        tick.push(r["duration_seconds"].as_f64().unwrap_or(f64::NAN));
-        calls.push(r["podman_calls"].as_f64().unwrap_or(f64::NAN));
+        let r = agent.client().reconcile()?;
+        ensure!(r.actions.is_empty(), "a tick of the converged node did something: {r:?}");
+        tick.push(r.duration_seconds);
+        calls.push(r.podman_calls as f64);
     }
 
     // 2. Install (request -> healthy) vs raw `podman run -d` + health probes until one passes.
@@ -286,13 +264,8 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
         .filter(|a| !a.starts_with("--label=io.archy"))
         .map(|a| if a.starts_with("--name=") { "--name=raw-bench".to_string() } else { a.clone() })
         .collect();
-    agent.rpc("package.uninstall", json!({"id": app}))?;
-    agent.wait("bench app removed", || {
-        Ok(agent
-            .rpc("package.list", Value::Null)?
-            .as_array()
-            .is_some_and(|a| a.iter().all(|x| x["id"] != *app)))
-    })?;
+    agent.client().uninstall(app, false)?;
+    agent.wait("bench app removed", || agent.gone(app))?;
     let (mut install, mut raw, mut mutating, mut probes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.samples {
         let start = Instant::now();
@@ -307,7 +280,7 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
 
         let before = agent.podman_calls()?;
         let start = Instant::now();
-        agent.rpc("package.install", json!({"id": app}))?;
+        agent.client().op("install", app)?;
         agent.wait("install", || agent.up(app))?;
         install.push(start.elapsed().as_secs_f64());
         let after = agent.podman_calls()?;
@@ -317,15 +290,10 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
         };
         mutating.push(delta(&|v| v != "ps" && v != "healthcheck run"));
         probes.push(delta(&|v| v == "healthcheck run"));
-        agent.rpc("package.uninstall", json!({"id": app}))?;
-        agent.wait("uninstall", || {
-            Ok(agent
-                .rpc("package.list", Value::Null)?
-                .as_array()
-                .is_some_and(|a| a.iter().all(|x| x["id"] != *app)))
-        })?;
+        agent.client().uninstall(app, false)?;
+        agent.wait("uninstall", || agent.gone(app))?;
     }
-    agent.rpc("package.install", json!({"id": app}))?;
+    agent.client().op("install", app)?;
     agent.wait("every app up", || Ok(ids.iter().all(|id| agent.up(id).unwrap_or(false))))?;
 
     // 3. Start-up to /readyz with every app installed and running, then idle RSS.
@@ -335,7 +303,7 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
         agent.stop();
         startup.push(agent.spawn()?.as_secs_f64());
     }
-    agent.wait("convergence", || Ok(agent.rpc("node.reconcile", Value::Null)?["converged"] == true))?;
+    agent.wait("convergence", || Ok(agent.client().reconcile()?.converged))?;
     std::thread::sleep(Duration::from_secs(2));
     let rss = agent.rss_bytes()? as f64;
 
@@ -423,7 +391,8 @@ const NODE_APPS: [&str; 5] = ["fx-web", "fx-client", "fx-gateway", "fx-hostnet",
 /// `archy-chaos bench node`: boot to agent ready, power cut to every app healthy again, and
 /// the memory of everything one node runs.
 pub fn node(args: &NodeBenchArgs) -> Result<()> {
-    use crate::node::{Backend, LocalNode, Node, UpOptions};
+    use crate::node::local::UpOptions;
+    use crate::node::{Backend, LocalNode};
     let name = format!("bench{}", std::process::id() % 100000);
     let opts = UpOptions {
         name: name.clone(),
@@ -435,15 +404,14 @@ pub fn node(args: &NodeBenchArgs) -> Result<()> {
     };
     let bin = std::env::current_exe()?.with_file_name("archy-agent");
     let node = LocalNode::up(&opts, &bin, &args.catalog)?;
+    let client = AgentClient::new(&node);
     let result = (|| -> Result<Value> {
         for app in NODE_APPS {
-            node.rpc("package.install", json!({"id": app}))?;
+            client.op("install", app)?;
         }
-        let all_up = |node: &LocalNode| -> Result<bool> {
-            let list = node.rpc("package.list", Value::Null)?;
-            Ok(NODE_APPS
-                .iter()
-                .all(|id| list.as_array().into_iter().flatten().any(|a| a["id"] == *id && a["up"] == true)))
+        let all_up = |_: &LocalNode| -> Result<bool> {
+            let list = client.list()?;
+            Ok(NODE_APPS.iter().all(|id| list.iter().any(|a| a.id == *id && a.up)))
         };
         let start = Instant::now();
         while !all_up(&node).unwrap_or(false) {

@@ -1,8 +1,10 @@
 //! `archy-chaos`: runs L3 lifecycle-survival, L5 chaos and L6 performance scenarios
 //! against a node and gates a release on the result.
 
+mod agent_client;
 mod bench;
 mod chart;
+mod evidence;
 mod fleet;
 mod gate;
 mod measure;
@@ -240,7 +242,7 @@ fn run_scenarios(args: RunArgs) -> ExitCode {
     let mut environment = serde_json::Value::Null;
     for (i, (s, apps, iterations)) in work.iter().enumerate() {
         bar.set_message(s.id.clone());
-        let opts = node::UpOptions {
+        let opts = node::local::UpOptions {
             name: name.clone(),
             user: args.user.clone(),
             backend: args.backend,
@@ -259,7 +261,29 @@ fn run_scenarios(args: RunArgs) -> ExitCode {
                 continue;
             }
         };
-        let results = run_one(s, &node, &catalog, apps, *iterations, seed ^ (i as u64) << 32, &bar);
+        let results = scenario::engine::run_scenario(
+            s,
+            &node,
+            apps,
+            *iterations,
+            seed ^ (i as u64) << 32,
+            |group, it| {
+                let line = format!(
+                    "{} [{}] iteration {}/{iterations}: {:?}",
+                    s.id,
+                    group.join(","),
+                    it.n,
+                    it.verdict
+                );
+                if bar.is_hidden() {
+                    eprintln!("{line}"); // no terminal (CI): the log still shows progress
+                } else {
+                    bar.println(line);
+                }
+                bar.inc(1);
+                true
+            },
+        );
         scenarios.push(report::ScenarioReport::new(s, results));
         if i + 1 == work.len() {
             environment = report::environment(&node, cpu_before);
@@ -323,63 +347,6 @@ fn run_scenarios(args: RunArgs) -> ExitCode {
         println!("verdict: {:?}; report: {}; replay: {}", r.verdict, path.display(), r.replay);
     }
     ExitCode::from(r.exit_code())
-}
-
-/// The iterations of one scenario on its node. Per-app scenarios (the lifecycle matrix) run
-/// every iteration once per app, the app under test last after the dependencies it needs,
-/// from a clean node.
-fn run_one(
-    s: &scenario::Scenario,
-    node: &node::LocalNode,
-    catalog: &archy_agent::manifest::Catalog,
-    apps: &[String],
-    iterations: u32,
-    seed: u64,
-    bar: &indicatif::ProgressBar,
-) -> Vec<scenario::Iteration> {
-    use rand::SeedableRng;
-    let with_deps = |app: &String| {
-        let mut group: Vec<String> = Vec::new();
-        let mut todo = vec![app.clone()];
-        while let Some(a) = todo.pop() {
-            if !group.contains(&a) {
-                todo.extend(catalog.get(&a).map(|m| m.depends_on.clone()).unwrap_or_default());
-                group.insert(0, a);
-            }
-        }
-        group
-    };
-    let groups: Vec<Vec<String>> =
-        if s.per_app { apps.iter().map(with_deps).collect() } else { vec![apps.to_vec()] };
-    let mut results = Vec::new();
-    for group in &groups {
-        for n in 1..=iterations {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ u64::from(n));
-            let it = scenario::iterate(s, node, group, n, &mut rng);
-            let line = format!("{} [{}] iteration {n}/{iterations}: {:?}", s.id, group.join(","), it.verdict);
-            if bar.is_hidden() {
-                eprintln!("{line}"); // no terminal (CI): the log still shows progress
-            } else {
-                bar.println(line);
-            }
-            bar.inc(1);
-            results.push(it);
-        }
-        if s.per_app {
-            for app in group {
-                let _ =
-                    node::Node::rpc(node, "package.uninstall", serde_json::json!({"id": app, "purge": true}));
-            }
-            let start = std::time::Instant::now();
-            while start.elapsed() < std::time::Duration::from_secs(60)
-                && node::Node::rpc(node, "package.list", serde_json::Value::Null)
-                    .is_ok_and(|l| l.as_array().is_some_and(|a| !a.is_empty()))
-            {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        }
-    }
-    results
 }
 
 #[derive(Subcommand)]
@@ -530,7 +497,9 @@ fn remote_node(
 
 fn remote_command(n: &node::ssh::SshNode, action: RemoteAction) -> anyhow::Result<()> {
     use node::Node;
-    let show = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    fn show(v: impl serde::Serialize) {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+    }
     match action {
         RemoteAction::Boot => println!("{} ready in {:?}", n.name(), n.boot()?),
         RemoteAction::PowerCut => show(n.power_cut()?),
@@ -550,7 +519,7 @@ fn remote_command(n: &node::ssh::SshNode, action: RemoteAction) -> anyhow::Resul
         RemoteAction::Rpc { method, params } => {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| anyhow::anyhow!("params are not JSON: {e}"))?;
-            show(n.rpc(&method, params)?);
+            show(agent_client::AgentClient::new(n).rpc::<serde_json::Value>(&method, params)?);
         }
     }
     Ok(())
@@ -558,11 +527,13 @@ fn remote_command(n: &node::ssh::SshNode, action: RemoteAction) -> anyhow::Resul
 
 fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
     use node::{LocalNode, Node};
-    let show = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    fn show(v: impl serde::Serialize) {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+    }
     match cmd {
         NodeCommand::Up { name, backend, netns, fm3, breakages, user, catalog } => {
             let bin = std::env::current_exe()?.with_file_name("archy-agent");
-            let opts = node::UpOptions { name: name.clone(), user, backend, netns, fm3, breakages };
+            let opts = node::local::UpOptions { name: name.clone(), user, backend, netns, fm3, breakages };
             let n = LocalNode::up(&opts, &bin, &catalog)?;
             println!("node {name} up; agent at http://{}", n.api_addr());
         }
@@ -613,7 +584,8 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
         NodeCommand::Rpc { name, method, params } => {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| anyhow::anyhow!("params are not JSON: {e}"))?;
-            show(LocalNode::open(&name)?.rpc(&method, params)?);
+            let n = LocalNode::open(&name)?;
+            show(agent_client::AgentClient::new(&n).rpc::<serde_json::Value>(&method, params)?);
         }
     }
     Ok(())

@@ -1,16 +1,17 @@
 //! L6 measurements inside a node, each beside the raw podman baseline it is built on, taken in
 //! the same run and interleaved so that the machine's noise hits both alike. Samples go back
-//! as `{"measures": {name: [seconds...]}}` in a step's evidence.
+//! in the step's [`Evidence`].
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use archy_agent::manifest::Catalog;
 use archy_agent::quadlet;
-use serde_json::{json, Value};
 
-use crate::node::{LocalNode, Node};
-use crate::scenario::{exec_calls, wait_converged};
+use crate::agent_client::AgentClient;
+use crate::evidence::Evidence;
+use crate::node::Node;
+use crate::scenario::{kpi, LifecycleOp};
 
 /// Polls `done` every 20 ms until it holds.
 fn until(what: &str, timeout: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
@@ -22,14 +23,9 @@ fn until(what: &str, timeout: Duration, mut done: impl FnMut() -> Result<bool>) 
     Ok(())
 }
 
-fn app_entry(node: &LocalNode, app: &str) -> Result<Option<Value>> {
-    let list = node.rpc("package.list", Value::Null)?;
-    Ok(list.as_array().into_iter().flatten().find(|a| a["id"] == app).cloned())
-}
-
 /// Runs `script` in the node's shell with `args` as `$@`; its stdout, which must be a number
 /// of nanoseconds measured inside the node (so the cost of entering the node is not counted).
-fn timed_in_node(node: &LocalNode, script: &str, args: &[String]) -> Result<f64> {
+fn timed_in_node(node: &dyn Node, script: &str, args: &[String]) -> Result<f64> {
     let mut argv = vec!["sh", "-c", script, "sh"];
     argv.extend(args.iter().map(String::as_str));
     let out = node.exec(&argv)?;
@@ -42,35 +38,34 @@ fn timed_in_node(node: &LocalNode, script: &str, args: &[String]) -> Result<f64>
 /// until its health check passes. Odd iterations measure the agent first, even ones the
 /// baseline first.
 pub fn install(
-    node: &LocalNode,
+    node: &dyn Node,
+    agent: &AgentClient,
     catalog: &Catalog,
     apps: &[String],
     timeout: Duration,
     n: u32,
-) -> Result<Value> {
+) -> Result<Evidence> {
     let version = node.exec(&["podman", "version", "--format", "{{.Client.Version}}"])?;
     let version = String::from_utf8_lossy(&version.stdout).trim().parse().map_err(anyhow::Error::msg)?;
-    let mut target = quadlet::Target::new(version, node.root.join("data"));
+    let mut target = quadlet::Target::new(version, node.root_on_node().join("data"));
     // The node's cgroup view has no memory controller: the agent leaves limits out there too.
     target.memory_limits = false;
-    let (mut agent, mut raw) = (Vec::new(), Vec::new());
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
     for app in apps {
         let m = catalog.get(app).with_context(|| format!("{app} is not in the node's catalog"))?;
         let measure_agent = || -> Result<f64> {
             let start = Instant::now();
-            node.rpc("package.install", json!({"id": app}))?;
-            until(&format!("{app} up"), timeout, || {
-                Ok(app_entry(node, app)?.is_some_and(|a| a["up"] == true))
-            })?;
+            agent.op("install", app)?;
+            until(&format!("{app} up"), timeout, || Ok(agent.app(app)?.is_some_and(|a| a.up)))?;
             let t = start.elapsed().as_secs_f64();
             // Removed again (secrets and data kept) so the baseline can use the same name and ports.
-            node.rpc("package.uninstall", json!({"id": app}))?;
-            until(&format!("{app} uninstalled"), timeout, || Ok(app_entry(node, app)?.is_none()))?;
+            agent.uninstall(app, false)?;
+            until(&format!("{app} uninstalled"), timeout, || Ok(agent.app(app)?.is_none()))?;
             Ok(t)
         };
         let measure_raw = || -> Result<f64> {
             ensure!(
-                node.root.join("data/secrets").join(app).exists() || m.generated_secrets.is_empty(),
+                node.stat(&format!("data/secrets/{app}"))?.is_some() || m.generated_secrets.is_empty(),
                 "the baseline reuses {app}'s secrets: measure the agent first"
             );
             let unit = quadlet::render(m, &target);
@@ -88,37 +83,48 @@ pub fn install(
             timed_in_node(node, &script, &args)
         };
         // The agent goes first on the first sample: the baseline needs the secrets it made.
-        if n % 2 == 1 || agent.is_empty() {
-            agent.push(measure_agent()?);
+        if n % 2 == 1 || ours.is_empty() {
+            ours.push(measure_agent()?);
             raw.push(measure_raw()?);
         } else {
             raw.push(measure_raw()?);
-            agent.push(measure_agent()?);
+            ours.push(measure_agent()?);
         }
     }
-    let ratio: Vec<f64> = agent.iter().zip(&raw).map(|(a, r)| a / r).collect();
-    Ok(
-        json!({"apps": apps, "measures": {"install_seconds": agent, "raw_run_seconds": raw, "install_ratio": ratio}}),
-    )
+    let ratio: Vec<f64> = ours.iter().zip(&raw).map(|(a, r)| a / r).collect();
+    Ok(Evidence::default()
+        .with("apps", apps)
+        .measure(kpi::INSTALL, ours)
+        .measure(kpi::RAW_RUN, raw)
+        .measure(kpi::INSTALL_RATIO, ratio))
 }
 
 /// No-op ticks at each app count, each beside `podman ps` (the tick's one observation call)
 /// timed inside the node. The apps are copies of fx-web written into the node's catalog.
-pub fn ticks(node: &LocalNode, counts: &[usize], ticks: u32, timeout: Duration) -> Result<Value> {
+pub fn ticks(
+    node: &dyn Node,
+    agent: &AgentClient,
+    counts: &[usize],
+    ticks: u32,
+    timeout: Duration,
+) -> Result<Evidence> {
     let max = counts.iter().copied().max().unwrap_or(0);
     ensure!((1..=60).contains(&max), "counts must be between 1 and 60 apps");
-    let catalog = node.root.join("catalog");
-    crate::bench::bench_catalog(&catalog, &catalog, max)?;
-    let ids: Vec<String> = (1..=max).map(|i| format!("bench-{i:02}")).collect();
-    let mut measures = serde_json::Map::new();
+    let template = node.read("catalog/fx-web/manifest.yml")?.context("the node's catalog has no fx-web")?;
+    let copies = fixture_copies(&String::from_utf8_lossy(&template), max);
+    for (id, text) in &copies {
+        node.write(&format!("catalog/{id}/manifest.yml"), text.as_bytes())?;
+    }
+    let ids: Vec<String> = copies.into_iter().map(|(id, _)| id).collect();
+    let mut evidence = Evidence::default().with("counts", counts);
     let mut sorted = counts.to_vec();
     sorted.sort_unstable();
     let result = (|| -> Result<()> {
         for n in sorted {
             for id in &ids[..n] {
-                node.rpc("package.install", json!({"id": id}))?;
+                agent.op("install", id)?;
             }
-            wait_converged(node, &ids[..n], timeout)?;
+            agent.wait_converged(&ids[..n], timeout)?;
             let (mut tick, mut ps, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..ticks {
                 let raw = timed_in_node(
@@ -126,50 +132,62 @@ pub fn ticks(node: &LocalNode, counts: &[usize], ticks: u32, timeout: Duration) 
                     "s=$(date +%s%N); podman ps -a --format json --filter label=io.archy.app >/dev/null || exit 1; e=$(date +%s%N); echo $((e-s))",
                     &[],
                 )?;
-                let r = node.rpc("node.reconcile", Value::Null)?;
-                if r["actions"] != json!([]) {
-                    bail!("a tick of the converged node with {n} apps did something: {r}");
-                }
-                let t = r["duration_seconds"].as_f64().context("tick duration")?;
+                let r = agent.reconcile()?;
+                ensure!(
+                    r.actions.is_empty(),
+                    "a tick of the converged node with {n} apps did something: {r:?}"
+                );
+                let t = r.duration_seconds;
                 tick.push(t);
                 ps.push(raw);
                 ratio.push(t / raw);
             }
-            measures.insert(format!("tick_seconds_{n:02}apps"), json!(tick));
-            measures.insert(format!("raw_ps_seconds_{n:02}apps"), json!(ps));
-            measures.insert(format!("tick_ratio_{n:02}apps"), json!(ratio));
+            evidence = std::mem::take(&mut evidence)
+                .measure(&kpi::at_apps(kpi::TICK, n), tick)
+                .measure(&kpi::at_apps(kpi::RAW_PS, n), ps)
+                .measure(&kpi::at_apps(kpi::TICK_RATIO, n), ratio);
         }
         Ok(())
     })();
     // The copies go whatever happened, so the scenario's invariants see only its own apps.
-    for id in &ids {
-        let _ = node.rpc("package.uninstall", json!({"id": id, "purge": true}));
-    }
-    until("the scale apps removed", timeout, || {
-        Ok(ids.iter().all(|id| app_entry(node, id).is_ok_and(|e| e.is_none())))
-    })?;
+    let cleaned = crate::scenario::engine::clean(agent, &ids, timeout);
     result?;
-    Ok(json!({"counts": counts, "measures": measures}))
+    cleaned?;
+    Ok(evidence)
+}
+
+/// `n` copies of the fx-web fixture (`bench-01`...) on distinct host ports: (id, manifest).
+pub fn fixture_copies(fx_web: &str, n: usize) -> Vec<(String, String)> {
+    (1..=n)
+        .map(|i| {
+            let id = format!("bench-{i:02}");
+            let text = fx_web
+                .replace("id: fx-web", &format!("id: {id}"))
+                .replace("host: 18080", &format!("host: {}", 18100 + i));
+            (id, text)
+        })
+        .collect()
 }
 
 /// Podman calls (beyond the per-tick `podman ps`) and systemctl calls the agent makes for
 /// each lifecycle operation on the first app, from the operation to convergence.
-pub fn calls(node: &LocalNode, apps: &[String], timeout: Duration) -> Result<Value> {
-    use crate::scenario::LifecycleOp;
+pub fn calls(agent: &AgentClient, apps: &[String], timeout: Duration) -> Result<Evidence> {
     let app = apps.first().context("no app")?;
     let count = || -> Result<(f64, f64)> {
-        let calls = exec_calls(node)?;
-        let sum = |tool: &str| calls.iter().filter(|c| c.0 == tool && c.1 != "ps").map(|c| c.3).sum();
+        let calls = agent.exec_calls()?;
+        let sum =
+            |tool: &str| calls.iter().filter(|c| c.tool == tool && c.verb != "ps").map(|c| c.count).sum();
         Ok((sum("podman"), sum("systemctl")))
     };
-    let mut measures = serde_json::Map::new();
+    let mut evidence = Evidence::default().with("app", app);
     for op in LifecycleOp::ALL {
         let before = count()?;
-        node.rpc(&format!("package.{}", op.name()), json!({"id": app}))?;
-        wait_converged(node, std::slice::from_ref(app), timeout)?;
+        agent.op(op.name(), app)?;
+        agent.wait_converged(std::slice::from_ref(app), timeout)?;
         let after = count()?;
-        measures.insert(format!("{}_podman_calls", op.name()), json!([after.0 - before.0]));
-        measures.insert(format!("{}_systemctl_calls", op.name()), json!([after.1 - before.1]));
+        evidence = evidence
+            .measure(&kpi::calls(op.name(), "podman"), vec![after.0 - before.0])
+            .measure(&kpi::calls(op.name(), "systemctl"), vec![after.1 - before.1]);
     }
-    Ok(json!({"app": app, "measures": measures}))
+    Ok(evidence)
 }

@@ -1,34 +1,35 @@
-//! Nodes the runner can really hurt. `LocalNode` is a node-in-a-box on this machine: its own
-//! PID, mount and cgroup namespaces (and optionally network namespace), its own HOME, podman
-//! storage and runtime dir, a real `systemd --user` manager as the user's init, and the agent
-//! as a user service of it. Faults are real: a power cut is a SIGKILL of the node's PID 1.
+//! Nodes the runner can really hurt: a local node-in-a-box ([`local::LocalNode`]) or a real
+//! host over SSH ([`ssh::SshNode`]). The engine sees only the [`Node`] trait: the fault
+//! primitives, a command runner, and the node's files under its root (`data/`, the agent's
+//! data root, and `catalog/`, the catalog its agent runs). The node, not the engine, knows
+//! where those files live and how to reach them.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
-use serde_json::{json, Value};
+use anyhow::{ensure, Result};
+use archy_agent::manifest::Catalog;
+use serde::{Deserialize, Serialize};
 
-const INIT: &str = include_str!("node-init.sh");
-/// The range of node addresses: 10.213.<index>.0/30 per node, host side .1, node side .2.
-const NODE_NET: &str = "10.213.0.0/16";
-/// Port the agent listens on inside a node with its own network namespace.
-const NETNS_AGENT_PORT: u16 = 8719;
+pub use crate::evidence::Evidence;
 
+pub mod local;
 pub mod ssh;
 
-/// What a fault did, for the verdict's evidence: a fault without evidence is `unknown`.
-pub type Evidence = Value;
+pub use local::LocalNode;
 
-/// The fault primitives and observation helpers every node offers, local or remote.
-pub trait Node {
+/// The fault primitives, the command runner and the file access every node offers.
+pub trait Node: Send + Sync {
+    /// Short name, for logs and report sections.
     fn name(&self) -> &str;
+    /// How `--node` names this node: `local:NAME` or `ssh://user@host[:port]`.
+    fn url(&self) -> String;
     /// The agent's API address as the runner reaches it.
     fn api_addr(&self) -> String;
+    /// The agent's API token (read from the node; the agent client keeps it).
     fn token(&self) -> Result<String>;
+
     /// Brings the node up (a real host comes back by itself) and waits for the agent's /readyz.
     fn boot(&self) -> Result<Duration>;
     /// Every process dies at once, nothing is flushed; the node then boots again.
@@ -38,34 +39,84 @@ pub trait Node {
     fn kill_agent(&self, signal: &str) -> Result<Evidence>;
     /// A restart through the user manager, which kills the agent's whole cgroup.
     fn restart_agent(&self) -> Result<Evidence>;
+    /// Kills an app's main process, as the OOM killer would.
     fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence>;
     fn partition(&self) -> Result<Evidence>;
     fn heal(&self) -> Result<Evidence>;
-    /// Runs a command on the node as the service user.
+    /// Runs a command on the node as the service user, in its environment.
     fn exec(&self, argv: &[&str]) -> Result<Output>;
 
-    /// JSON-RPC to the node's agent.
-    fn rpc(&self, method: &str, params: Value) -> Result<Value> {
-        let http = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(900)))
-            .build()
-            .new_agent();
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        let v: Value = http
-            .post(&format!("http://{}/rpc", self.api_addr()))
-            .header("Authorization", &format!("Bearer {}", self.token()?))
-            .send_json(&body)?
-            .body_mut()
-            .read_json()?;
-        match v.get("result") {
-            Some(r) => Ok(r.clone()),
-            None => bail!("{method}: {}", v["error"]),
+    /// The node's root as the node itself names it (what the agent's config points at).
+    fn root_on_node(&self) -> PathBuf;
+    /// Uid of the service user on the node.
+    fn service_uid(&self) -> Result<u32>;
+    /// A file's bytes; `None` if it does not exist. Paths are relative to the node's root.
+    fn read(&self, rel: &str) -> Result<Option<Vec<u8>>>;
+    /// Creates or replaces a file (parents created), owned by the service user.
+    fn write(&self, rel: &str, bytes: &[u8]) -> Result<()>;
+    /// lstat; `None` if nothing is there.
+    fn stat(&self, rel: &str) -> Result<Option<Stat>>;
+    /// SHA-256 of a file's bytes, hex; `None` if it does not exist.
+    fn hash(&self, rel: &str) -> Result<Option<String>>;
+    /// Names in a directory, sorted; empty if it does not exist.
+    fn list(&self, rel: &str) -> Result<Vec<String>>;
+    /// Removes a file or a whole directory; whether anything was there.
+    fn remove(&self, rel: &str) -> Result<bool>;
+    /// Damages a file that exists (every fault but delete, which is [`Node::remove`]).
+    fn damage(&self, rel: &str, fault: FileFault) -> Result<()>;
+    /// The last `lines` lines of the node's log (its agent and units).
+    fn log(&self, lines: usize) -> Result<String>;
+    /// The catalog the node's agent runs: its own copy under `catalog/`.
+    fn catalog(&self) -> Result<Catalog>;
+
+    /// A file fault with its evidence: the file's checksum, owner and mode before and after.
+    fn file_fault(&self, rel: &str, fault: FileFault) -> Result<Evidence> {
+        let before = self.stat(rel)?;
+        ensure!(before.is_some(), "{rel} does not exist on node {}", self.name());
+        let sha_before = self.hash(rel)?;
+        match fault {
+            FileFault::Delete => {
+                self.remove(rel)?;
+            }
+            other => self.damage(rel, other)?,
         }
+        let after = self.stat(rel)?;
+        let sha_after = self.hash(rel)?;
+        Ok(Evidence::default()
+            .with("fault", format!("{fault:?}").to_lowercase())
+            .with("path", rel)
+            .with("sha256_before", &sha_before)
+            .with("sha256_after", &sha_after)
+            .with("owner_after", after.as_ref().map(|s| s.uid))
+            .with("mode_after", after.as_ref().map(|s| format!("{:o}", s.mode)))
+            .effect(after != before || sha_after != sha_before))
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+/// What lstat says of a file on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stat {
+    pub kind: FileKind,
+    /// Permission bits (`0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub inode: u64,
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Quadlet,
@@ -73,11 +124,12 @@ pub enum Backend {
 }
 
 /// File faults, each a real change on the node's disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FileFault {
     Delete,
     Truncate,
-    /// Overwrite with random bytes of the same length.
+    /// Overwrite with random bytes of the same length (at least 16).
     Corrupt,
     /// chown root:root (as a misbehaving root process would).
     ChownRoot,
@@ -85,660 +137,14 @@ pub enum FileFault {
     Chmod,
 }
 
-fn yes() -> bool {
-    true
-}
-
-/// What `node up` remembers between commands.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct NodeSpec {
-    pub name: String,
-    pub user: String,
-    pub backend: Backend,
-    /// Index of the node's /30 on its veth pair, when it has its own network namespace.
-    pub netns: Option<u8>,
-    /// Agent port on the host's loopback (nodes without their own network namespace).
-    pub port: u16,
-    /// Podman backend: podman calls run in a cgroup of their own, not the agent's. Off, the
-    /// node reproduces the platform's FM3 (containers die when the agent restarts).
-    #[serde(default = "yes")]
-    pub podman_cgroup: bool,
-}
-
-/// How `node up` makes a node.
-#[derive(Debug, Clone)]
-pub struct UpOptions {
-    pub name: String,
-    pub user: String,
-    pub backend: Backend,
-    /// Own network namespace with a veth pair (side-by-side nodes, partitions).
-    pub netns: bool,
-    /// Podman backend: leave podman in the agent's cgroup, the platform's FM3 bug.
-    pub fm3: bool,
-    /// Deliberate agent bugs (`archy_agent::failpoint::BREAKAGES`), for proving the suite.
-    pub breakages: Vec<String>,
-}
-
-pub struct LocalNode {
-    pub spec: NodeSpec,
-    pub root: PathBuf,
-}
-
-/// Where local nodes live.
-pub fn nodes_dir() -> PathBuf {
-    std::env::var_os("ARCHY_NODES_DIR")
-        .map_or_else(|| PathBuf::from("/var/lib/archy-chaos/nodes"), PathBuf::from)
-}
-
-fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+/// A path relative to a node's root, refused if it would leave it.
+pub fn checked(rel: &str) -> Result<&str> {
     ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
+        !rel.is_empty() && !rel.starts_with('/') && !rel.split('/').any(|c| c == ".." || c == "."),
+        "`{rel}` is not a path inside the node's root (relative, no `.` or `..`)"
     );
-    Ok(out)
+    Ok(rel)
 }
 
-/// The unified cgroup hierarchy of this host (pure v2, or the `unified` mount of hybrid).
-fn cgroup2_root() -> PathBuf {
-    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        PathBuf::from("/sys/fs/cgroup")
-    } else {
-        PathBuf::from("/sys/fs/cgroup/unified")
-    }
-}
-
-fn pids_of(ppid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| s.rsplit(')').next()?.split_whitespace().nth(1)?.parse::<u32>().ok())
-                == Some(ppid)
-        })
-        .collect()
-}
-
-impl LocalNode {
-    pub fn open(name: &str) -> Result<LocalNode> {
-        let root = nodes_dir().join(name);
-        let text = std::fs::read_to_string(root.join("node.json"))
-            .with_context(|| format!("no node `{name}` (run `archy-chaos node up {name}` first)"))?;
-        Ok(LocalNode { spec: serde_json::from_str(&text)?, root })
-    }
-
-    /// Creates the node's files (idempotent) and boots it.
-    pub fn up(opts: &UpOptions, agent_bin: &Path, catalog: &Path) -> Result<LocalNode> {
-        let UpOptions { name, user, backend, netns, fm3, breakages } = opts;
-        let (name, user, backend, netns) = (name.as_str(), user.as_str(), *backend, *netns);
-        ensure!(
-            !name.is_empty()
-                && name.len() <= 12
-                && name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
-            "node names are 1-12 lowercase letters or digits (they name a veth and a cgroup)"
-        );
-        ensure!(
-            nix::unistd::geteuid().is_root(),
-            "local nodes are made by root (namespaces, mounts, cgroups)"
-        );
-        let u = nix::unistd::User::from_name(user)?
-            .with_context(|| format!("no user `{user}`: run scripts/setup-host"))?;
-        let root = nodes_dir().join(name);
-        if let Ok(existing) = LocalNode::open(name) {
-            if existing.init_pid().is_some() {
-                return Ok(existing);
-            }
-        }
-        // Index allocation and the netns are machine-wide: one `node up` at a time.
-        std::fs::create_dir_all(nodes_dir())?;
-        let lock = std::fs::File::create(nodes_dir().join(".lock"))?;
-        lock.lock()?;
-        let used: Vec<u8> = std::fs::read_dir(nodes_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| LocalNode::open(&e.file_name().to_string_lossy()).ok()?.spec.netns)
-            .collect();
-        let index = if netns {
-            Some((1..=250).find(|i| !used.contains(i)).context("no free node network index")?)
-        } else {
-            None
-        };
-        let port = if netns {
-            NETNS_AGENT_PORT
-        } else {
-            std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
-        };
-        let spec = NodeSpec {
-            name: name.into(),
-            user: user.into(),
-            backend,
-            netns: index,
-            port,
-            podman_cgroup: !fm3,
-        };
-
-        let home = root.join("home");
-        for d in [
-            "home/.config/containers/systemd",
-            "home/.config/systemd/user/default.target.wants",
-            "home/.config/archy",
-            "run",
-            "data",
-            "bin",
-        ] {
-            std::fs::create_dir_all(root.join(d))?;
-        }
-        std::fs::write(
-            home.join(".config/containers/containers.conf"),
-            "[engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
-        )?;
-        std::fs::write(home.join(".config/containers/storage.conf"), "[storage]\ndriver = \"vfs\"\n")?;
-        // No journald in a node: every unit's output goes to the manager's, i.e. node.log.
-        std::fs::create_dir_all(home.join(".config/systemd"))?;
-        std::fs::write(
-            home.join(".config/systemd/user.conf"),
-            "[Manager]\nDefaultStandardOutput=inherit\nDefaultStandardError=inherit\n",
-        )?;
-        ensure!(
-            agent_bin.is_file(),
-            "{} not found: the agent is built beside archy-chaos (`cargo build --release` builds both)",
-            agent_bin.display()
-        );
-        // Copy then rename: the running agent of a node being re-created keeps its inode.
-        std::fs::copy(agent_bin, root.join("bin/.archy-agent.new")).context("copying the agent binary")?;
-        std::fs::rename(root.join("bin/.archy-agent.new"), root.join("bin/archy-agent"))?;
-        let cat = root.join("catalog");
-        if !cat.exists() {
-            run(Command::new("cp").arg("-r").arg(catalog).arg(&cat))?;
-        }
-        let listen = if netns { format!("0.0.0.0:{port}") } else { format!("127.0.0.1:{port}") };
-        std::fs::write(
-            home.join(".config/archy/agent.yml"),
-            format!(
-                "data_root: {data}\ncatalog: {cat}\nlisten: \"{listen}\"\ntick_interval: 5s\nbackend: {backend}\nquadlet_dir: {home}/.config/containers/systemd\npodman: {podman}\n{cgroup}",
-                podman = root.join("bin/podman").display(),
-                data = root.join("data").display(),
-                cat = cat.display(),
-                backend = if backend == Backend::Quadlet { "quadlet" } else { "podman" },
-                home = home.display(),
-                cgroup = if *fm3 {
-                    String::new()
-                } else {
-                    format!("podman_cgroup: /sys/fs/cgroup/user.slice/user-{0}.slice/user@{0}.service/archy-podman\n", u.uid)
-                },
-            ),
-        )?;
-        std::fs::write(
-            home.join(".config/systemd/user/archy-agent.service"),
-            format!(
-                "[Unit]\nDescription=archy agent\n# Never give up restarting: systemd's default (5 starts in 10 s) left a crash-looping\n# agent down for good (found by agent-kill9-survive x20).\nStartLimitIntervalSec=0\n\n[Service]\nExecStart={bin} run --config {cfg}\nRestart=always\nRestartSec=1\nEnvironment=ARCHY_LOG=info\n{broken}\n[Install]\nWantedBy=default.target\n",
-                bin = root.join("bin/archy-agent").display(),
-                broken = if breakages.is_empty() {
-                    String::new()
-                } else {
-                    format!("Environment={}={}\n", archy_agent::failpoint::BREAK_ENV, breakages.join(","))
-                },
-                cfg = home.join(".config/archy/agent.yml").display(),
-            ),
-        )?;
-        let wants = home.join(".config/systemd/user/default.target.wants/archy-agent.service");
-        if !wants.exists() {
-            std::os::unix::fs::symlink("../archy-agent.service", &wants)?;
-        }
-        // The agent's podman: the real one, unless the runner's fault flag says it fails.
-        std::fs::write(
-            root.join("bin/podman"),
-            format!(
-                "#!/bin/sh\nif [ -e {flag} ]; then echo 'Error: podman failing (archy-chaos fault)' >&2; exit 125; fi\nexec /usr/bin/podman \"$@\"\n",
-                flag = root.join(crate::scenario::PODMAN_FAIL_FLAG).display()
-            ),
-        )?;
-        std::fs::set_permissions(root.join("bin/podman"), std::fs::Permissions::from_mode(0o755))?;
-        std::fs::write(root.join("init.sh"), INIT)?;
-        std::fs::set_permissions(root.join("init.sh"), std::fs::Permissions::from_mode(0o755))?;
-        std::fs::write(root.join("node.json"), serde_json::to_vec_pretty(&spec)?)?;
-        run(Command::new("chown")
-            .arg("-R")
-            .arg(format!("{}:{}", u.uid, u.gid))
-            .arg(&home)
-            .arg(root.join("data"))
-            .arg(root.join("run"))
-            .arg(&cat))?;
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
-
-        let node = LocalNode { spec, root };
-        if let Some(i) = index {
-            node.create_netns(i)?;
-        }
-        node.boot()?;
-        // The fixture image, imported into this node's own storage from inside the node.
-        let out = node.exec(&["podman", "image", "exists", "localhost/archy-fixture:1"])?;
-        if !out.status.success() {
-            let rootfs = "/var/lib/archy-chaos/fixture-rootfs.tar";
-            ensure!(Path::new(rootfs).is_file(), "{rootfs} missing: run scripts/setup-host");
-            let out = node.exec(&["podman", "import", "-q", rootfs, "localhost/archy-fixture:1"])?;
-            ensure!(
-                out.status.success(),
-                "importing the fixture image: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(node)
-    }
-
-    fn netns_name(&self) -> String {
-        format!("archy-{}", self.spec.name)
-    }
-
-    fn veth(&self) -> String {
-        format!("ar-{}", self.spec.name)
-    }
-
-    fn create_netns(&self, i: u8) -> Result<()> {
-        // Safety net first: node addresses are only ever reachable through their veth. With a
-        // link down (a partition), traffic to them must fail here, never follow the default
-        // route off this machine.
-        run(Command::new("ip").args(["route", "replace", "unreachable", NODE_NET, "metric", "4294967295"]))?;
-        let ns = self.netns_name();
-        if !Path::new("/run/netns").join(&ns).exists() {
-            run(Command::new("ip").args(["netns", "add", &ns]))?;
-        }
-        let veth = self.veth();
-        if !Path::new("/sys/class/net").join(&veth).exists() {
-            run(Command::new("ip")
-                .args(["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]))?;
-            run(Command::new("ip").args(["addr", "add", &format!("10.213.{i}.1/30"), "dev", &veth]))?;
-            run(Command::new("ip").args([
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.213.{i}.2/30"),
-                "dev",
-                "eth0",
-            ]))?;
-        }
-        run(Command::new("ip").args(["link", "set", &veth, "up"]))?;
-        run(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]))?;
-        run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]))?;
-        Ok(())
-    }
-
-    /// The agent's API address, as seen from the runner.
-    pub fn api_addr(&self) -> String {
-        match self.spec.netns {
-            Some(i) => format!("10.213.{i}.2:{}", self.spec.port),
-            None => format!("127.0.0.1:{}", self.spec.port),
-        }
-    }
-
-    fn cgroup(&self) -> PathBuf {
-        cgroup2_root().join("archy-chaos").join(&self.spec.name)
-    }
-
-    /// The node's PID 1 (the child `unshare` forked), if the node is up.
-    pub fn init_pid(&self) -> Option<u32> {
-        let launcher: u32 =
-            std::fs::read_to_string(self.root.join("launcher.pid")).ok()?.trim().parse().ok()?;
-        let cmdline = std::fs::read(format!("/proc/{launcher}/cmdline")).ok()?;
-        if !String::from_utf8_lossy(&cmdline).contains(&*self.root.to_string_lossy()) {
-            return None; // a recycled pid
-        }
-        pids_of(launcher).into_iter().next()
-    }
-
-    /// Starts the node: its manager starts the agent and every enabled unit. Returns the time
-    /// from start to the agent's /readyz.
-    pub fn boot(&self) -> Result<Duration> {
-        ensure!(self.init_pid().is_none(), "node `{}` is already up", self.spec.name);
-        let start = Instant::now();
-        let cg = self.cgroup();
-        std::fs::create_dir_all(&cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
-        let log = std::fs::File::create(self.root.join("node.log"))?;
-        let mut cmd = match self.spec.netns {
-            Some(_) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{}", self.netns_name())).arg("--").arg("unshare");
-                c
-            }
-            None => Command::new("unshare"),
-        };
-        cmd.args(["--pid", "--mount", "--cgroup", "--fork", "--mount-proc", "--propagation", "private"])
-            .arg(self.root.join("init.sh"))
-            .arg(&self.root)
-            .arg(&self.spec.user)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let procs = std::ffi::CString::new(cg.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
-        // SAFETY: only async-signal-safe calls (setsid, open, write, close) between fork and
-        // exec. The node's own cgroup becomes the root of its cgroup namespace.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::libc::setsid();
-                let fd = nix::libc::open(procs.as_ptr(), nix::libc::O_WRONLY | nix::libc::O_CLOEXEC);
-                let ok = fd >= 0 && nix::libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                if fd >= 0 {
-                    nix::libc::close(fd);
-                }
-                if ok {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let child = cmd.spawn().context("starting the node")?;
-        std::fs::write(self.root.join("launcher.pid"), child.id().to_string())?;
-        // The launcher is reaped by whoever waits last; detach it from this process.
-        std::mem::forget(child);
-        self.wait_ready(start, Duration::from_secs(60))
-    }
-
-    fn wait_ready(&self, start: Instant, timeout: Duration) -> Result<Duration> {
-        let url = format!("http://{}/readyz", self.api_addr());
-        let http = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_millis(500)))
-            .build()
-            .new_agent();
-        while start.elapsed() < timeout {
-            if http.get(&url).call().is_ok_and(|r| r.status() == 200) {
-                return Ok(start.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        bail!(
-            "node `{}`: agent not ready at {url} after {timeout:?}; see {}",
-            self.spec.name,
-            self.root.join("node.log").display()
-        )
-    }
-
-    /// Every process of the node dies at once; its tmpfs mounts vanish with its namespaces.
-    pub fn power_cut(&self) -> Result<Evidence> {
-        let init = self.init_pid().context("node is not up")?;
-        let before = self.processes().len();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), nix::sys::signal::SIGKILL)?;
-        self.wait_gone(Duration::from_secs(10))?;
-        let left = self.processes().len();
-        Ok(json!({
-            "fault": "power_cut",
-            "init_pid": init,
-            "processes_killed": before,
-            "processes_left": left,
-            "took_effect": before > 0 && left == 0,
-        }))
-    }
-
-    /// Stops the agent and every app unit through the user manager, as a clean shutdown
-    /// does, then the manager and the node.
-    pub fn shutdown(&self) -> Result<Evidence> {
-        let init = self.init_pid().context("node is not up")?;
-        // Units first, explicitly: under podman 4.3, a quadlet unit's `podman rm` and conmon's
-        // cleanup can deadlock when the manager stops them while it exits itself.
-        let mut units = vec!["stop".to_string(), "archy-agent.service".to_string()];
-        let quadlet = self.root.join("home/.config/containers/systemd");
-        for e in std::fs::read_dir(&quadlet).into_iter().flatten().flatten() {
-            if let Some(app) = e.file_name().to_string_lossy().strip_suffix(".container") {
-                units.push(format!("{app}.service"));
-            }
-        }
-        let args: Vec<&str> = units.iter().map(String::as_str).collect();
-        let stopped = self.systemctl(&args).is_ok();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), nix::sys::signal::SIGTERM)?;
-        let clean = self.wait_gone(Duration::from_secs(90)).is_ok();
-        if !clean {
-            self.power_cut()?;
-        }
-        Ok(
-            json!({"fault": "graceful_shutdown", "units_stopped": stopped, "clean": clean, "took_effect": clean}),
-        )
-    }
-
-    fn wait_gone(&self, timeout: Duration) -> Result<()> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if self.init_pid().is_none() && self.processes().is_empty() {
-                if let Ok(pid) = std::fs::read_to_string(self.root.join("launcher.pid")) {
-                    // Reap the launcher if it was ours.
-                    let _ = nix::sys::wait::waitpid(
-                        nix::unistd::Pid::from_raw(pid.trim().parse().unwrap_or(0)),
-                        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-                    );
-                }
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("node `{}` still has processes after {timeout:?}", self.spec.name)
-    }
-
-    /// Host pids of every process in the node's cgroup subtree.
-    pub fn processes(&self) -> Vec<u32> {
-        fn walk(dir: &Path, out: &mut Vec<u32>) {
-            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-            }
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    walk(&e.path(), out);
-                }
-            }
-        }
-        let mut out = Vec::new();
-        walk(&self.cgroup(), &mut out);
-        out
-    }
-
-    /// Runs `argv` inside the node, as its service user, in its environment.
-    pub fn exec(&self, argv: &[&str]) -> Result<Output> {
-        let init = self.init_pid().context("node is not up")?;
-        let mut cmd = Command::new("nsenter");
-        cmd.args(["-t", &init.to_string(), "-m", "-p", "-C"]);
-        if self.spec.netns.is_some() {
-            cmd.arg("-n");
-        }
-        cmd.args([
-            "--",
-            "setpriv",
-            "--reuid",
-            &self.spec.user,
-            "--regid",
-            &self.spec.user,
-            "--init-groups",
-            "--",
-            "env",
-        ])
-        .arg(format!("HOME={}", self.root.join("home").display()))
-        .arg(format!("XDG_RUNTIME_DIR={}", self.root.join("run").display()))
-        .arg("PATH=/usr/local/bin:/usr/bin:/bin")
-        .args(argv)
-        .stdin(Stdio::null());
-        cmd.output().context("entering the node")
-    }
-
-    fn systemctl(&self, args: &[&str]) -> Result<String> {
-        let mut argv = vec!["systemctl", "--user"];
-        argv.extend(args);
-        let out = self.exec(&argv)?;
-        ensure!(
-            out.status.success(),
-            "systemctl --user {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Main pid of a user unit, 0 when not running.
-    pub fn unit_pid(&self, unit: &str) -> Result<u32> {
-        Ok(self.systemctl(&["show", "-p", "MainPID", "--value", unit])?.trim().parse().unwrap_or(0))
-    }
-
-    pub fn kill_agent(&self, signal: &str) -> Result<Evidence> {
-        let before = self.unit_pid("archy-agent.service")?;
-        self.systemctl(&["kill", "-s", signal, "archy-agent.service"])?;
-        Ok(json!({"fault": "kill_agent", "signal": signal, "agent_pid_before": before}))
-    }
-
-    /// A restart through the manager: the agent's whole cgroup is killed, as systemd does on
-    /// the real platform (`KillMode=control-group`).
-    pub fn restart_agent(&self) -> Result<Evidence> {
-        let before = self.unit_pid("archy-agent.service")?;
-        self.systemctl(&["restart", "archy-agent.service"])?;
-        let after = self.unit_pid("archy-agent.service")?;
-        Ok(
-            json!({"fault": "restart_agent", "agent_pid_before": before, "agent_pid_after": after, "took_effect": before != after}),
-        )
-    }
-
-    /// Kills an app's main process, as the OOM killer would.
-    pub fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence> {
-        let out = self.exec(&["podman", "inspect", "--format", "{{.State.Pid}}", &format!("archy-{app}")])?;
-        ensure!(
-            out.status.success(),
-            "no container for `{app}`: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        // A pid in the node's PID namespace: the signal is sent from inside the node.
-        let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().context("container pid")?;
-        ensure!(pid > 0, "`{app}` is not running");
-        let out = self.exec(&["kill", "-s", signal.trim_start_matches("SIG"), &pid.to_string()])?;
-        ensure!(out.status.success(), "kill {pid}: {}", String::from_utf8_lossy(&out.stderr).trim());
-        Ok(json!({"fault": "kill_container", "app": app, "pid": pid, "signal": signal}))
-    }
-
-    /// Cuts the node's only link; the agent becomes unreachable from outside the node.
-    pub fn partition(&self) -> Result<Evidence> {
-        ensure!(
-            self.spec.netns.is_some(),
-            "node `{}` has no network namespace of its own (node up --netns)",
-            self.spec.name
-        );
-        run(Command::new("ip").args(["link", "set", &self.veth(), "down"]))?;
-        Ok(json!({"fault": "partition", "link": self.veth()}))
-    }
-
-    pub fn heal(&self) -> Result<Evidence> {
-        ensure!(self.spec.netns.is_some(), "node `{}` has no network namespace of its own", self.spec.name);
-        run(Command::new("ip").args(["link", "set", &self.veth(), "up"]))?;
-        run(Command::new("ip").args(["-n", &self.netns_name(), "link", "set", "eth0", "up"]))?;
-        Ok(json!({"fault": "heal", "link": self.veth()}))
-    }
-
-    /// A path on the node's disk, relative to its root: `data/secrets/fx-web/api-token`.
-    pub fn path(&self, rel: &str) -> Result<PathBuf> {
-        ensure!(!rel.split('/').any(|c| c == ".."), "`{rel}` leaves the node");
-        Ok(self.root.join(rel))
-    }
-
-    pub fn file_fault(&self, rel: &str, fault: FileFault) -> Result<Evidence> {
-        use sha2::Digest;
-        let path = self.path(rel)?;
-        let digest = |p: &Path| std::fs::read(p).ok().map(|b| format!("{:x}", sha2::Sha256::digest(b)));
-        let before = digest(&path);
-        let meta = std::fs::symlink_metadata(&path)
-            .with_context(|| format!("{} does not exist on the node", path.display()))?;
-        match fault {
-            FileFault::Delete => {
-                if meta.is_dir() {
-                    std::fs::remove_dir_all(&path)?
-                } else {
-                    std::fs::remove_file(&path)?
-                }
-            }
-            FileFault::Truncate => {
-                std::fs::OpenOptions::new().write(true).truncate(true).open(&path).map(drop)?
-            }
-            FileFault::Corrupt => {
-                let mut bytes = vec![0u8; meta.len().max(16) as usize];
-                rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-                std::fs::write(&path, bytes)?;
-            }
-            FileFault::ChownRoot => nix::unistd::chown(&path, Some(0.into()), Some(0.into()))?,
-            FileFault::Chmod => std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?,
-        }
-        let after = std::fs::symlink_metadata(&path).ok();
-        Ok(json!({
-            "fault": format!("{fault:?}").to_lowercase(),
-            "path": rel,
-            "sha256_before": before,
-            "sha256_after": digest(&path),
-            "owner_after": after.as_ref().map(|m| m.uid()),
-            "mode_after": after.as_ref().map(|m| format!("{:o}", m.mode() & 0o7777)),
-        }))
-    }
-
-    /// Stops the node and removes every process, mount, namespace, cgroup, veth and file.
-    pub fn down(&self) -> Result<()> {
-        if self.init_pid().is_some() {
-            self.power_cut()?;
-        }
-        // Cgroups bottom-up: rmdir only works on empty leaves.
-        fn rmdirs(dir: &Path) {
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    rmdirs(&e.path());
-                }
-            }
-            let _ = std::fs::remove_dir(dir);
-        }
-        rmdirs(&self.cgroup());
-        let _ = std::fs::remove_dir(cgroup2_root().join("archy-chaos")); // the last node's
-        if self.spec.netns.is_some() {
-            let _ = Command::new("ip").args(["link", "del", &self.veth()]).output();
-            let _ = Command::new("ip").args(["netns", "del", &self.netns_name()]).output();
-        }
-        // Podman's storage holds files owned by the user's subordinate ids: root removes all.
-        std::fs::remove_dir_all(&self.root).with_context(|| format!("removing {}", self.root.display()))?;
-        Ok(())
-    }
-}
-
-impl Node for LocalNode {
-    fn name(&self) -> &str {
-        &self.spec.name
-    }
-    fn api_addr(&self) -> String {
-        LocalNode::api_addr(self)
-    }
-    fn token(&self) -> Result<String> {
-        let t = std::fs::read_to_string(self.root.join("data/agent/api-token"))
-            .context("the node's API token")?;
-        Ok(t.trim().to_string())
-    }
-    fn boot(&self) -> Result<Duration> {
-        LocalNode::boot(self)
-    }
-    fn power_cut(&self) -> Result<Evidence> {
-        LocalNode::power_cut(self)
-    }
-    fn graceful_reboot(&self) -> Result<Evidence> {
-        let mut e = self.shutdown()?;
-        e["ready_after_seconds"] = json!(LocalNode::boot(self)?.as_secs_f64());
-        Ok(e)
-    }
-    fn kill_agent(&self, signal: &str) -> Result<Evidence> {
-        LocalNode::kill_agent(self, signal)
-    }
-    fn restart_agent(&self) -> Result<Evidence> {
-        LocalNode::restart_agent(self)
-    }
-    fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence> {
-        LocalNode::kill_container(self, app, signal)
-    }
-    fn partition(&self) -> Result<Evidence> {
-        LocalNode::partition(self)
-    }
-    fn heal(&self) -> Result<Evidence> {
-        LocalNode::heal(self)
-    }
-    fn exec(&self, argv: &[&str]) -> Result<Output> {
-        LocalNode::exec(self, argv)
-    }
-}
+/// While this file exists (under the node's root), the agent's podman fails.
+pub const PODMAN_FAIL_FLAG: &str = "data/agent/podman-fail";

@@ -242,7 +242,9 @@ pub fn environment(node: &crate::node::LocalNode, cpu_before: (u64, u64, u64)) -
         .exec(&["podman", "version", "--format", "{{.Client.Version}}"])
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let agent = crate::node::Node::rpc(node, "node.status", Value::Null).unwrap_or(Value::Null);
+    let agent = crate::agent_client::AgentClient::new(node)
+        .rpc::<Value>("node.status", Value::Null)
+        .unwrap_or(Value::Null);
     let after = cpu_times();
     let total = after.0.saturating_sub(cpu_before.0).max(1) as f64;
     json!({

@@ -140,7 +140,7 @@ impl SshNode {
 
     /// The agent's instance id, if it answers.
     fn instance(&self) -> Option<String> {
-        self.rpc("node.status", serde_json::Value::Null).ok()?["instance"].as_str().map(str::to_string)
+        crate::agent_client::AgentClient::new(self).status().ok().map(|s| s.instance)
     }
 
     /// Fires a command that restarts the node, and waits until an agent answers again as a
@@ -157,13 +157,13 @@ impl SshNode {
                 self.reboot_timeout
             );
             if let Some(now) = self.instance().filter(|i| *i != before) {
-                return Ok(json!({
+                return Ok(Evidence::of(json!({
                     "fault": fault,
                     "host": self.destination,
                     "agent_instance_before": before,
                     "agent_instance_after": now,
                     "back_after_seconds": start.elapsed().as_secs_f64(),
-                }));
+                })));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -216,38 +216,77 @@ impl Node for SshNode {
     fn kill_agent(&self, signal: &str) -> Result<Evidence> {
         let before = self.agent_pid()?;
         self.run_ok(&self.commands.kill_agent.replace("{signal}", signal))?;
-        Ok(json!({"fault": "kill_agent", "signal": signal, "agent_pid_before": before}))
+        Ok(Evidence::of(json!({"fault": "kill_agent", "signal": signal, "agent_pid_before": before})))
     }
 
     fn restart_agent(&self) -> Result<Evidence> {
         let before = self.agent_pid()?;
         self.run_ok(&self.commands.restart_agent)?;
         let after = self.agent_pid()?;
-        Ok(
-            json!({"fault": "restart_agent", "agent_pid_before": before, "agent_pid_after": after, "took_effect": before != after}),
+        Ok(Evidence::of(
+            json!({"fault": "restart_agent", "agent_pid_before": before, "agent_pid_after": after}),
         )
+        .effect(before != after))
     }
 
     fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence> {
         self.run_ok(&self.commands.kill_container.replace("{signal}", signal).replace("{app}", app))?;
-        Ok(json!({"fault": "kill_container", "app": app, "signal": signal}))
+        Ok(Evidence::of(json!({"fault": "kill_container", "app": app, "signal": signal})))
     }
 
     fn partition(&self) -> Result<Evidence> {
         let cmd =
             self.commands.partition.as_deref().context("no partition command configured for this node")?;
         self.fire(cmd)?;
-        Ok(json!({"fault": "partition", "host": self.destination}))
+        Ok(Evidence::of(json!({"fault": "partition", "host": self.destination})))
     }
 
     fn heal(&self) -> Result<Evidence> {
         let cmd = self.commands.heal.as_deref().context("no heal command configured for this node")?;
         self.run_ok(cmd)?;
-        Ok(json!({"fault": "heal", "host": self.destination}))
+        Ok(Evidence::of(json!({"fault": "heal", "host": self.destination})))
     }
 
     fn exec(&self, argv: &[&str]) -> Result<Output> {
         let line: Vec<String> = argv.iter().map(|a| format!("'{}'", a.replace('\'', r"'\''"))).collect();
         self.run(&line.join(" "))
+    }
+
+    // Placeholders until the file access over SSH lands (same branch, next commit).
+    fn url(&self) -> String {
+        format!("ssh://{}:{}", self.destination, self.port)
+    }
+    fn root_on_node(&self) -> std::path::PathBuf {
+        std::path::PathBuf::new()
+    }
+    fn service_uid(&self) -> Result<u32> {
+        bail!("not yet over SSH")
+    }
+    fn read(&self, _: &str) -> Result<Option<Vec<u8>>> {
+        bail!("not yet over SSH")
+    }
+    fn write(&self, _: &str, _: &[u8]) -> Result<()> {
+        bail!("not yet over SSH")
+    }
+    fn stat(&self, _: &str) -> Result<Option<super::Stat>> {
+        bail!("not yet over SSH")
+    }
+    fn hash(&self, _: &str) -> Result<Option<String>> {
+        bail!("not yet over SSH")
+    }
+    fn list(&self, _: &str) -> Result<Vec<String>> {
+        bail!("not yet over SSH")
+    }
+    fn remove(&self, _: &str) -> Result<bool> {
+        bail!("not yet over SSH")
+    }
+    fn damage(&self, _: &str, _: super::FileFault) -> Result<()> {
+        bail!("not yet over SSH")
+    }
+    fn log(&self, _: usize) -> Result<String> {
+        bail!("not yet over SSH")
+    }
+    fn catalog(&self) -> Result<archy_agent::manifest::Catalog> {
+        bail!("not yet over SSH")
     }
 }

@@ -1,0 +1,271 @@
+//! The engine: runs a scenario's iterations on any node, through the node's primitives and
+//! the agent's API only. Steps act, invariants check, and every error of the runner itself
+//! becomes `unknown`, never `pass`.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use archy_agent::manifest::Catalog;
+use archy_agent::runtime::BackendKind;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::model::{kpi, Invariant, Scenario, Step};
+use super::{invariants, steps};
+use crate::agent_client::AgentClient;
+use crate::evidence::Evidence;
+use crate::node::Node;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Unknown,
+    Fail,
+}
+
+/// What one iteration found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Iteration {
+    pub n: u32,
+    /// The apps this iteration exercised.
+    pub apps: Vec<String>,
+    /// The app under test of a per-app scenario (the others are its dependencies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    pub verdict: Verdict,
+    /// Each step with its evidence, in order.
+    pub steps: Vec<StepRecord>,
+    /// Invariants that did not hold, and why.
+    pub failures: Vec<String>,
+    /// Why the verdict is unknown (a fault that did not take effect, an error of the run).
+    pub unknowns: Vec<String>,
+    /// KPI samples this iteration recorded, by name.
+    pub measures: BTreeMap<String, Vec<f64>>,
+    /// The node's last log lines, for an iteration that did not pass.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub log: String,
+}
+
+/// One step as it ran: its evidence, or the error that ended the iteration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The step as written in the scenario.
+    pub step: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What an iteration remembers between its steps and its invariants.
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// Files written by `write-data`: (path under the node's root, sha256).
+    pub files: Vec<(String, String)>,
+    /// `snapshot-containers`: every container's name, id and pid.
+    pub containers: Option<String>,
+}
+
+/// Everything a step or an invariant needs: the scenario, the node and its agent, the node's
+/// own catalog, the apps, the iteration's number and random source, and what it remembers.
+pub struct StepCtx<'a> {
+    pub s: &'a Scenario,
+    pub node: &'a dyn Node,
+    pub agent: &'a AgentClient<'a>,
+    pub catalog: Catalog,
+    pub backend: BackendKind,
+    pub apps: &'a [String],
+    pub n: u32,
+    pub rng: rand::rngs::StdRng,
+    pub memory: Memory,
+}
+
+/// Runs one iteration. Infrastructure errors become `unknown`, never `pass`.
+pub fn iterate(
+    s: &Scenario,
+    node: &dyn Node,
+    agent: &AgentClient,
+    apps: &[String],
+    n: u32,
+    seed: u64,
+) -> Iteration {
+    let mut it = Iteration {
+        n,
+        apps: apps.to_vec(),
+        subject: s.per_app.then(|| apps.last().cloned()).flatten(),
+        verdict: Verdict::Pass,
+        steps: Vec::new(),
+        failures: Vec::new(),
+        unknowns: Vec::new(),
+        measures: BTreeMap::new(),
+        log: String::new(),
+    };
+    // The node's own catalog (what its agent runs) and backend, read once per iteration; a
+    // `write-file` into the catalog changes files, not manifests.
+    let prepared = node.catalog().and_then(|c| Ok((c, agent.status()?.backend)));
+    let (catalog, backend) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            it.unknowns.push(format!("reading the node's catalog and agent status: {e:#}"));
+            return finish(it, node);
+        }
+    };
+    let mut ctx = StepCtx {
+        s,
+        node,
+        agent,
+        catalog,
+        backend,
+        apps,
+        n,
+        rng: rand::rngs::StdRng::seed_from_u64(seed),
+        memory: Memory::default(),
+    };
+    let mut fault_at: Option<Instant> = None;
+    for step in &s.steps {
+        let started = Instant::now();
+        if step.is_fault() {
+            fault_at.get_or_insert(started);
+        }
+        let record = serde_json::to_value(step).unwrap_or(Value::Null);
+        match steps::run(&mut ctx, step) {
+            Ok(evidence) => {
+                if evidence.took_effect == Some(false) {
+                    it.unknowns.push(format!("{} did not take effect: {:?}", step.name(), evidence.details));
+                }
+                if matches!(step, Step::WaitConverged) {
+                    if let Some(t) = fault_at.take() {
+                        it.measures.entry(kpi::RECOVERY.into()).or_default().push(t.elapsed().as_secs_f64());
+                    }
+                }
+                for (k, v) in &evidence.measures {
+                    it.measures.entry(k.clone()).or_default().extend(v);
+                }
+                it.steps.push(StepRecord {
+                    step: record,
+                    seconds: Some(started.elapsed().as_secs_f64()),
+                    evidence: Some(evidence),
+                    error: None,
+                });
+            }
+            Err(e) => {
+                let msg = format!("{}: {e:#}", step.name());
+                match step.failure_of_the_system() {
+                    Some(what) => it.failures.push(format!("{what}: {msg}")),
+                    None => it.unknowns.push(msg),
+                }
+                it.steps.push(StepRecord {
+                    step: record,
+                    seconds: None,
+                    evidence: None,
+                    error: Some(format!("{e:#}")),
+                });
+                break;
+            }
+        }
+    }
+    if it.failures.is_empty() && it.unknowns.is_empty() {
+        for inv in s.checks() {
+            if let Err(e) = invariants::check(&ctx, inv) {
+                let msg = format!("{}: {e:#}", inv.name());
+                // A kill point never reached is a fault without effect: unknown, not fail.
+                if inv == Invariant::KillPointHit {
+                    it.unknowns.push(msg);
+                } else {
+                    it.failures.push(msg);
+                }
+            }
+        }
+    }
+    finish(it, node)
+}
+
+fn finish(mut it: Iteration, node: &dyn Node) -> Iteration {
+    it.verdict = if !it.failures.is_empty() {
+        Verdict::Fail
+    } else if !it.unknowns.is_empty() {
+        Verdict::Unknown
+    } else {
+        Verdict::Pass
+    };
+    if it.verdict != Verdict::Pass {
+        it.log = node.log(30).unwrap_or_else(|e| format!("(the node's log: {e:#})"));
+    }
+    it
+}
+
+impl Step {
+    /// A step whose error is the system's failure rather than the runner's, and the check it
+    /// stands for: a convergence that never came, an agent that did not come back, a check.
+    fn failure_of_the_system(&self) -> Option<&'static str> {
+        match self {
+            Step::WaitConverged => Some("converged"),
+            Step::WaitReady => Some("agent-ready"),
+            Step::Exec { expect: Some(_), .. } | Step::Reachable => Some("check"),
+            _ => None,
+        }
+    }
+}
+
+/// The iterations of one scenario on a node. Per-app scenarios (the lifecycle matrix) run
+/// every iteration once per app, the app under test last after the dependencies it needs,
+/// from a clean node. `each` is told of every iteration as it ends (progress); `stop` ends
+/// the run early (a signal, or --fail-fast after a failure).
+pub fn run_scenario(
+    s: &Scenario,
+    node: &dyn Node,
+    apps: &[String],
+    iterations: u32,
+    seed: u64,
+    mut each: impl FnMut(&[String], &Iteration) -> bool,
+) -> Vec<Iteration> {
+    let agent = AgentClient::new(node);
+    let catalog = node.catalog().ok();
+    let with_deps = |app: &String| {
+        let mut group: Vec<String> = Vec::new();
+        let mut todo = vec![app.clone()];
+        while let Some(a) = todo.pop() {
+            if !group.contains(&a) {
+                let deps = catalog.as_ref().and_then(|c| c.get(&a)).map(|m| m.depends_on.clone());
+                todo.extend(deps.unwrap_or_default());
+                group.insert(0, a);
+            }
+        }
+        group
+    };
+    let groups: Vec<Vec<String>> =
+        if s.per_app { apps.iter().map(with_deps).collect() } else { vec![apps.to_vec()] };
+    let mut results = Vec::new();
+    for group in &groups {
+        for n in 1..=iterations {
+            let it = iterate(s, node, &agent, group, n, seed ^ u64::from(n));
+            let go_on = each(group, &it);
+            results.push(it);
+            if !go_on {
+                return results;
+            }
+        }
+        if s.per_app {
+            // A clean node for the next app.
+            let _ = clean(&agent, group, s.converge_timeout.0);
+        }
+    }
+    results
+}
+
+/// Uninstalls (with purge) `apps` and waits until the agent lists none of them.
+pub fn clean(agent: &AgentClient, apps: &[String], timeout: std::time::Duration) -> anyhow::Result<()> {
+    for app in apps {
+        agent.uninstall(app, true)?;
+    }
+    let start = Instant::now();
+    while agent.list()?.iter().any(|a| apps.contains(&a.id)) {
+        anyhow::ensure!(start.elapsed() < timeout, "{apps:?} still installed after {timeout:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(())
+}

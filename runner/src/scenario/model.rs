@@ -1,0 +1,614 @@
+//! Scenario and suite files (`scenarios/<id>.yml`, `scenarios/suites/<id>.yml`, format
+//! version 1): what they may say, and the checks that refuse anything else before a run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use archy_agent::manifest::Catalog;
+use serde::{Deserialize, Serialize};
+
+use crate::node::FileFault;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layer {
+    L3,
+    L5,
+    L6,
+}
+
+/// Which apps a scenario exercises.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Apps {
+    /// `fixtures` (every fixture that can be healthy) or `all`.
+    Named(String),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub version: u32,
+    pub id: String,
+    pub layer: Layer,
+    pub description: String,
+    pub apps: Apps,
+    /// Destructive scenarios refuse protected apps unless allowed.
+    #[serde(default)]
+    pub destructive: bool,
+    #[serde(default = "one")]
+    pub iterations: u32,
+    #[serde(deserialize_with = "steps")]
+    pub steps: Vec<Step>,
+    /// Checked after the steps of every iteration, besides the standard ones
+    /// ([`Invariant::STANDARD`]), which every scenario checks unless `skip` says why not.
+    #[serde(default)]
+    pub invariants: Vec<Invariant>,
+    /// Standard invariants this scenario does not check, each with the reason.
+    #[serde(default)]
+    pub skip: BTreeMap<Invariant, String>,
+    /// Run the iterations once per app rather than for all apps together (the lifecycle
+    /// matrix): the report's scorecard then has a row per app.
+    #[serde(default)]
+    pub per_app: bool,
+    /// Longest wait for convergence after a fault.
+    #[serde(default = "default_converge_timeout")]
+    pub converge_timeout: archy_agent::manifest::Dur,
+    /// KPI limits: `install_ratio: { p50: 1.5 }`. A KPI over its limit fails the scenario.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, BTreeMap<Quantile, f64>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantile {
+    P50,
+    P95,
+    P99,
+    Max,
+}
+
+impl Quantile {
+    pub fn fraction(self) -> f64 {
+        match self {
+            Quantile::P50 => 0.5,
+            Quantile::P95 => 0.95,
+            Quantile::P99 => 0.99,
+            Quantile::Max => 1.0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantile::P50 => "p50",
+            Quantile::P95 => "p95",
+            Quantile::P99 => "p99",
+            Quantile::Max => "max",
+        }
+    }
+}
+
+/// An operation of the package API, for steps that act during one.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LifecycleOp {
+    Install,
+    Uninstall,
+    Start,
+    Stop,
+    Restart,
+}
+
+impl LifecycleOp {
+    pub const ALL: [LifecycleOp; 5] = [
+        LifecycleOp::Install,
+        LifecycleOp::Stop,
+        LifecycleOp::Start,
+        LifecycleOp::Restart,
+        LifecycleOp::Uninstall,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LifecycleOp::Install => "install",
+            LifecycleOp::Uninstall => "uninstall",
+            LifecycleOp::Start => "start",
+            LifecycleOp::Stop => "stop",
+            LifecycleOp::Restart => "restart",
+        }
+    }
+}
+
+/// Steps are written `- install` or `- file-fault: { ... }`; serde_yaml reads enum variants
+/// with data only as `!tags`, so single-key maps are turned into tags first.
+fn steps<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Step>, D::Error> {
+    use serde::de::Error;
+    use serde_yaml::value::{Tag, TaggedValue};
+    let raw: Vec<serde_yaml::Value> = Deserialize::deserialize(d)?;
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let v = match v {
+                serde_yaml::Value::Mapping(m) if m.len() == 1 => {
+                    let (k, value) = m.into_iter().next().expect("one entry");
+                    let tag = k
+                        .as_str()
+                        .map(Tag::new)
+                        .ok_or_else(|| D::Error::custom(format!("steps[{i}]: the step name must be text")))?;
+                    serde_yaml::Value::Tagged(Box::new(TaggedValue { tag, value }))
+                }
+                v => v,
+            };
+            serde_yaml::from_value(v).map_err(|e| D::Error::custom(format!("steps[{i}]: {e}")))
+        })
+        .collect()
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_converge_timeout() -> archy_agent::manifest::Dur {
+    archy_agent::manifest::Dur(Duration::from_secs(120))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Step {
+    /// Install the scenario's apps (idempotent).
+    Install,
+    Uninstall,
+    /// Uninstall deleting the apps' data and secrets too.
+    Purge,
+    Start,
+    Stop,
+    Restart,
+    /// Until every desired app is up and the next tick is a no-op.
+    WaitConverged,
+    /// Until the agent answers /readyz (after a fault that restarted it).
+    WaitReady,
+    /// A file with random content into each app's first data volume, remembered by checksum.
+    WriteData,
+    PowerCut,
+    Boot,
+    /// Power cut, then boot.
+    Reboot,
+    GracefulReboot,
+    KillAgent {
+        #[serde(default = "kill")]
+        signal: String,
+    },
+    RestartAgent,
+    KillContainer {
+        app: String,
+        #[serde(default = "kill")]
+        signal: String,
+    },
+    /// A file fault on a path under the node's data root, `{app}` substituted per app.
+    FileFault {
+        path: String,
+        fault: FileFault,
+    },
+    Partition,
+    Heal,
+    /// Remembers every container (name, id, pid) for `containers-unchanged`.
+    SnapshotContainers,
+    /// Arms a kill point: the agent dies by SIGKILL when it passes it (during the next
+    /// steps). `each` takes point (iteration - 1) of the agent's list, so iterations
+    /// enumerate every step boundary of an install in order.
+    KillAgentAt {
+        point: String,
+    },
+    /// Starts `op` on the apps, then SIGKILLs the agent at a random instant (from the run's
+    /// seeded RNG) within `within`.
+    KillAgentDuring {
+        op: LifecycleOp,
+        within: archy_agent::manifest::Dur,
+    },
+    /// Every podman call of the agent fails (exit 125) for `for`, then podman works again.
+    PodmanFail {
+        #[serde(rename = "for")]
+        duration: archy_agent::manifest::Dur,
+    },
+    /// L6: per app, install request -> up (a cold install: run after `purge`) beside a raw
+    /// `podman run -d` of the same container until its health check passes.
+    MeasureInstall,
+    /// L6: no-op reconcile ticks with `counts` copies of fx-web installed, each tick beside
+    /// the bare `podman ps` it is built on (the scaling curve).
+    MeasureTicks {
+        counts: Vec<usize>,
+        #[serde(default = "five")]
+        ticks: u32,
+    },
+    /// L6: podman and systemctl calls of each lifecycle operation on the first app.
+    MeasureCalls,
+    /// L6: agent restart to ready, with the apps installed.
+    MeasureStartup,
+    /// Runs a command inside the node as its service user; with `expect`, its output must
+    /// contain that text (a check: a mismatch fails the iteration).
+    Exec {
+        argv: Vec<String>,
+        #[serde(default)]
+        expect: Option<String>,
+    },
+    /// Each app with a published port answers HTTP on it, from inside the node.
+    Reachable,
+    /// Writes a file on the node (a path under the node's root, e.g. the catalog's build
+    /// context of an app), as a platform update would.
+    WriteFile {
+        path: String,
+        content: String,
+    },
+}
+
+impl Step {
+    /// Steps that hurt the node (the rest act through the API, wait or look).
+    pub fn is_fault(&self) -> bool {
+        !matches!(
+            self,
+            Step::Install
+                | Step::Uninstall
+                | Step::Purge
+                | Step::Start
+                | Step::Stop
+                | Step::Restart
+                | Step::WaitConverged
+                | Step::WaitReady
+                | Step::WriteData
+                | Step::SnapshotContainers
+                | Step::Exec { expect: Some(_), .. }
+                | Step::Reachable
+                | Step::Boot
+                | Step::MeasureInstall
+                | Step::MeasureTicks { .. }
+                | Step::MeasureCalls
+        )
+    }
+
+    /// The step's name as written in scenario files.
+    pub fn name(&self) -> String {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(s)) => s,
+            Ok(serde_json::Value::Object(m)) => m.keys().next().cloned().unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+}
+
+fn five() -> u32 {
+    5
+}
+
+fn kill() -> String {
+    "KILL".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Invariant {
+    /// Desired == observed within the timeout, and the next tick is a no-op with exactly one
+    /// podman call (observation) and no systemctl call.
+    Converged,
+    /// Every app of the scenario up and healthy.
+    AppsUp,
+    /// Generated secrets of every app: present, valid, 0600, owned by the service user.
+    SecretsValid,
+    /// Files written by `write-data` still there with the same checksum.
+    DataIntact,
+    /// The agent answers and is ready.
+    AgentReady,
+    /// Every container seen by `snapshot-containers` still runs: same id, same main process.
+    ContainersUnchanged,
+    /// The kill point armed by `kill-agent-at` was reached (the agent died there).
+    KillPointHit,
+    /// No managed container of an app that is not installed.
+    NoOrphans,
+    /// The state file parses and the agent never had to recover it: a crash must not damage
+    /// the state.
+    StateValid,
+    /// Each app's live port bindings are those of its manifest (and nothing is published
+    /// under host networking).
+    PortsMatch,
+}
+
+impl Invariant {
+    /// What every scenario checks of the whole node at the end of each iteration.
+    pub const STANDARD: [Invariant; 6] = [
+        Invariant::Converged,
+        Invariant::AppsUp,
+        Invariant::SecretsValid,
+        Invariant::PortsMatch,
+        Invariant::NoOrphans,
+        Invariant::StateValid,
+    ];
+
+    pub fn name(self) -> String {
+        serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    }
+}
+
+/// KPI names, defined once for the steps that record them and the checks of thresholds.
+pub mod kpi {
+    /// From the start of the first fault to convergence.
+    pub const RECOVERY: &str = "recovery_seconds";
+    pub const INSTALL: &str = "install_seconds";
+    pub const RAW_RUN: &str = "raw_run_seconds";
+    pub const INSTALL_RATIO: &str = "install_ratio";
+    pub const STARTUP: &str = "startup_seconds";
+    pub const TICK: &str = "tick_seconds";
+    pub const RAW_PS: &str = "raw_ps_seconds";
+    pub const TICK_RATIO: &str = "tick_ratio";
+
+    /// A tick KPI at `n` installed apps: `tick_seconds_05apps`.
+    pub fn at_apps(kpi: &str, n: usize) -> String {
+        format!("{kpi}_{n:02}apps")
+    }
+
+    /// Calls of `tool` (`podman`, `systemctl`) for one lifecycle operation.
+    pub fn calls(op: &str, tool: &str) -> String {
+        format!("{op}_{tool}_calls")
+    }
+}
+
+impl Scenario {
+    /// The invariants checked after each iteration: the standard ones not skipped, then the
+    /// scenario's own, in order, each once.
+    pub fn checks(&self) -> Vec<Invariant> {
+        let mut out: Vec<Invariant> =
+            Invariant::STANDARD.into_iter().filter(|i| !self.skip.contains_key(i)).collect();
+        for i in &self.invariants {
+            if !out.contains(i) {
+                out.push(*i);
+            }
+        }
+        out
+    }
+
+    /// Parses a scenario file; every error names the file (and line, where serde knows it).
+    pub fn load(path: &Path) -> Result<Scenario> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let s: Scenario =
+            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if s.version != FORMAT_VERSION {
+            bail!(
+                "{}: version {} is not supported (this runner reads version {FORMAT_VERSION})",
+                path.display(),
+                s.version
+            );
+        }
+        if s.iterations == 0 || s.steps.is_empty() {
+            bail!("{}: a scenario needs at least one iteration and one step", path.display());
+        }
+        for (inv, why) in &s.skip {
+            if !Invariant::STANDARD.contains(inv) {
+                bail!(
+                    "{}: skip: `{}` is not a standard invariant (standard: {})",
+                    path.display(),
+                    inv.name(),
+                    Invariant::STANDARD.map(Invariant::name).join(", ")
+                );
+            }
+            if why.trim().is_empty() || s.invariants.contains(inv) {
+                bail!(
+                    "{}: skip: `{}` needs a reason, and must not also be listed under invariants",
+                    path.display(),
+                    inv.name()
+                );
+            }
+        }
+        let measured = s.measures();
+        for (kpi, limits) in &s.thresholds {
+            if !measured.contains(kpi) {
+                bail!(
+                    "{}: thresholds: `{kpi}` is not measured by this scenario's steps; they measure: {}",
+                    path.display(),
+                    if measured.is_empty() { "nothing".to_string() } else { measured.join(", ") }
+                );
+            }
+            for (q, v) in limits {
+                if !v.is_finite() || *v <= 0.0 {
+                    bail!("{}: thresholds: {kpi}.{}: {v} is not a positive number", path.display(), q.name());
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// The KPIs this scenario's steps record.
+    pub fn measures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut fault = false;
+        for step in &self.steps {
+            fault |= step.is_fault();
+            match step {
+                Step::WaitConverged if fault => out.push(kpi::RECOVERY.into()),
+                Step::MeasureInstall => {
+                    out.extend([kpi::INSTALL, kpi::RAW_RUN, kpi::INSTALL_RATIO].map(String::from))
+                }
+                Step::MeasureTicks { counts, .. } => {
+                    for n in counts {
+                        for k in [kpi::TICK, kpi::RAW_PS, kpi::TICK_RATIO] {
+                            out.push(kpi::at_apps(k, *n));
+                        }
+                    }
+                }
+                Step::MeasureCalls => {
+                    for op in LifecycleOp::ALL {
+                        out.push(kpi::calls(op.name(), "podman"));
+                        out.push(kpi::calls(op.name(), "systemctl"));
+                    }
+                }
+                Step::MeasureStartup => out.push(kpi::STARTUP.into()),
+                _ => {}
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The apps this scenario runs, checked against the catalog.
+    pub fn apps(&self, catalog: &Catalog, file: &Path) -> Result<Vec<String>> {
+        let ids: Vec<String> = match &self.apps {
+            Apps::Named(n) if n == "fixtures" => catalog
+                .apps
+                .values()
+                .filter(|m| m.fixture && m.id != "fx-crashloop") // never healthy, by design
+                .map(|m| m.id.clone())
+                .collect(),
+            Apps::Named(n) if n == "all" => catalog.apps.keys().cloned().collect(),
+            Apps::Named(n) => {
+                bail!("{}: apps: `{n}` is neither `fixtures`, `all` nor a list", file.display())
+            }
+            Apps::List(l) => l.clone(),
+        };
+        for id in &ids {
+            if catalog.get(id).is_none() {
+                bail!("{}: apps: `{id}` is not in the catalog {}", file.display(), catalog.dir.display());
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// A named selection of scenarios with iteration counts (`scenarios/suites/<id>.yml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suite {
+    pub version: u32,
+    pub id: String,
+    pub description: String,
+    pub runs: Vec<SuiteRun>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteRun {
+    /// `all`, a layer (`L3`, `L5`, `L6`), or a list of scenario ids.
+    pub scenarios: Apps,
+    /// Overrides each scenario's own count.
+    #[serde(default)]
+    pub iterations: Option<u32>,
+    #[serde(default)]
+    pub except: Vec<String>,
+}
+
+impl Suite {
+    pub fn load(path: &Path) -> Result<Suite> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let suite: Suite =
+            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if suite.version != FORMAT_VERSION {
+            bail!("{}: version {} is not supported", path.display(), suite.version);
+        }
+        if Some(suite.id.as_str()) != path.file_stem().and_then(|s| s.to_str()) {
+            bail!("{}: id `{}` must be the file's name", path.display(), suite.id);
+        }
+        Ok(suite)
+    }
+}
+
+/// The ids of `dir/*.yml`, sorted.
+pub fn ids(dir: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".yml").map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// What `run` was asked for, expanded: each scenario with its file and iteration count.
+/// A target is a scenario (`scenarios/<id>.yml`) or a suite (`scenarios/suites/<id>.yml`).
+pub fn resolve(dir: &Path, targets: &[String]) -> Result<Vec<(PathBuf, Scenario, u32)>> {
+    let mut out: Vec<(PathBuf, Scenario, u32)> = Vec::new();
+    for t in targets {
+        let path = dir.join(format!("{t}.yml"));
+        if path.is_file() {
+            let s = Scenario::load(&path)?;
+            let n = s.iterations;
+            add(&mut out, path, s, n);
+            continue;
+        }
+        let suite_path = dir.join("suites").join(format!("{t}.yml"));
+        if !suite_path.is_file() {
+            bail!(
+                "unknown scenario or suite `{t}`; scenarios: {}; suites: {}",
+                ids(dir).join(", "),
+                ids(&dir.join("suites")).join(", ")
+            );
+        }
+        let suite = Suite::load(&suite_path)?;
+        let all: Vec<(PathBuf, Scenario)> = ids(dir)
+            .into_iter()
+            .map(|id| {
+                let p = dir.join(format!("{id}.yml"));
+                Scenario::load(&p).map(|s| (p, s))
+            })
+            .collect::<Result<_>>()?;
+        for run in &suite.runs {
+            let picked: Vec<&(PathBuf, Scenario)> = match &run.scenarios {
+                Apps::Named(n) if n == "all" => all.iter().collect(),
+                Apps::Named(layer) => {
+                    let l: Layer = serde_yaml::from_str(layer).map_err(|_| {
+                        anyhow::anyhow!(
+                            "{}: scenarios: `{layer}` is neither `all`, L3, L5, L6 nor a list",
+                            suite_path.display()
+                        )
+                    })?;
+                    all.iter().filter(|(_, s)| s.layer == l).collect()
+                }
+                Apps::List(ids) => ids
+                    .iter()
+                    .map(|id| {
+                        all.iter().find(|(_, s)| &s.id == id).with_context(|| {
+                            format!("{}: scenarios: no scenario `{id}`", suite_path.display())
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            };
+            for (p, s) in picked.into_iter().filter(|(_, s)| !run.except.contains(&s.id)) {
+                add(&mut out, p.clone(), s.clone(), run.iterations.unwrap_or(s.iterations));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A scenario named twice (the nightly's soak of release scenarios) runs once with the
+/// iterations added: one entry per scenario in the report, so KPIs and verdicts stay unique.
+fn add(out: &mut Vec<(PathBuf, Scenario, u32)>, path: PathBuf, s: Scenario, n: u32) {
+    match out.iter_mut().find(|(_, o, _)| o.id == s.id) {
+        Some(entry) => entry.2 += n,
+        None => out.push((path, s, n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nightly named reboot-survive twice (release x20, soak x100): its report had two
+    /// reboot-survive entries, and the gate kept the KPIs of one of them only.
+    #[test]
+    fn a_scenario_named_twice_in_a_suite_runs_once_with_the_iterations_added() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let plan = resolve(&dir, &["nightly".into()]).unwrap();
+        let mut ids: Vec<&str> = plan.iter().map(|(_, s, _)| s.id.as_str()).collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "{ids:?}");
+        let reboot = plan.iter().find(|(_, s, _)| s.id == "reboot-survive").unwrap();
+        assert_eq!(reboot.2, 120);
+    }
+}

@@ -1,0 +1,231 @@
+//! One function per step: each acts on the node through its primitives or the agent's API,
+//! and returns its evidence.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use archy_agent::failpoint::{POINTS, UNINSTALL_POINTS_PODMAN, UNINSTALL_POINTS_QUADLET};
+use archy_agent::runtime::BackendKind;
+use rand::{Rng, RngCore};
+use serde_json::json;
+use sha2::Digest;
+
+use super::engine::StepCtx;
+use super::model::{kpi, LifecycleOp, Step};
+use crate::evidence::Evidence;
+use crate::node::{FileFault, PODMAN_FAIL_FLAG};
+
+/// Where the agent looks for an armed kill point, under the node's root.
+pub fn failpoint_file() -> String {
+    format!("data/{}", archy_agent::failpoint::FILE)
+}
+
+pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
+    let timeout = ctx.s.converge_timeout.0;
+    match step {
+        Step::Install => each(ctx, "install"),
+        Step::Uninstall => each(ctx, "uninstall"),
+        Step::Purge => purge(ctx),
+        Step::Start => each(ctx, "start"),
+        Step::Stop => each(ctx, "stop"),
+        Step::Restart => each(ctx, "restart"),
+        Step::WaitConverged => {
+            let t = ctx.agent.wait_converged(ctx.apps, timeout)?;
+            Ok(Evidence::default().with("seconds", t.as_secs_f64()))
+        }
+        Step::WaitReady => {
+            Ok(Evidence::default().with("seconds", ctx.agent.wait_ready(timeout)?.as_secs_f64()))
+        }
+        Step::WriteData => write_data(ctx),
+        Step::PowerCut => ctx.node.power_cut(),
+        Step::Boot => Ok(Evidence::default().with("ready_seconds", ctx.node.boot()?.as_secs_f64())),
+        Step::Reboot => {
+            let e = ctx.node.power_cut()?;
+            Ok(e.with("ready_seconds", ctx.node.boot()?.as_secs_f64()))
+        }
+        Step::GracefulReboot => ctx.node.graceful_reboot(),
+        Step::KillAgent { signal } => ctx.node.kill_agent(signal),
+        Step::RestartAgent => ctx.node.restart_agent(),
+        Step::KillContainer { app, signal } => ctx.node.kill_container(app, signal),
+        Step::FileFault { path, fault } => file_fault(ctx, path, *fault),
+        Step::Partition => {
+            let e = ctx.node.partition()?;
+            // Evidence: the agent no longer answers from outside the node.
+            let cut = ctx.agent.status().is_err();
+            Ok(e.effect(cut))
+        }
+        Step::Heal => ctx.node.heal(),
+        Step::SnapshotContainers => {
+            let now = super::invariants::containers(ctx.node)?;
+            ctx.memory.containers = Some(now.clone());
+            Ok(Evidence::default().with("containers", now))
+        }
+        Step::KillAgentAt { point } => kill_agent_at(ctx, point),
+        Step::KillAgentDuring { op, within } => kill_agent_during(ctx, *op, within.0),
+        Step::PodmanFail { duration } => podman_fail(ctx, duration.0),
+        Step::MeasureInstall => {
+            crate::measure::install(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, timeout, ctx.n)
+        }
+        Step::MeasureTicks { counts, ticks } => {
+            crate::measure::ticks(ctx.node, ctx.agent, counts, *ticks, timeout)
+        }
+        Step::MeasureCalls => crate::measure::calls(ctx.agent, ctx.apps, timeout),
+        Step::MeasureStartup => {
+            let start = Instant::now();
+            let e = ctx.node.restart_agent()?;
+            let ready = ctx.agent.wait_ready(timeout)?;
+            Ok(e.measure(kpi::STARTUP, vec![start.elapsed().as_secs_f64()])
+                .with("ready_after_restart_seconds", ready.as_secs_f64()))
+        }
+        Step::Exec { argv, expect } => exec(ctx, argv, expect.as_deref()),
+        Step::Reachable => reachable(ctx),
+        Step::WriteFile { path, content } => {
+            let before = ctx.node.hash(path)?;
+            ctx.node.write(path, content.as_bytes())?;
+            Ok(Evidence::default()
+                .with("path", path)
+                .with("sha256_before", before)
+                .with("sha256_after", format!("{:x}", sha2::Sha256::digest(content.as_bytes()))))
+        }
+    }
+}
+
+/// `package.<op>` for every app. An agent that died at its armed kill point during the
+/// request is asked again once it is back, as any client would.
+fn each(ctx: &StepCtx, op: &str) -> Result<Evidence> {
+    let failpoint = failpoint_file();
+    let mut retried = Vec::new();
+    for app in ctx.apps {
+        let armed = ctx.node.stat(&failpoint)?.is_some();
+        if let Err(e) = ctx.agent.op(op, app) {
+            ensure!(armed && ctx.node.stat(&failpoint)?.is_none(), e);
+            ctx.agent.wait_ready(ctx.s.converge_timeout.0)?;
+            ctx.agent.op(op, app)?;
+            retried.push(app);
+        }
+    }
+    Ok(Evidence::default().with("apps", ctx.apps).with("retried_after_agent_death", retried))
+}
+
+fn purge(ctx: &StepCtx) -> Result<Evidence> {
+    for app in ctx.apps {
+        // Not installed is already the goal.
+        ctx.agent.uninstall(app, true)?;
+    }
+    Ok(Evidence::default().with("apps", ctx.apps).with("purge", true))
+}
+
+/// A file with random content into each app's first data volume, remembered by checksum.
+fn write_data(ctx: &mut StepCtx) -> Result<Evidence> {
+    let mut written = Vec::new();
+    for app in ctx.apps {
+        let Some(vol) = ctx.catalog.get(app).and_then(|m| m.volumes.first()) else { continue };
+        let path = format!("data/apps/{app}/{}/archy-chaos-{:08x}.bin", vol.name, ctx.rng.next_u32());
+        let mut bytes = vec![0u8; 4096];
+        ctx.rng.fill_bytes(&mut bytes);
+        ctx.node.write(&path, &bytes)?;
+        let sum = format!("{:x}", sha2::Sha256::digest(&bytes));
+        written.push(json!({"path": path, "sha256": sum}));
+        ctx.memory.files.push((path, sum));
+    }
+    Ok(Evidence::default().with("written", written))
+}
+
+/// `{app}` expands per app (else the path is hit once); a last component `*` means every
+/// file of that directory but hidden ones (locks, the env file). Paths are under `data/`.
+fn file_fault(ctx: &StepCtx, path: &str, fault: FileFault) -> Result<Evidence> {
+    let per_app: Vec<String> = if path.contains("{app}") {
+        ctx.apps.iter().map(|a| path.replace("{app}", a)).collect()
+    } else {
+        vec![path.to_string()]
+    };
+    let mut targets = Vec::new();
+    for p in per_app {
+        let rel = format!("data/{p}");
+        match rel.strip_suffix("/*") {
+            Some(dir) => targets.extend(
+                ctx.node.list(dir)?.into_iter().filter(|n| !n.starts_with('.')).map(|n| format!("{dir}/{n}")),
+            ),
+            None if ctx.node.stat(&rel)?.is_some() => targets.push(rel),
+            None => {}
+        }
+    }
+    let out = targets.iter().map(|t| ctx.node.file_fault(t, fault)).collect::<Result<Vec<_>>>()?;
+    let effect = !out.is_empty() && out.iter().all(|e| e.took_effect != Some(false));
+    Ok(Evidence::default().with("faults", out).effect(effect))
+}
+
+/// Arms a kill point: `each` takes point (iteration - 1) of the agent's list, so iterations
+/// enumerate every step boundary of an install (or uninstall) in order.
+fn kill_agent_at(ctx: &StepCtx, point: &str) -> Result<Evidence> {
+    let nth = |list: &[&'static str]| list[(ctx.n as usize).saturating_sub(1) % list.len()];
+    let point = match point {
+        "each" => nth(POINTS),
+        "each-uninstall" if ctx.backend == BackendKind::Quadlet => nth(UNINSTALL_POINTS_QUADLET),
+        "each-uninstall" => nth(UNINSTALL_POINTS_PODMAN),
+        p => POINTS
+            .iter()
+            .chain(UNINSTALL_POINTS_QUADLET)
+            .chain(UNINSTALL_POINTS_PODMAN)
+            .find(|x| **x == p)
+            .copied()
+            .with_context(|| format!("unknown kill point `{p}`; known: {POINTS:?}, each, each-uninstall"))?,
+    };
+    ctx.node.write(&failpoint_file(), point.as_bytes())?;
+    Ok(Evidence::default().with("armed", point))
+}
+
+/// Starts `op` on the apps, then SIGKILLs the agent at a seeded random instant within `within`.
+fn kill_agent_during(ctx: &mut StepCtx, op: LifecycleOp, within: Duration) -> Result<Evidence> {
+    let delay = Duration::from_secs_f64(ctx.rng.random_range(0.0..within.as_secs_f64().max(0.001)));
+    each(ctx, op.name())?;
+    std::thread::sleep(delay);
+    Ok(ctx.node.kill_agent("KILL")?.with("delay_seconds", delay.as_secs_f64()))
+}
+
+/// Every podman call of the agent fails (exit 125) for `duration`, then podman works again.
+fn podman_fail(ctx: &StepCtx, duration: Duration) -> Result<Evidence> {
+    let errors = || -> Result<f64> {
+        Ok(ctx.agent.exec_calls()?.iter().filter(|c| c.result == "error").map(|c| c.count).sum())
+    };
+    let before = errors()?;
+    ctx.node.write(PODMAN_FAIL_FLAG, b"")?;
+    let start = Instant::now();
+    // A tick now, so the fault meets the agent whatever its tick interval.
+    let tick = ctx.agent.reconcile().map(|r| r.failed).map_err(|e| e.to_string());
+    std::thread::sleep(duration.saturating_sub(start.elapsed()));
+    let after = errors();
+    ctx.node.remove(PODMAN_FAIL_FLAG)?;
+    let failed = after? - before;
+    Ok(Evidence::default().with("failed_podman_calls", failed).with("tick_during", tick).effect(failed > 0.0))
+}
+
+/// Runs a command inside the node as its service user; with `expect`, its output must
+/// contain that text.
+fn exec(ctx: &StepCtx, argv: &[String], expect: Option<&str>) -> Result<Evidence> {
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = ctx.node.exec(&argv)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    match expect {
+        Some(want) => ensure!(
+            out.status.success() && stdout.contains(want),
+            "{argv:?} printed {stdout:?} ({}), expected {want:?}",
+            out.status
+        ),
+        None => ensure!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+    }
+    Ok(Evidence::default().with("argv", argv).with("stdout", stdout.chars().take(200).collect::<String>()))
+}
+
+/// Each app with a published port answers HTTP on it, from inside the node.
+fn reachable(ctx: &StepCtx) -> Result<Evidence> {
+    let mut answered = Vec::new();
+    for app in ctx.apps {
+        let Some(port) = ctx.catalog.get(app).and_then(|m| m.ports.first()) else { continue };
+        let url = format!("http://127.0.0.1:{}/", port.host);
+        let out = ctx.node.exec(&["wget", "-q", "-O", "/dev/null", &url])?;
+        ensure!(out.status.success(), "{app} does not answer on {url}");
+        answered.push(url);
+    }
+    Ok(Evidence::default().with("answered", answered))
+}
