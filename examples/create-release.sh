@@ -1,17 +1,22 @@
 #!/bin/bash
-# The release gate: run the release suite on a local node, then gate on its verdict and on
-# its KPIs against the committed baseline. Exits 0 only when the release may ship.
-# Usage (as root, after scripts/setup-host): examples/create-release.sh [VERSION]
+# The release gate: run the release suite on two nodes in parallel (the platform's rule: 20x
+# green on two nodes), then gate on its verdict and on its KPIs against the committed
+# baseline. Exits 0 only when the release may ship.
+# Usage (as root, after scripts/setup-host): [NODES="ssh://archy@a ssh://archy@b"] \
+#   [SSH_IDENTITY=key] examples/create-release.sh [VERSION]
+# NODES defaults to two local nodes-in-a-box; hosts are set up with `archy-chaos node provision`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:-$(git describe --tags --always)}
 out=reports/out/release-$version
 seed=${SEED:-$(date +%s)}
+nodes=()
+for n in ${NODES:-local local}; do nodes+=(--node "$n"); done
 
 cargo build --release --locked
 rc=0
-./target/release/archy-chaos run release --seed "$seed" --report-dir "$out" \
-  ${PUSHGATEWAY:+--pushgateway "$PUSHGATEWAY"} || rc=$?
+./target/release/archy-chaos run release "${nodes[@]}" --seed "$seed" --report-dir "$out" \
+  ${SSH_IDENTITY:+--identity "$SSH_IDENTITY"} ${PUSHGATEWAY:+--pushgateway "$PUSHGATEWAY"} || rc=$?
 report=$(ls -t "$out"/*.json | head -1)
 ./target/release/archy-chaos report "$report" --format md > "$out/report.md"
 ./target/release/archy-chaos report "$report" --format junit > "$out/junit.xml"

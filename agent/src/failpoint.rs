@@ -4,9 +4,10 @@
 //! runner can enumerate every step boundary of an install deterministically. Inert unless the
 //! file `DATA_ROOT/agent/failpoint` names a point; one-shot: the file is removed before dying.
 //!
-//! Breakages: deliberate bugs of the platform's past, switched on only by the environment
-//! variable `ARCHY_AGENT_BREAK` (comma separated), so the runner can prove that its
-//! scenarios catch them. The agent logs each loudly and reports them in `node.status`.
+//! Breakages: deliberate bugs of the platform's past, compiled in only with the `breakage`
+//! feature (the runner's tests) and switched on by the environment variable
+//! `ARCHY_AGENT_BREAK` (comma separated), so the runner can prove that its scenarios catch
+//! them. The agent logs each loudly and reports them in `node.status`.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -40,6 +41,15 @@ pub fn breakages() -> &'static [String] {
     static ON: OnceLock<Vec<String>> = OnceLock::new();
     ON.get_or_init(|| {
         let raw = std::env::var(BREAK_ENV).unwrap_or_default();
+        if !cfg!(feature = "breakage") {
+            if !raw.is_empty() {
+                tracing::error!(
+                    requested = raw,
+                    "this agent is built without breakages: {BREAK_ENV} ignored"
+                );
+            }
+            return Vec::new();
+        }
         raw.split(',')
             .map(str::trim)
             .filter(|b| !b.is_empty())
@@ -58,7 +68,7 @@ pub fn breakages() -> &'static [String] {
 }
 
 pub fn broken(what: &str) -> bool {
-    breakages().iter().any(|b| b == what)
+    cfg!(feature = "breakage") && breakages().iter().any(|b| b == what)
 }
 
 /// Dies by SIGKILL (nothing flushed, like `kill -9`) if `point` is armed.

@@ -9,7 +9,7 @@ use archy_agent::reconcile::{AppStatus, TickReport};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::node::Node;
+use crate::interrupt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,7 +33,7 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Where the token comes from: a node, or (for an agent the runner started itself) a file.
-type TokenSource<'n> = Box<dyn Fn() -> anyhow::Result<String> + Send + Sync + 'n>;
+pub type TokenSource<'n> = Box<dyn Fn() -> anyhow::Result<String> + Send + Sync + 'n>;
 
 pub struct AgentClient<'n> {
     addr: String,
@@ -44,14 +44,15 @@ pub struct AgentClient<'n> {
 }
 
 impl<'n> AgentClient<'n> {
-    pub fn new(node: &'n dyn Node) -> AgentClient<'n> {
-        AgentClient::at(node.api_addr(), Box::new(|| node.token()))
-    }
-
     /// The agent at `addr` (host:port), its token read by `read_token`.
     pub fn at(addr: String, read_token: TokenSource<'n>) -> AgentClient<'n> {
+        // No kept-alive connections: a request on a pooled connection across a partition
+        // waits for the global timeout where a new one fails at once (found by the smoke
+        // suite's partition scenario). A tick may take long; connecting never should.
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .max_idle_connections(0)
+            .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_global(Some(Duration::from_secs(900)))
             .build()
             .new_agent();
@@ -132,6 +133,7 @@ impl<'n> AgentClient<'n> {
     pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<Duration> {
         let start = Instant::now();
         while !self.status().is_ok_and(|s| s.ready) {
+            interrupt::check()?;
             anyhow::ensure!(start.elapsed() < timeout, "the agent was not ready within {timeout:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -144,6 +146,7 @@ impl<'n> AgentClient<'n> {
         let start = Instant::now();
         let mut last = String::new();
         while start.elapsed() < timeout {
+            interrupt::check()?;
             match self.list() {
                 Ok(list) => {
                     let settled = |id: &String| {

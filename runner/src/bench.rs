@@ -60,12 +60,7 @@ impl Home {
         std::fs::write(dir.join(".config/containers/storage.conf"), "[storage]\ndriver = \"vfs\"\n")?;
         let home = Home { dir, user };
         if let Some((_, uid, gid)) = &home.user {
-            ensure!(Command::new("chown")
-                .arg("-R")
-                .arg(format!("{uid}:{gid}"))
-                .arg(&home.dir)
-                .status()?
-                .success());
+            crate::exec::run(Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(&home.dir))?;
         }
         std::fs::set_permissions(home.dir.join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         Ok(home)
@@ -87,16 +82,14 @@ impl Home {
 
     fn podman(&self, args: &[&str]) -> Result<Duration> {
         let start = Instant::now();
-        let out = self.cmd(Path::new("podman")).args(args).output().context("running podman")?;
-        let took = start.elapsed();
-        ensure!(out.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(took)
+        crate::exec::run(self.cmd(Path::new("podman")).args(args))?;
+        Ok(start.elapsed())
     }
 }
 
 impl Drop for Home {
     fn drop(&mut self) {
-        let _ = self.cmd(Path::new("podman")).args(["rm", "-af", "-t", "0"]).output();
+        let _ = crate::exec::output(self.cmd(Path::new("podman")).args(["rm", "-af", "-t", "0"]));
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("run/libpod/tmp/pause.pid")) {
             if let Ok(pid) = pid.trim().parse() {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
@@ -119,20 +112,20 @@ impl Agent<'_> {
     fn spawn(&mut self) -> Result<Duration> {
         let start = Instant::now();
         let log = std::fs::File::create(self.home.dir.join("agent.log"))?;
-        let child = self
-            .home
-            .cmd(&self.bin)
-            .arg("run")
-            .args(["--backend", "podman", "--tick-interval", "30s"])
-            .arg("--catalog")
-            .arg(&self.catalog)
-            .arg("--data-root")
-            .arg(self.home.dir.join("data"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+        let child = crate::exec::spawn(
+            self.home
+                .cmd(&self.bin)
+                .arg("run")
+                .args(["--backend", "podman", "--tick-interval", "30s"])
+                .arg("--catalog")
+                .arg(&self.catalog)
+                .arg("--data-root")
+                .arg(self.home.dir.join("data"))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{}", self.port))
+                .stdout(Stdio::null())
+                .stderr(log),
+        )?;
         self.child = Some(child);
         let url = format!("http://127.0.0.1:{}/readyz", self.port);
         while start.elapsed() < Duration::from_secs(30) {
@@ -219,7 +212,7 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
     let catalog = home.dir.join("catalog");
     let fx_web =
         std::fs::read_to_string(args.catalog.join("fx-web/manifest.yml")).context("reading fx-web")?;
-    for (id, text) in crate::measure::fixture_copies(&fx_web, args.apps) {
+    for (id, text) in crate::scenario::measure::fixture_copies(&fx_web, args.apps) {
         std::fs::create_dir_all(catalog.join(&id))?;
         std::fs::write(catalog.join(&id).join("manifest.yml"), text)?;
     }
@@ -404,7 +397,7 @@ pub fn node(args: &NodeBenchArgs) -> Result<()> {
     };
     let bin = std::env::current_exe()?.with_file_name("archy-agent");
     let node = LocalNode::up(&opts, &bin, &args.catalog)?;
-    let client = AgentClient::new(&node);
+    let client = crate::node::Node::agent(&node);
     let result = (|| -> Result<Value> {
         for app in NODE_APPS {
             client.op("install", app)?;

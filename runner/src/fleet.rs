@@ -38,6 +38,11 @@ pub struct FleetNode {
     /// Deliberate agent bugs (`run --break`), for proving the fleet report; never on real nodes.
     #[serde(default, rename = "break")]
     pub breakages: Vec<String>,
+    /// SSH nodes: private key, and the YAML file of per-primitive commands (`run --help`).
+    #[serde(default)]
+    pub identity: Option<PathBuf>,
+    #[serde(default)]
+    pub ssh_commands: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -82,7 +87,7 @@ impl Inventory {
         }
         let mut seen = Vec::new();
         for n in &inv.nodes {
-            let name = n.local_name().with_context(|| format!("{}: node `{}`", path.display(), n.node))?;
+            let name = n.name().with_context(|| format!("{}: node `{}`", path.display(), n.node))?;
             if seen.contains(&name) {
                 bail!("{}: node `{}` is listed twice", path.display(), n.node);
             }
@@ -93,15 +98,16 @@ impl Inventory {
 }
 
 impl FleetNode {
-    /// The local node's name. `run` drives local nodes; an SSH node is refused here, before
-    /// anything runs, rather than failing half-way through the night.
-    fn local_name(&self) -> Result<String> {
+    /// A name for the node's report directory; a bad entry is refused here, before anything
+    /// runs, rather than failing half-way through the night.
+    fn name(&self) -> Result<String> {
         match self.node.split_once(':') {
             Some(("local", name)) if !name.is_empty() => Ok(name.to_string()),
-            Some(("ssh", _)) => bail!(
-                "scenario runs over SSH are not supported yet: `archy-chaos node remote` drives a real node's primitives; list local nodes (`local:NAME`)"
-            ),
-            _ => bail!("expected `local:NAME` or `ssh://user@host`"),
+            Some(("ssh", _)) => {
+                let n = crate::node::ssh::SshNode::parse(&self.node, "", None, Default::default())?;
+                Ok(format!("{}-{}", n.destination.replace('@', "-at-"), n.port))
+            }
+            _ => bail!("expected `local:NAME` or `ssh://user@host[:port]`"),
         }
     }
 }
@@ -126,7 +132,7 @@ fn fleet(args: &FleetArgs) -> Result<u8> {
         .nodes
         .iter()
         .map(|n| {
-            let name = n.local_name()?;
+            let name = n.name()?;
             let dir = args.report_dir.join(&name);
             let mut cmd = Command::new(&bin);
             cmd.args(["run", &args.suite, "--node", &n.node, "--seed", &seed.to_string(), "--json"])
@@ -147,6 +153,12 @@ fn fleet(args: &FleetArgs) -> Result<u8> {
             }
             if let Some(url) = &args.pushgateway {
                 cmd.args(["--pushgateway", url]);
+            }
+            if let Some(k) = &n.identity {
+                cmd.arg("--identity").arg(k);
+            }
+            if let Some(c) = &n.ssh_commands {
+                cmd.arg("--ssh-commands").arg(c);
             }
             Ok((name, cmd, dir))
         })
@@ -171,7 +183,7 @@ fn fleet(args: &FleetArgs) -> Result<u8> {
                 let outcome = (|| -> Result<(u8, Value)> {
                     std::fs::create_dir_all(&dir)?;
                     let log = std::fs::File::create(dir.join("run.log"))?;
-                    let out = cmd.stderr(log).output().context("starting archy-chaos run")?;
+                    let out = crate::exec::output(cmd.stderr(log)).context("starting archy-chaos run")?;
                     let code = out.status.code().map_or(exit::UNKNOWN, |c| c as u8);
                     let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
                     Ok((code, report))

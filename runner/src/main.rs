@@ -5,15 +5,16 @@ mod agent_client;
 mod bench;
 mod chart;
 mod evidence;
+mod exec;
 mod fleet;
 mod gate;
-mod measure;
+mod interrupt;
 mod node;
 mod push;
 mod report;
+mod run;
 mod scenario;
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -34,10 +35,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a scenario on a fresh local node-in-a-box and gate on its verdict. Exit code: 0
-    /// every iteration passed, 1 one failed, 2 unknown or infrastructure error, 64 bad usage.
-    /// Run as root after scripts/setup-host.
-    Run(RunArgs),
+    /// Run scenarios and suites on nodes (a fresh local node-in-a-box per scenario, or real
+    /// hosts over SSH) and gate on the verdict. Exit code: 0 every iteration passed, 1 one
+    /// failed, 2 unknown or infrastructure error, 64 bad usage, 130/143 interrupted by
+    /// SIGINT/SIGTERM (nodes torn down, the report so far written). Run as root after
+    /// scripts/setup-host.
+    Run(run::RunArgs),
     /// The scenarios available, with their layer and what each proves.
     List {
         #[arg(long, default_value = "scenarios")]
@@ -109,244 +112,6 @@ enum BenchWhat {
     /// A local node: boot to ready, power cut to every fixture app healthy, node memory.
     /// Run as root after scripts/setup-host.
     Node(bench::NodeBenchArgs),
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Scenarios (`scenarios/<id>.yml`, e.g. `reboot-survive`) and suites
-    /// (`scenarios/suites/<id>.yml`: `smoke`, `release`, `nightly`), run in order, each
-    /// scenario on a fresh local node. `archy-chaos list` shows them.
-    #[arg(required = true)]
-    targets: Vec<String>,
-    /// Iterations of every scenario [default: the suite's, else the scenario's].
-    #[arg(long)]
-    iterations: Option<u32>,
-    /// Seed of every random choice [default: random; the report prints it].
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Run these apps instead of each scenario's own (comma separated).
-    #[arg(long, value_delimiter = ',')]
-    apps: Vec<String>,
-    /// The node: `local` (a fresh node-in-a-box per scenario) or `local:NAME` to name it.
-    #[arg(long, default_value = "local")]
-    node: String,
-    #[arg(long, value_enum, default_value = "quadlet")]
-    backend: node::Backend,
-    #[arg(long, default_value = "scenarios")]
-    scenarios: std::path::PathBuf,
-    #[arg(long, default_value = "apps")]
-    catalog: std::path::PathBuf,
-    /// Where the JSON report goes (`archy-chaos report FILE` renders it).
-    #[arg(long, default_value = "reports/out")]
-    report_dir: std::path::PathBuf,
-    /// Keep the last node afterwards (to look at it; `archy-chaos node down NAME` removes it).
-    #[arg(long)]
-    keep_node: bool,
-    /// Deliberately broken node for proving the suite (podman backend): podman runs in the
-    /// agent's cgroup, the platform's FM3.
-    #[arg(long)]
-    fm3: bool,
-    /// Deliberately broken agent behaviour, for proving that the suite catches it (never on
-    /// a real node): secrets never re-checked after install, state written in place,
-    /// ports published under host networking.
-    #[arg(long = "break", value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(archy_agent::failpoint::BREAKAGES))]
-    breakages: Vec<String>,
-    /// Apps a destructive scenario must not hurt (on a synced node a cycle costs hours of
-    /// chain resync), comma separated.
-    #[arg(long, value_delimiter = ',')]
-    protected: Vec<String>,
-    /// Run destructive scenarios on protected apps anyway.
-    #[arg(long)]
-    allow_protected: bool,
-    /// Push the results to a Prometheus pushgateway, e.g. http://127.0.0.1:9091.
-    #[arg(long)]
-    pushgateway: Option<String>,
-    /// Print the JSON report on stdout instead of the summary table.
-    #[arg(long)]
-    json: bool,
-    #[arg(long, default_value = "archy")]
-    user: String,
-}
-
-fn run_scenarios(args: RunArgs) -> ExitCode {
-    let usage = |e: anyhow::Error| {
-        eprintln!("archy-chaos: {e:#}");
-        ExitCode::from(report::exit::USAGE)
-    };
-    let plan = match scenario::resolve(&args.scenarios, &args.targets) {
-        Ok(p) => p,
-        Err(e) => return usage(e),
-    };
-    let catalog = match archy_agent::manifest::Catalog::load(&args.catalog) {
-        Ok(c) => c,
-        Err(e) => return usage(anyhow::anyhow!("{e}")),
-    };
-    let mut work = Vec::new();
-    for (path, s, iterations) in plan {
-        let apps = if args.apps.is_empty() {
-            s.apps(&catalog, &path)
-        } else {
-            let mut s2 = s.clone();
-            s2.apps = scenario::Apps::List(args.apps.clone());
-            s2.apps(&catalog, Path::new("--apps"))
-        };
-        let apps = match apps {
-            Ok(a) => a,
-            Err(e) => return usage(e),
-        };
-        let hurt: Vec<&String> = apps.iter().filter(|a| args.protected.contains(a)).collect();
-        if s.destructive && !hurt.is_empty() && !args.allow_protected {
-            return usage(anyhow::anyhow!(
-                "{} is destructive and would hurt protected apps {hurt:?}: leave them out (--apps), or pass --allow-protected",
-                s.id
-            ));
-        }
-        work.push((s, apps, args.iterations.unwrap_or(iterations)));
-    }
-    let seed = args.seed.unwrap_or_else(rand::random);
-    let name = match args.node.split_once(':') {
-        None if args.node == "local" => format!("run{}", std::process::id() % 1_000_000),
-        Some(("local", name)) if node::LocalNode::open(name).is_err() => name.to_string(),
-        Some(("local", name)) => {
-            return usage(anyhow::anyhow!(
-                "node {name} exists: run brings up a fresh node per scenario (`archy-chaos node down {name}` first)"
-            ))
-        }
-        Some(("ssh", _)) => {
-            return usage(anyhow::anyhow!(
-                "scenario runs over SSH are not supported yet: `archy-chaos node remote` drives a real node's primitives"
-            ))
-        }
-        _ => return usage(anyhow::anyhow!("--node {}: expected `local` or `local:NAME`", args.node)),
-    };
-    let bin = match std::env::current_exe() {
-        Ok(p) => p.with_file_name("archy-agent"),
-        Err(e) => return usage(e.into()),
-    };
-    let started = std::time::SystemTime::now();
-    let cpu_before = report::cpu_times();
-    let total: u64 =
-        work.iter().map(|(s, apps, n)| u64::from(*n) * if s.per_app { apps.len() as u64 } else { 1 }).sum();
-    let bar = indicatif::ProgressBar::new(total).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>24} [{bar:30}] {pos}/{len} iterations, {elapsed} (ETA {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    eprintln!(
-        "archy-chaos: {} scenario(s), {total} iteration(s) on local node {name}, seed {seed}",
-        work.len()
-    );
-    let mut scenarios = Vec::new();
-    let mut environment = serde_json::Value::Null;
-    for (i, (s, apps, iterations)) in work.iter().enumerate() {
-        bar.set_message(s.id.clone());
-        let opts = node::local::UpOptions {
-            name: name.clone(),
-            user: args.user.clone(),
-            backend: args.backend,
-            netns: true,
-            fm3: args.fm3,
-            breakages: args.breakages.clone(),
-        };
-        let node = match node::LocalNode::up(&opts, &bin, &args.catalog) {
-            Ok(n) => n,
-            Err(e) => {
-                bar.println(format!(
-                    "archy-chaos: cannot bring up a local node for {} (verdict: unknown): {e:#}",
-                    s.id
-                ));
-                scenarios.push(report::ScenarioReport::new(s, Vec::new()));
-                continue;
-            }
-        };
-        let results = scenario::engine::run_scenario(
-            s,
-            &node,
-            apps,
-            *iterations,
-            seed ^ (i as u64) << 32,
-            |group, it| {
-                let line = format!(
-                    "{} [{}] iteration {}/{iterations}: {:?}",
-                    s.id,
-                    group.join(","),
-                    it.n,
-                    it.verdict
-                );
-                if bar.is_hidden() {
-                    eprintln!("{line}"); // no terminal (CI): the log still shows progress
-                } else {
-                    bar.println(line);
-                }
-                bar.inc(1);
-                true
-            },
-        );
-        scenarios.push(report::ScenarioReport::new(s, results));
-        if i + 1 == work.len() {
-            environment = report::environment(&node, cpu_before);
-        }
-        if !(args.keep_node && i + 1 == work.len()) {
-            if let Err(e) = node.down() {
-                bar.println(format!("archy-chaos: removing node {name}: {e:#}"));
-            }
-        }
-    }
-    bar.finish_and_clear();
-    let mut replay = format!(
-        "archy-chaos run {} --node {} --seed {seed} --backend {:?}",
-        args.targets.join(" "),
-        args.node,
-        args.backend
-    );
-    if let Some(n) = args.iterations {
-        replay.push_str(&format!(" --iterations {n}"));
-    }
-    if !args.apps.is_empty() {
-        replay.push_str(&format!(" --apps {}", args.apps.join(",")));
-    }
-    if !args.breakages.is_empty() {
-        replay.push_str(&format!(" --break {}", args.breakages.join(",")));
-    }
-    if args.fm3 {
-        replay.push_str(" --fm3");
-    }
-    let r = report::Report {
-        schema: report::SCHEMA,
-        verdict: report::Report::verdict_of(&scenarios),
-        node: format!("local:{name}"),
-        backend: format!("{:?}", args.backend).to_lowercase(),
-        seed,
-        replay: replay.to_lowercase(),
-        nondeterminism: "the seed fixes the data written, the kill instants and every random choice of the runner; podman's and systemd's timing and the kernel's scheduling are not fixed by it",
-        started_unix: started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        duration_seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
-        environment,
-        scenarios,
-    };
-    let path = match r.write(&args.report_dir, &args.targets.join("+")) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("archy-chaos: cannot write the report: {e:#}");
-            return ExitCode::from(report::exit::UNKNOWN);
-        }
-    };
-    if let Some(url) = &args.pushgateway {
-        let pushed =
-            serde_json::to_value(&r).map_err(anyhow::Error::from).and_then(|v| push::push(url, &v, None));
-        if let Err(e) = pushed {
-            eprintln!("archy-chaos: pushing to {url}: {e:#}");
-        }
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-    } else {
-        println!("{}", r.summary());
-        println!("verdict: {:?}; report: {}; replay: {}", r.verdict, path.display(), r.replay);
-    }
-    ExitCode::from(r.exit_code())
 }
 
 #[derive(Subcommand)]
@@ -519,7 +284,7 @@ fn remote_command(n: &node::ssh::SshNode, action: RemoteAction) -> anyhow::Resul
         RemoteAction::Rpc { method, params } => {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| anyhow::anyhow!("params are not JSON: {e}"))?;
-            show(agent_client::AgentClient::new(n).rpc::<serde_json::Value>(&method, params)?);
+            show(node::agent(n).rpc::<serde_json::Value>(&method, params)?);
         }
     }
     Ok(())
@@ -585,7 +350,7 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| anyhow::anyhow!("params are not JSON: {e}"))?;
             let n = LocalNode::open(&name)?;
-            show(agent_client::AgentClient::new(&n).rpc::<serde_json::Value>(&method, params)?);
+            show(n.agent().rpc::<serde_json::Value>(&method, params)?);
         }
     }
     Ok(())
@@ -593,7 +358,7 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run(args) => run_scenarios(args),
+        Command::Run(args) => run::run(args),
         Command::List { scenarios } => match report::list(&scenarios) {
             Ok(t) => {
                 println!("{t}");

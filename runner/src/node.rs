@@ -12,6 +12,7 @@ use anyhow::{ensure, Result};
 use archy_agent::manifest::Catalog;
 use serde::{Deserialize, Serialize};
 
+use crate::agent_client::AgentClient;
 pub use crate::evidence::Evidence;
 
 pub mod local;
@@ -69,11 +70,24 @@ pub trait Node: Send + Sync {
     /// The catalog the node's agent runs: its own copy under `catalog/`.
     fn catalog(&self) -> Result<Catalog>;
 
+    /// A client of the node's agent (the token is read at its first request).
+    fn agent(&self) -> AgentClient<'_>
+    where
+        Self: Sized,
+    {
+        AgentClient::at(self.api_addr(), Box::new(|| self.token()))
+    }
+
     /// A file fault with its evidence: the file's checksum, owner and mode before and after.
     fn file_fault(&self, rel: &str, fault: FileFault) -> Result<Evidence> {
+        // Checksums of files only: a fault may hit a whole directory (an app's data).
+        let sha = |st: &Option<Stat>| match st {
+            Some(s) if s.kind == FileKind::File => self.hash(rel),
+            _ => Ok(None),
+        };
         let before = self.stat(rel)?;
         ensure!(before.is_some(), "{rel} does not exist on node {}", self.name());
-        let sha_before = self.hash(rel)?;
+        let sha_before = sha(&before)?;
         match fault {
             FileFault::Delete => {
                 self.remove(rel)?;
@@ -81,7 +95,7 @@ pub trait Node: Send + Sync {
             other => self.damage(rel, other)?,
         }
         let after = self.stat(rel)?;
-        let sha_after = self.hash(rel)?;
+        let sha_after = sha(&after)?;
         Ok(Evidence::default()
             .with("fault", format!("{fault:?}").to_lowercase())
             .with("path", rel)
@@ -144,6 +158,11 @@ pub fn checked(rel: &str) -> Result<&str> {
         "`{rel}` is not a path inside the node's root (relative, no `.` or `..`)"
     );
     Ok(rel)
+}
+
+/// A client of a node's agent, for a node known only as `dyn Node`.
+pub fn agent(node: &dyn Node) -> AgentClient<'_> {
+    AgentClient::at(node.api_addr(), Box::new(move || node.token()))
 }
 
 /// While this file exists (under the node's root), the agent's podman fails.

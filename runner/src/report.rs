@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use crate::scenario::{Iteration, Quantile, Verdict};
 
 /// Version of the report's JSON schema (documented in `reports/README.md`).
-pub const SCHEMA: u32 = 2;
+pub const SCHEMA: u32 = 3;
 
 pub mod exit {
     pub const PASS: u8 = 0;
@@ -21,20 +21,28 @@ pub mod exit {
     pub const USAGE: u8 = 64;
 }
 
-/// One run of `archy-chaos run`: one or more scenarios on one node.
+/// One run of `archy-chaos run`: one or more scenarios on one or more nodes.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub schema: u32,
+    /// The worst node's.
     pub verdict: Verdict,
-    pub node: String,
-    pub backend: String,
     pub seed: u64,
     /// The command that replays this run.
     pub replay: String,
     /// What the seed cannot fix.
-    pub nondeterminism: &'static str,
+    pub nondeterminism: String,
     pub started_unix: u64,
     pub duration_seconds: f64,
+    pub nodes: Vec<NodeReport>,
+}
+
+/// The scenarios one node ran.
+#[derive(Debug, Serialize)]
+pub struct NodeReport {
+    pub node: String,
+    pub backend: String,
+    pub verdict: Verdict,
     pub environment: Value,
     pub scenarios: Vec<ScenarioReport>,
 }
@@ -165,11 +173,6 @@ impl Kpi {
 }
 
 impl Report {
-    /// Fail beats unknown beats pass; nothing run at all is unknown.
-    pub fn verdict_of(scenarios: &[ScenarioReport]) -> Verdict {
-        scenarios.iter().map(|s| s.verdict).max().unwrap_or(Verdict::Unknown)
-    }
-
     pub fn exit_code(&self) -> u8 {
         match self.verdict {
             Verdict::Pass => exit::PASS,
@@ -179,17 +182,21 @@ impl Report {
     }
 
     pub fn write(&self, dir: &Path, name: &str) -> Result<PathBuf> {
+        let name: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "+-_.".contains(c) { c } else { '_' })
+            .collect();
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(format!("{name}-{}.json", self.started_unix));
         std::fs::write(&path, serde_json::to_vec_pretty(self)?)?;
         Ok(path)
     }
 
-    /// The terminal summary: one row per scenario.
+    /// The terminal summary: one row per scenario and node.
     pub fn summary(&self) -> String {
         let mut t = tabled::builder::Builder::default();
-        t.push_record(["scenario", "layer", "pass/fail/unknown", "verdict", "why"]);
-        for s in &self.scenarios {
+        t.push_record(["node", "scenario", "layer", "pass/fail/unknown", "verdict", "why"]);
+        for (node, s) in self.nodes.iter().flat_map(|n| n.scenarios.iter().map(move |s| (&n.node, s))) {
             let count = |v| s.iterations.iter().filter(|i| i.verdict == v).count();
             let mut why: Vec<String> =
                 s.iterations.iter().flat_map(|i| i.failures.iter().chain(&i.unknowns)).cloned().collect();
@@ -200,6 +207,7 @@ impl Report {
                     .map(move |t| format!("{} {} {:?} > {}", k.name, t.quantile.name(), t.value, t.max))
             }));
             t.push_record([
+                node.clone(),
                 s.scenario.clone(),
                 format!("{:?}", s.layer),
                 format!("{}/{}/{}", count(Verdict::Pass), count(Verdict::Fail), count(Verdict::Unknown)),
@@ -236,15 +244,13 @@ pub fn cpu_times() -> (u64, u64, u64) {
 }
 
 /// What every report records about where it ran; `cpu_before` is [`cpu_times`] at the start.
-pub fn environment(node: &crate::node::LocalNode, cpu_before: (u64, u64, u64)) -> Value {
+pub fn environment(node: &dyn crate::node::Node, cpu_before: (u64, u64, u64)) -> Value {
     let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
     let podman = node
         .exec(&["podman", "version", "--format", "{{.Client.Version}}"])
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let agent = crate::agent_client::AgentClient::new(node)
-        .rpc::<Value>("node.status", Value::Null)
-        .unwrap_or(Value::Null);
+    let agent = crate::node::agent(node).rpc::<Value>("node.status", Value::Null).unwrap_or(Value::Null);
     let after = cpu_times();
     let total = after.0.saturating_sub(cpu_before.0).max(1) as f64;
     json!({
@@ -261,6 +267,8 @@ pub fn environment(node: &crate::node::LocalNode, cpu_before: (u64, u64, u64)) -
         "agent_backend": agent["backend"],
         "agent_broken": agent["broken"],
         "runner_version": env!("CARGO_PKG_VERSION"),
+        // The runner's own external commands (ssh, nsenter, ip...): its overhead per node kind.
+        "runner_calls": crate::exec::calls().into_iter().map(|(p, n, s)| (p, json!({"calls": n, "seconds": s}))).collect::<serde_json::Map<_, _>>(),
     })
 }
 

@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod invariants;
+pub mod measure;
 pub mod model;
 pub mod steps;
 

@@ -78,7 +78,9 @@ fn a_fleet_report_shows_exactly_the_broken_node_failing() {
 fn bad_inventories_are_refused_naming_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     for (body, want) in [
-        ("version: 1\nnodes:\n  - node: ssh://archy@node1\n", "scenario runs over SSH are not supported yet"),
+        ("version: 1\nnodes:\n  - node: ssh://node1\n", "`ssh://node1` needs a user"),
+        ("version: 1\nnodes:\n  - node: ssh://archy@node1:70000\n", "bad port in `ssh://archy@node1:70000`"),
+        ("version: 1\nnodes:\n  - node: ssh://archy@node1:0\n", "bad port in `ssh://archy@node1:0`"),
         ("version: 1\nnodes:\n  - node: local:a\n  - node: local:a\n", "listed twice"),
         ("version: 1\nnodes:\n  - node: local:a\n    colour: red\n", "unknown field `colour`"),
         ("version: 2\nnodes: []\n", "version 2"),

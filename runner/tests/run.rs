@@ -33,16 +33,16 @@ fn reboot_survive_passes_with_evidence_and_a_replay_command() {
     assert_eq!(r["verdict"], "pass", "{r}");
     assert_eq!(r["seed"], 42);
     assert!(r["replay"].as_str().unwrap().contains("--seed 42"), "{r}");
-    let it = &r["scenarios"][0]["iterations"][0];
+    let it = &r["nodes"][0]["scenarios"][0]["iterations"][0];
     let cut =
         it["steps"].as_array().unwrap().iter().find(|s| s["step"] == "power-cut").expect("power-cut step");
     assert!(cut["evidence"]["processes_killed"].as_u64().unwrap() > 0, "{cut}");
     assert_eq!(cut["evidence"]["took_effect"], true);
     assert!(it["measures"]["recovery_seconds"][0].as_f64().unwrap() > 0.0, "{it}");
-    let kpi = &r["scenarios"][0]["kpis"][0];
+    let kpi = &r["nodes"][0]["scenarios"][0]["kpis"][0];
     assert_eq!(kpi["name"], "recovery_seconds", "{kpi}");
     assert!(kpi["p50"].as_f64().unwrap() > 0.0 && kpi["thresholds"][0]["verdict"] == "pass", "{kpi}");
-    assert!(r["environment"]["podman"].as_str().unwrap().starts_with('4'), "{r}");
+    assert!(r["nodes"][0]["environment"]["podman"].as_str().unwrap().starts_with('4'), "{r}");
 }
 
 #[test]
@@ -52,7 +52,7 @@ fn fm3_fails_agent_restart_survive_naming_the_invariant() {
         run(&["agent-restart-survive", "--iterations", "1", "--backend", "podman", "--fm3"], reports.path());
     assert_eq!(code, 1, "the gate must fail:\n{text}");
     assert_eq!(r["verdict"], "fail");
-    let failures = r["scenarios"][0]["iterations"][0]["failures"].to_string();
+    let failures = r["nodes"][0]["scenarios"][0]["iterations"][0]["failures"].to_string();
     assert!(failures.contains("containers-unchanged"), "{failures}");
 }
 
@@ -65,8 +65,8 @@ fn assert_breakage_caught(targets: &[&str], breakage: &str, invariants: &[&str],
     args.extend(extra);
     let (code, r, text) = run(&args, reports.path());
     assert_eq!(code, 1, "{breakage}: the gate must fail:\n{text}\n{r}");
-    assert_eq!(r["environment"]["agent_broken"], serde_json::json!([breakage]), "{r}");
-    for sc in r["scenarios"].as_array().unwrap() {
+    assert_eq!(r["nodes"][0]["environment"]["agent_broken"], serde_json::json!([breakage]), "{r}");
+    for sc in r["nodes"][0]["scenarios"].as_array().unwrap() {
         assert_eq!(sc["verdict"], "fail", "{breakage}: {sc}");
         let failures = sc["iterations"][0]["failures"].to_string();
         assert!(
@@ -132,6 +132,8 @@ fn bad_usage_exits_64_naming_the_problem() {
         ("bad-version", "version: 9\nid: x\nlayer: L3\ndescription: x\napps: fixtures\nsteps: [install]\ninvariants: []\n", "version 9"),
         ("bad-kpi", "version: 1\nid: bad-kpi\nlayer: L6\ndescription: x\napps: fixtures\nsteps: [install, measure-startup]\ninvariants: []\nthresholds: { install_secs: { p50: 1 } }\n", "`install_secs` is not measured by this scenario's steps; they measure: startup_seconds"),
         ("bad-quantile", "version: 1\nid: bad-quantile\nlayer: L6\ndescription: x\napps: fixtures\nsteps: [measure-startup]\ninvariants: []\nthresholds: { startup_seconds: { p42: 1 } }\n", "unknown variant `p42`"),
+        ("bad-skip", "version: 1\nid: bad-skip\nlayer: L3\ndescription: x\napps: fixtures\nsteps: [install]\nskip: { data-intact: no }\n", "`data-intact` is not a standard invariant"),
+        ("bad-reason", "version: 1\nid: bad-reason\nlayer: L3\ndescription: x\napps: fixtures\nsteps: [install]\nskip: { apps-up: \"\" }\n", "`apps-up` needs a reason"),
         ("bad-limit", "version: 1\nid: bad-limit\nlayer: L6\ndescription: x\napps: fixtures\nsteps: [measure-startup]\ninvariants: []\nthresholds: { startup_seconds: { p99: -1 } }\n", "-1 is not a positive number"),
     ] {
         std::fs::write(dir.path().join(format!("{name}.yml")), body).unwrap();
@@ -150,7 +152,7 @@ fn smoke_suite_every_scenario_passes_once() {
     let reports = tempfile::tempdir().unwrap();
     let (code, r, text) = run(&["smoke"], reports.path());
     assert_eq!(code, 0, "{text}\n{r}");
-    let scenarios = r["scenarios"].as_array().unwrap();
+    let scenarios = r["nodes"][0]["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), files, "every scenario file ran once: {text}");
     for sc in scenarios {
         assert_eq!(sc["verdict"], "pass", "{sc}");
@@ -159,4 +161,85 @@ fn smoke_suite_every_scenario_passes_once() {
             assert_ne!(step["evidence"]["took_effect"], false, "{}: {step}", sc["scenario"]);
         }
     }
+}
+
+#[test]
+fn bad_nodes_are_refused_before_anything_runs() {
+    for (node, want) in [
+        ("ssh://host", "needs a user"),
+        ("ssh://a@b:0", "bad port"),
+        ("ssh://a@b:65536", "bad port"),
+        ("floppy:1", "expected `local`, `local:NAME` or `ssh://user@host[:port]`"),
+    ] {
+        let out = support::chaos_cmd(&["run", "reboot-survive", "--node", node]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{node}: {err}");
+        assert!(err.contains(node) && err.contains(want), "{node}: {err}");
+    }
+}
+
+/// Ctrl-C during a run: the node it created is torn down, the report so far is written with
+/// the interrupted iteration marked, and the exit code is 130.
+#[test]
+fn an_interrupted_run_tears_down_its_node_and_writes_the_report_so_far() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let reports = tempfile::tempdir().unwrap();
+    let child =
+        support::chaos_cmd(&["run", "reboot-survive", "--iterations", "5", "--node", "local:tint"])
+            .arg("--report-dir")
+            .arg(reports.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let node = support::nodes_dir().join("tint");
+    let start = std::time::Instant::now();
+    // The signal lands after write-data, while the first iteration cuts the power and waits.
+    let written = || {
+        let apps = std::fs::read_dir(node.join("data/apps")).into_iter().flatten().flatten();
+        let vols = apps.flat_map(|a| std::fs::read_dir(a.path()).into_iter().flatten().flatten());
+        vols.flat_map(|v| std::fs::read_dir(v.path()).into_iter().flatten().flatten())
+            .any(|f| f.file_name().to_string_lossy().starts_with("archy-chaos-"))
+    };
+    while !written() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(120), "no data written");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(130), "{text}");
+    assert!(!node.exists(), "the node outlived the run: {text}");
+    let report: Value = std::fs::read_dir(reports.path())
+        .unwrap()
+        .find_map(|e| serde_json::from_slice(&std::fs::read(e.ok()?.path()).ok()?).ok())
+        .expect("a report");
+    assert_eq!(report["verdict"], "unknown", "{report}");
+    let its = report["nodes"][0]["scenarios"][0]["iterations"].as_array().unwrap();
+    assert!(its.len() < 5, "the run went on after the signal: {report}");
+    let last = its.last().unwrap();
+    assert_eq!(last["verdict"], "unknown", "{last}");
+    assert!(last["unknowns"].to_string().contains("interrupted"), "{last}");
+}
+
+/// A broken build fails in seconds with --fail-fast, not after every convergence timeout.
+#[test]
+fn fail_fast_stops_at_the_first_failed_iteration() {
+    let reports = tempfile::tempdir().unwrap();
+    let (code, r, text) = run(
+        &[
+            "secret-deleted",
+            "secret-corrupt",
+            "--iterations",
+            "3",
+            "--break",
+            "no-secret-heal",
+            "--fail-fast",
+        ],
+        reports.path(),
+    );
+    assert_eq!(code, 1, "{text}\n{r}");
+    let scenarios = r["nodes"][0]["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 1, "the second scenario ran: {text}");
+    assert_eq!(scenarios[0]["iterations"].as_array().unwrap().len(), 1, "{text}");
 }

@@ -66,16 +66,7 @@ pub fn nodes_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from("/var/lib/archy-chaos/nodes"), PathBuf::from)
 }
 
-fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(out)
-}
+use crate::exec::run;
 
 /// The unified cgroup hierarchy of this host (pure v2, or the `unified` mount of hybrid).
 fn cgroup2_root() -> PathBuf {
@@ -252,6 +243,14 @@ impl LocalNode {
             node.create_netns(i)?;
         }
         node.boot()?;
+        if !breakages.is_empty() {
+            let on = node.agent().status()?.broken;
+            ensure!(
+                &on == breakages,
+                "the agent at {} reports breakages {on:?}, not {breakages:?}: it was built without them (the runner's tests build it with the agent's `breakage` feature: `cargo build -p archy-agent --features breakage`)",
+                agent_bin.display()
+            );
+        }
         // The fixture image, imported into this node's own storage from inside the node.
         let out = node.exec(&["podman", "image", "exists", "localhost/archy-fixture:1"])?;
         if !out.status.success() {
@@ -369,7 +368,7 @@ impl LocalNode {
                 }
             });
         }
-        let child = cmd.spawn().context("starting the node")?;
+        let child = crate::exec::spawn(&mut cmd).context("starting the node")?;
         std::fs::write(self.root.join("launcher.pid"), child.id().to_string())?;
         // The launcher is reaped by whoever waits last; detach it from this process.
         std::mem::forget(child);
@@ -494,7 +493,7 @@ impl LocalNode {
         .arg("PATH=/usr/local/bin:/usr/bin:/bin")
         .args(argv)
         .stdin(Stdio::null());
-        cmd.output().context("entering the node")
+        crate::exec::output(&mut cmd).context("entering the node")
     }
 
     fn systemctl(&self, args: &[&str]) -> Result<String> {
@@ -594,8 +593,8 @@ impl LocalNode {
         rmdirs(&self.cgroup());
         let _ = std::fs::remove_dir(cgroup2_root().join("archy-chaos")); // the last node's
         if self.spec.netns.is_some() {
-            let _ = Command::new("ip").args(["link", "del", &self.veth()]).output();
-            let _ = Command::new("ip").args(["netns", "del", &self.netns_name()]).output();
+            let _ = crate::exec::output(Command::new("ip").args(["link", "del", &self.veth()]));
+            let _ = crate::exec::output(Command::new("ip").args(["netns", "del", &self.netns_name()]));
         }
         // Podman's storage holds files owned by the user's subordinate ids: root removes all.
         std::fs::remove_dir_all(&self.root).with_context(|| format!("removing {}", self.root.display()))?;

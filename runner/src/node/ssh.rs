@@ -67,7 +67,13 @@ impl SshNode {
         let rest =
             url.strip_prefix("ssh://").with_context(|| format!("`{url}` is not ssh://user@host[:port]"))?;
         let (dest, port) = match rest.rsplit_once(':') {
-            Some((d, p)) => (d, p.parse().with_context(|| format!("bad port in `{url}`"))?),
+            Some((d, p)) => (
+                d,
+                p.parse()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .with_context(|| format!("bad port in `{url}` (1-65535)"))?,
+            ),
             None => (rest, 22),
         };
         ensure!(
@@ -140,7 +146,7 @@ impl SshNode {
 
     /// The agent's instance id, if it answers.
     fn instance(&self) -> Option<String> {
-        crate::agent_client::AgentClient::new(self).status().ok().map(|s| s.instance)
+        super::Node::agent(self).status().ok().map(|s| s.instance)
     }
 
     /// Fires a command that restarts the node, and waits until an agent answers again as a

@@ -125,14 +125,23 @@ pub fn iterate(
         rng: rand::rngs::StdRng::seed_from_u64(seed),
         memory: Memory::default(),
     };
+    run_steps(&mut ctx, &mut it);
+    if it.failures.is_empty() && it.unknowns.is_empty() {
+        check_invariants(&ctx, &mut it);
+    }
+    finish(it, node)
+}
+
+/// The steps in order, each with its evidence, until one fails.
+fn run_steps(ctx: &mut StepCtx, it: &mut Iteration) {
     let mut fault_at: Option<Instant> = None;
-    for step in &s.steps {
+    for step in &ctx.s.steps {
         let started = Instant::now();
         if step.is_fault() {
             fault_at.get_or_insert(started);
         }
         let record = serde_json::to_value(step).unwrap_or(Value::Null);
-        match steps::run(&mut ctx, step) {
+        match steps::run(ctx, step) {
             Ok(evidence) => {
                 if evidence.took_effect == Some(false) {
                     it.unknowns.push(format!("{} did not take effect: {:?}", step.name(), evidence.details));
@@ -145,18 +154,17 @@ pub fn iterate(
                 for (k, v) in &evidence.measures {
                     it.measures.entry(k.clone()).or_default().extend(v);
                 }
-                it.steps.push(StepRecord {
-                    step: record,
-                    seconds: Some(started.elapsed().as_secs_f64()),
-                    evidence: Some(evidence),
-                    error: None,
-                });
+                let seconds = Some(started.elapsed().as_secs_f64());
+                it.steps.push(StepRecord { step: record, seconds, evidence: Some(evidence), error: None });
             }
             Err(e) => {
                 let msg = format!("{}: {e:#}", step.name());
                 match step.failure_of_the_system() {
-                    Some(what) => it.failures.push(format!("{what}: {msg}")),
-                    None => it.unknowns.push(msg),
+                    // A wait cut short by Ctrl-C proves nothing either way.
+                    Some(what) if crate::interrupt::signal().is_none() => {
+                        it.failures.push(format!("{what}: {msg}"))
+                    }
+                    _ => it.unknowns.push(msg),
                 }
                 it.steps.push(StepRecord {
                     step: record,
@@ -164,24 +172,26 @@ pub fn iterate(
                     evidence: None,
                     error: Some(format!("{e:#}")),
                 });
-                break;
+                return;
             }
         }
     }
-    if it.failures.is_empty() && it.unknowns.is_empty() {
-        for inv in s.checks() {
-            if let Err(e) = invariants::check(&ctx, inv) {
-                let msg = format!("{}: {e:#}", inv.name());
-                // A kill point never reached is a fault without effect: unknown, not fail.
-                if inv == Invariant::KillPointHit {
-                    it.unknowns.push(msg);
-                } else {
-                    it.failures.push(msg);
-                }
+}
+
+/// Every invariant of the scenario, each failure recorded.
+fn check_invariants(ctx: &StepCtx, it: &mut Iteration) {
+    for inv in ctx.s.checks() {
+        if let Err(e) = invariants::check(ctx, inv) {
+            let msg = format!("{}: {e:#}", inv.name());
+            // A kill point never reached is a fault without effect: unknown, not fail; so is
+            // a check cut short by Ctrl-C.
+            if inv == Invariant::KillPointHit || crate::interrupt::signal().is_some() {
+                it.unknowns.push(msg);
+            } else {
+                it.failures.push(msg);
             }
         }
     }
-    finish(it, node)
 }
 
 fn finish(mut it: Iteration, node: &dyn Node) -> Iteration {
@@ -223,7 +233,7 @@ pub fn run_scenario(
     seed: u64,
     mut each: impl FnMut(&[String], &Iteration) -> bool,
 ) -> Vec<Iteration> {
-    let agent = AgentClient::new(node);
+    let agent = crate::node::agent(node);
     let catalog = node.catalog().ok();
     let with_deps = |app: &String| {
         let mut group: Vec<String> = Vec::new();

@@ -64,12 +64,12 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         Step::KillAgentDuring { op, within } => kill_agent_during(ctx, *op, within.0),
         Step::PodmanFail { duration } => podman_fail(ctx, duration.0),
         Step::MeasureInstall => {
-            crate::measure::install(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, timeout, ctx.n)
+            super::measure::install(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, timeout, ctx.n)
         }
         Step::MeasureTicks { counts, ticks } => {
-            crate::measure::ticks(ctx.node, ctx.agent, counts, *ticks, timeout)
+            super::measure::ticks(ctx.node, ctx.agent, counts, *ticks, timeout)
         }
-        Step::MeasureCalls => crate::measure::calls(ctx.agent, ctx.apps, timeout),
+        Step::MeasureCalls => super::measure::calls(ctx.agent, ctx.apps, timeout),
         Step::MeasureStartup => {
             let start = Instant::now();
             let e = ctx.node.restart_agent()?;

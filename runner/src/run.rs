@@ -1,0 +1,425 @@
+//! `archy-chaos run`: scenarios and suites on one or more nodes (a fresh local node-in-a-box
+//! per scenario, or a real host over SSH), nodes in parallel, one report, one exit code.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context, Result};
+use archy_agent::manifest::Catalog;
+use serde_json::Value;
+
+use crate::node::local::UpOptions;
+use crate::node::ssh::{SshCommands, SshNode};
+use crate::node::{Backend, LocalNode, Node};
+use crate::report::{exit, NodeReport, Report, ScenarioReport};
+use crate::scenario::{self, Scenario, Verdict};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Scenarios (`scenarios/<id>.yml`, e.g. `reboot-survive`) and suites
+    /// (`scenarios/suites/<id>.yml`: `smoke`, `release`, `nightly`), run in order.
+    /// `archy-chaos list` shows them.
+    #[arg(required = true)]
+    pub targets: Vec<String>,
+    /// Iterations of every scenario [default: the suite's, else the scenario's].
+    #[arg(long)]
+    pub iterations: Option<u32>,
+    /// Seed of every random choice [default: random; the report prints it].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Run these apps instead of each scenario's own (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub apps: Vec<String>,
+    /// Where to run; repeat for several nodes, run in parallel (a release runs on two):
+    /// `local` (a fresh node-in-a-box per scenario), `local:NAME` (the same, named), or
+    /// `ssh://user@host[:port]` (a host set up with `archy-chaos node provision`).
+    #[arg(long, default_values_t = ["local".to_string()])]
+    pub node: Vec<String>,
+    /// Backend of the local nodes' agents (an SSH host runs what it was provisioned with).
+    #[arg(long, value_enum, default_value = "quadlet")]
+    pub backend: Backend,
+    /// SSH nodes: private key for the connection.
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// SSH nodes: YAML file overriding the command run for each primitive (see README).
+    #[arg(long)]
+    pub ssh_commands: Option<PathBuf>,
+    /// Stop at the first iteration that does not pass (the report says what did not run).
+    #[arg(long)]
+    pub fail_fast: bool,
+    #[arg(long, default_value = "scenarios")]
+    pub scenarios: PathBuf,
+    #[arg(long, default_value = "apps")]
+    pub catalog: PathBuf,
+    /// Where the JSON report goes (`archy-chaos report FILE` renders it).
+    #[arg(long, default_value = "reports/out")]
+    pub report_dir: PathBuf,
+    /// Keep the last local node afterwards (to look at it; `archy-chaos node down NAME`).
+    #[arg(long)]
+    pub keep_node: bool,
+    /// Deliberately broken node for proving the suite (podman backend): podman runs in the
+    /// agent's cgroup, the platform's FM3.
+    #[arg(long)]
+    pub fm3: bool,
+    /// Deliberately broken agent behaviour, for proving that the suite catches it (never on
+    /// a real node): secrets never re-checked after install, state written in place,
+    /// ports published under host networking.
+    #[arg(long = "break", value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(archy_agent::failpoint::BREAKAGES))]
+    pub breakages: Vec<String>,
+    /// Apps a destructive scenario must not hurt (on a synced node a cycle costs hours of
+    /// chain resync), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub protected: Vec<String>,
+    /// Run destructive scenarios on protected apps anyway.
+    #[arg(long)]
+    pub allow_protected: bool,
+    /// Push the results to a Prometheus pushgateway, e.g. http://127.0.0.1:9091.
+    #[arg(long)]
+    pub pushgateway: Option<String>,
+    /// Print the JSON report on stdout instead of the summary table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "archy")]
+    pub user: String,
+}
+
+/// One scenario to run, resolved: its apps and iteration count.
+struct Work {
+    scenario: Scenario,
+    apps: Vec<String>,
+    iterations: u32,
+}
+
+/// Where to run, parsed from `--node`.
+enum Target {
+    /// A fresh node-in-a-box per scenario, under this name.
+    Local(String),
+    Ssh(Box<SshNode>),
+}
+
+impl Target {
+    fn label(&self) -> String {
+        match self {
+            Target::Local(name) => format!("local:{name}"),
+            Target::Ssh(n) => n.url(),
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let usage = |e: anyhow::Error| {
+        eprintln!("archy-chaos: {e:#}");
+        ExitCode::from(exit::USAGE)
+    };
+    let work = match plan(&args) {
+        Ok(w) => w,
+        Err(e) => return usage(e),
+    };
+    let targets = match targets(&args) {
+        Ok(t) => t,
+        Err(e) => return usage(e),
+    };
+    if let Err(e) = crate::interrupt::install() {
+        return usage(anyhow::anyhow!("installing the signal handlers: {e}"));
+    }
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let started = std::time::SystemTime::now();
+    CPU_BEFORE.get_or_init(crate::report::cpu_times);
+    let per_node: u64 = work
+        .iter()
+        .map(|w| u64::from(w.iterations) * if w.scenario.per_app { w.apps.len() as u64 } else { 1 })
+        .sum();
+    let bar = progress(per_node * targets.len() as u64);
+    eprintln!(
+        "archy-chaos: {} scenario(s), {per_node} iteration(s) on {}, seed {seed}",
+        work.len(),
+        targets.iter().map(Target::label).collect::<Vec<_>>().join(" and ")
+    );
+    let stop = AtomicBool::new(false);
+    let nodes: Vec<NodeReport> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            targets.iter().map(|t| s.spawn(|| run_node(&args, t, &work, seed, &bar, &stop))).collect();
+        handles
+            .into_iter()
+            .zip(&targets)
+            .map(|(h, t)| {
+                h.join().unwrap_or_else(|_| NodeReport {
+                    node: t.label(),
+                    backend: String::new(),
+                    verdict: Verdict::Unknown,
+                    environment: serde_json::json!({"error": "the node's run panicked"}),
+                    scenarios: Vec::new(),
+                })
+            })
+            .collect()
+    });
+    bar.finish_and_clear();
+    let interrupted = crate::interrupt::signal();
+    let mut verdict = nodes.iter().map(|n| n.verdict).max().unwrap_or(Verdict::Unknown);
+    if interrupted.is_some() || (args.fail_fast && stop.load(Ordering::SeqCst)) {
+        verdict = verdict.max(Verdict::Unknown); // what did not run proves nothing
+    }
+    let r = Report {
+        schema: crate::report::SCHEMA,
+        verdict,
+        seed,
+        replay: replay(&args, seed),
+        nondeterminism: "the seed fixes the data written, the kill instants and every random choice of the runner; podman's and systemd's timing and the kernel's scheduling are not fixed by it".into(),
+        started_unix: started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        duration_seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+        nodes,
+    };
+    let path = match r.write(&args.report_dir, &args.targets.join("+")) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("archy-chaos: cannot write the report: {e:#}");
+            return ExitCode::from(exit::UNKNOWN);
+        }
+    };
+    if let Some(url) = &args.pushgateway {
+        let pushed = serde_json::to_value(&r)
+            .map_err(anyhow::Error::from)
+            .and_then(|v| crate::push::push(url, &v, None));
+        if let Err(e) = pushed {
+            eprintln!("archy-chaos: pushing to {url}: {e:#}");
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        println!("{}", r.summary());
+        println!("verdict: {:?}; report: {}; replay: {}", r.verdict, path.display(), r.replay);
+    }
+    match interrupted {
+        Some(sig) => {
+            eprintln!("archy-chaos: interrupted (signal {sig}); the report holds what ran");
+            ExitCode::from(crate::interrupt::exit_code(sig))
+        }
+        None => ExitCode::from(r.exit_code()),
+    }
+}
+
+/// The scenarios asked for, each with its apps, protected apps refused for destructive ones.
+fn plan(args: &RunArgs) -> Result<Vec<Work>> {
+    let catalog = Catalog::load(&args.catalog).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut work = Vec::new();
+    for (path, s, iterations) in scenario::resolve(&args.scenarios, &args.targets)? {
+        let apps = if args.apps.is_empty() {
+            s.apps(&catalog, &path)?
+        } else {
+            let mut s2 = s.clone();
+            s2.apps = scenario::Apps::List(args.apps.clone());
+            s2.apps(&catalog, Path::new("--apps"))?
+        };
+        let hurt: Vec<&String> = apps.iter().filter(|a| args.protected.contains(a)).collect();
+        if s.destructive && !hurt.is_empty() && !args.allow_protected {
+            bail!(
+                "{} is destructive and would hurt protected apps {hurt:?}: leave them out (--apps), or pass --allow-protected",
+                s.id
+            );
+        }
+        work.push(Work { scenario: s, apps, iterations: args.iterations.unwrap_or(iterations) });
+    }
+    Ok(work)
+}
+
+/// Every `--node`, checked before anything runs: a bad URL is a usage error naming it.
+fn targets(args: &RunArgs) -> Result<Vec<Target>> {
+    let commands = match &args.ssh_commands {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => SshCommands::default(),
+    };
+    let mut out: Vec<Target> = Vec::new();
+    for (i, n) in args.node.iter().enumerate() {
+        let t = match n.split_once(':') {
+            None if n == "local" => {
+                Target::Local(format!("run{}{}", std::process::id() % 100_000, if i > 0 { i.to_string() } else { String::new() }))
+            }
+            Some(("local", name)) if LocalNode::open(name).is_ok() => bail!(
+                "--node {n}: node {name} exists: run brings up a fresh node per scenario (`archy-chaos node down {name}` first)"
+            ),
+            Some(("local", name)) => Target::Local(name.to_string()),
+            Some(("ssh", _)) => Target::Ssh(Box::new(
+                SshNode::parse(n, "", args.identity.clone(), commands.clone())
+                    .with_context(|| format!("--node {n}"))?,
+            )),
+            _ => bail!("--node {n}: expected `local`, `local:NAME` or `ssh://user@host[:port]`"),
+        };
+        if out.iter().any(|o| o.label() == t.label()) {
+            bail!("--node {n} is given twice");
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
+
+fn progress(total: u64) -> indicatif::ProgressBar {
+    indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>24} [{bar:30}] {pos}/{len} iterations, {elapsed} (ETA {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    )
+}
+
+/// What a node's thread shares: the run's arguments, its progress bar and its stop flag.
+struct Driver<'a> {
+    args: &'a RunArgs,
+    label: String,
+    bar: &'a indicatif::ProgressBar,
+    stop: &'a AtomicBool,
+}
+
+impl Driver<'_> {
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}"); // no terminal (CI): the log still shows progress
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || crate::interrupt::signal().is_some()
+    }
+
+    /// Told of each iteration as it ends: progress, and whether to go on.
+    fn each(&self, w: &Work, group: &[String], it: &scenario::Iteration) -> bool {
+        let (id, n, verdict) = (&w.scenario.id, it.n, it.verdict);
+        self.say(format!(
+            "{} {id} [{}] iteration {n}/{}: {verdict:?}",
+            self.label,
+            group.join(","),
+            w.iterations
+        ));
+        self.bar.inc(1);
+        if self.args.fail_fast && verdict != Verdict::Pass {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        !self.stopped()
+    }
+
+    /// One scenario on a fresh local node, taken down after it (also when the run is
+    /// interrupted) unless `--keep-node` keeps the last.
+    fn local(
+        &self,
+        name: &str,
+        w: &Work,
+        seed: u64,
+        last: bool,
+        env: &mut Value,
+    ) -> Result<Vec<scenario::Iteration>> {
+        let args = self.args;
+        let opts = UpOptions {
+            name: name.to_string(),
+            user: args.user.clone(),
+            backend: args.backend,
+            netns: true,
+            fm3: args.fm3,
+            breakages: args.breakages.clone(),
+        };
+        let bin = std::env::current_exe()?.with_file_name("archy-agent");
+        let node = LocalNode::up(&opts, &bin, &args.catalog).context("cannot bring up a local node")?;
+        let results =
+            scenario::engine::run_scenario(&w.scenario, &node, &w.apps, w.iterations, seed, |g, it| {
+                self.each(w, g, it)
+            });
+        if last || self.stopped() {
+            *env = crate::report::environment(&node, self.cpu_before());
+        }
+        if !(args.keep_node && (last || self.stopped())) {
+            if let Err(e) = node.down() {
+                self.say(format!("archy-chaos: removing node {name}: {e:#}"));
+            }
+        }
+        Ok(results)
+    }
+
+    /// One scenario on a host over SSH: the scenario's apps are removed first (its protected
+    /// apps are never touched), then it runs.
+    fn ssh(&self, node: &SshNode, w: &Work, seed: u64, env: &mut Value) -> Result<Vec<scenario::Iteration>> {
+        let s = &w.scenario;
+        let mine: Vec<String> = w.apps.iter().filter(|a| !self.args.protected.contains(a)).cloned().collect();
+        scenario::engine::clean(&crate::node::agent(node), &mine, s.converge_timeout.0)
+            .context("removing the scenario's apps first")?;
+        let results =
+            scenario::engine::run_scenario(s, node, &w.apps, w.iterations, seed, |g, it| self.each(w, g, it));
+        *env = crate::report::environment(node, self.cpu_before());
+        Ok(results)
+    }
+
+    fn cpu_before(&self) -> (u64, u64, u64) {
+        *CPU_BEFORE.get_or_init(crate::report::cpu_times)
+    }
+}
+
+/// CPU counters at the start of the run, for the busy and steal fractions.
+static CPU_BEFORE: std::sync::OnceLock<(u64, u64, u64)> = std::sync::OnceLock::new();
+
+/// Every scenario on one node, in order, until the run stops.
+fn run_node(
+    args: &RunArgs,
+    target: &Target,
+    work: &[Work],
+    seed: u64,
+    bar: &indicatif::ProgressBar,
+    stop: &AtomicBool,
+) -> NodeReport {
+    let d = Driver { args, label: target.label(), bar, stop };
+    let mut environment = Value::Null;
+    let mut scenarios = Vec::new();
+    for (i, w) in work.iter().enumerate() {
+        if d.stopped() {
+            break;
+        }
+        bar.set_message(w.scenario.id.clone());
+        let scenario_seed = seed ^ ((i as u64) << 32);
+        let results = match target {
+            Target::Local(name) => d.local(name, w, scenario_seed, i + 1 == work.len(), &mut environment),
+            Target::Ssh(node) => d.ssh(node, w, scenario_seed, &mut environment),
+        };
+        let results = results.unwrap_or_else(|e| {
+            d.say(format!("archy-chaos: {}: {} (verdict: unknown): {e:#}", d.label, w.scenario.id));
+            Vec::new()
+        });
+        scenarios.push(ScenarioReport::new(&w.scenario, results));
+    }
+    let backend = match target {
+        Target::Local(_) => format!("{:?}", args.backend).to_lowercase(),
+        Target::Ssh(_) => environment["agent_backend"].as_str().unwrap_or("unknown").to_string(),
+    };
+    NodeReport {
+        node: d.label,
+        backend,
+        verdict: scenarios.iter().map(|s| s.verdict).max().unwrap_or(Verdict::Unknown),
+        environment,
+        scenarios,
+    }
+}
+
+/// The command that replays this run.
+fn replay(args: &RunArgs, seed: u64) -> String {
+    let mut r = format!("archy-chaos run {}", args.targets.join(" "));
+    for n in &args.node {
+        r.push_str(&format!(" --node {n}"));
+    }
+    r.push_str(&format!(" --seed {seed} --backend {}", format!("{:?}", args.backend).to_lowercase()));
+    if let Some(n) = args.iterations {
+        r.push_str(&format!(" --iterations {n}"));
+    }
+    if !args.apps.is_empty() {
+        r.push_str(&format!(" --apps {}", args.apps.join(",")));
+    }
+    if !args.breakages.is_empty() {
+        r.push_str(&format!(" --break {}", args.breakages.join(",")));
+    }
+    if args.fm3 {
+        r.push_str(" --fm3");
+    }
+    r
+}
