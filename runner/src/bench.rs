@@ -317,13 +317,19 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&figures)?);
-        return Ok(());
+    } else {
+        println!("{}", agent_table(args.apps, &figures));
     }
+    Ok(())
+}
+
+/// The agent's figures beside their same-run baselines and targets, for a terminal.
+fn agent_table(apps: usize, figures: &Value) -> String {
     let f = |k: &str| figures[k].as_f64().unwrap_or(f64::NAN);
     let mut t = tabled::builder::Builder::default();
     t.push_record(["figure", "agent", "baseline (same run)", "ratio", "target"]);
     t.push_record([
-        format!("no-op tick, {} apps", args.apps),
+        format!("no-op tick, {apps} apps"),
         format!("{:.1} ms, {} podman call(s)", f("noop_tick_seconds") * 1e3, f("noop_tick_podman_calls")),
         format!("podman ps {:.1} ms", f("podman_ps_seconds") * 1e3),
         format!("{:.2}x", f("noop_tick_ratio")),
@@ -348,7 +354,7 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
         "<= 2".into(),
     ]);
     t.push_record([
-        format!("start-up to /readyz, {} apps", args.apps),
+        format!("start-up to /readyz, {apps} apps"),
         format!("{:.0} ms", f("startup_seconds") * 1e3),
         "-".into(),
         "-".into(),
@@ -361,8 +367,7 @@ pub fn agent(args: &BenchArgs) -> Result<()> {
         "-".into(),
         "<= 20 MiB".into(),
     ]);
-    println!("{}", t.build().with(tabled::settings::Style::sharp()));
-    Ok(())
+    t.build().with(tabled::settings::Style::sharp()).to_string()
 }
 
 #[derive(Debug, Clone, clap::Args)]

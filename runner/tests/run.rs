@@ -184,14 +184,13 @@ fn bad_nodes_are_refused_before_anything_runs() {
 fn an_interrupted_run_tears_down_its_node_and_writes_the_report_so_far() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let reports = tempfile::tempdir().unwrap();
-    let child =
-        support::chaos_cmd(&["run", "reboot-survive", "--iterations", "5", "--node", "local:tint"])
-            .arg("--report-dir")
-            .arg(reports.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+    let child = support::chaos_cmd(&["run", "reboot-survive", "--iterations", "5", "--node", "local:tint"])
+        .arg("--report-dir")
+        .arg(reports.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let node = support::nodes_dir().join("tint");
     let start = std::time::Instant::now();
     // The signal lands after write-data, while the first iteration cuts the power and waits.
