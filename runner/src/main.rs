@@ -3,6 +3,9 @@
 
 mod bench;
 mod chart;
+mod environment;
+#[allow(dead_code)] // its builders serve the run path's steps, being rewritten to use them
+mod evidence;
 mod fleet;
 mod gate;
 mod measure;
@@ -41,12 +44,17 @@ enum Command {
         #[arg(long, default_value = "scenarios")]
         scenarios: std::path::PathBuf,
     },
-    /// Render a saved run report: `md` (scorecard for people), `junit` (CI), `json`.
+    /// Render a saved run (or fleet) report: `md` (scorecard for people), `junit` (CI),
+    /// `json`. Exit code: 0 rendered, 64 bad usage or an unreadable report.
     Report {
         report: std::path::PathBuf,
         #[arg(long, default_value = "md")]
         format: String,
-        /// Markdown: append SVG charts (the tick scaling curve, latency distributions) inline.
+        /// Write the rendering to FILE instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+        /// Markdown: also draw SVG charts (the tick scaling curve, latency distributions), each
+        /// a file in FILE-charts/ beside `--out FILE.md`, linked by a relative path. Needs --out.
         #[arg(long)]
         charts: bool,
     },
@@ -222,7 +230,7 @@ fn run_scenarios(args: RunArgs) -> ExitCode {
         Err(e) => return usage(e.into()),
     };
     let started = std::time::SystemTime::now();
-    let cpu_before = report::cpu_times();
+    let cpu_before = environment::cpu_times();
     let total: u64 =
         work.iter().map(|(s, apps, n)| u64::from(*n) * if s.per_app { apps.len() as u64 } else { 1 }).sum();
     let bar = indicatif::ProgressBar::new(total).with_style(
@@ -237,7 +245,7 @@ fn run_scenarios(args: RunArgs) -> ExitCode {
         work.len()
     );
     let mut scenarios = Vec::new();
-    let mut environment = serde_json::Value::Null;
+    let mut environment = None;
     for (i, (s, apps, iterations)) in work.iter().enumerate() {
         bar.set_message(s.id.clone());
         let opts = node::UpOptions {
@@ -262,7 +270,7 @@ fn run_scenarios(args: RunArgs) -> ExitCode {
         let results = run_one(s, &node, &catalog, apps, *iterations, seed ^ (i as u64) << 32, &bar);
         scenarios.push(report::ScenarioReport::new(s, results));
         if i + 1 == work.len() {
-            environment = report::environment(&node, cpu_before);
+            environment = Some(environment::environment(&node, cpu_before));
         }
         if !(args.keep_node && i + 1 == work.len()) {
             if let Err(e) = node.down() {
@@ -289,18 +297,21 @@ fn run_scenarios(args: RunArgs) -> ExitCode {
     if args.fm3 {
         replay.push_str(" --fm3");
     }
-    let r = report::Report {
-        schema: report::SCHEMA,
-        verdict: report::Report::verdict_of(&scenarios),
-        node: format!("local:{name}"),
-        backend: format!("{:?}", args.backend).to_lowercase(),
-        seed,
-        replay: replay.to_lowercase(),
-        nondeterminism: "the seed fixes the data written, the kill instants and every random choice of the runner; podman's and systemd's timing and the kernel's scheduling are not fixed by it",
-        started_unix: started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        duration_seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+    let nodes = vec![report::NodeReport::new(
+        format!("local:{name}"),
+        format!("{:?}", args.backend).to_lowercase(),
         environment,
         scenarios,
+    )];
+    let r = report::Report {
+        schema: report::SCHEMA,
+        verdict: report::Report::verdict_of(&nodes),
+        seed,
+        replay: replay.to_lowercase(),
+        nondeterminism: "the seed fixes the data written, the kill instants and every random choice of the runner; podman's and systemd's timing and the kernel's scheduling are not fixed by it".into(),
+        started_unix: started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        duration_seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+        nodes,
     };
     let path = match r.write(&args.report_dir, &args.targets.join("+")) {
         Ok(p) => p,
@@ -310,9 +321,7 @@ fn run_scenarios(args: RunArgs) -> ExitCode {
         }
     };
     if let Some(url) = &args.pushgateway {
-        let pushed =
-            serde_json::to_value(&r).map_err(anyhow::Error::from).and_then(|v| push::push(url, &v, None));
-        if let Err(e) = pushed {
+        if let Err(e) = push::push(url, &r, None) {
             eprintln!("archy-chaos: pushing to {url}: {e:#}");
         }
     }
@@ -632,23 +641,11 @@ fn main() -> ExitCode {
                 ExitCode::from(report::exit::USAGE)
             }
         },
-        Command::Report { report: path, format, charts } => {
-            let rendered = std::fs::read(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|b| Ok(serde_json::from_slice::<serde_json::Value>(&b)?))
-                .and_then(|v| match v["kind"].as_str() {
-                    Some("fleet") if format == "md" => fleet::render(&v),
-                    _ if charts && format == "md" => Ok(report::render(&v, &format)? + &chart::markdown(&v)?),
-                    _ => report::render(&v, &format),
-                })
-                .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()));
-            match rendered {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
+        Command::Report { report: path, format, out, charts } => {
+            match report::command(&path, &format, out.as_deref(), charts) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("archy-chaos: {e}");
+                    eprintln!("archy-chaos: {e:#}");
                     ExitCode::from(report::exit::USAGE)
                 }
             }

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::Digest;
 
+use crate::evidence::Evidence;
 use crate::node::{FileFault, LocalNode, Node};
+use crate::report::model::StepRecord;
+pub use crate::report::model::{Iteration, Verdict};
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -509,37 +512,6 @@ fn add(out: &mut Vec<(PathBuf, Scenario, u32)>, path: PathBuf, s: Scenario, n: u
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Pass,
-    Unknown,
-    Fail,
-}
-
-/// What one iteration found.
-#[derive(Debug, Clone, Serialize)]
-pub struct Iteration {
-    pub n: u32,
-    /// The apps this iteration exercised.
-    pub apps: Vec<String>,
-    /// The app under test of a per-app scenario (the others are its dependencies).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub subject: Option<String>,
-    pub verdict: Verdict,
-    /// Each step with its evidence, in order.
-    pub steps: Vec<Value>,
-    /// Invariants that did not hold, and why.
-    pub failures: Vec<String>,
-    /// Why the verdict is unknown (a fault that did not take effect, an error of the run).
-    pub unknowns: Vec<String>,
-    /// KPI samples this iteration recorded, by name.
-    pub measures: BTreeMap<String, Vec<f64>>,
-    /// The node's last log lines, for an iteration that did not pass.
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub log: String,
-}
-
 impl Iteration {
     fn measure(&mut self, name: &str, v: f64) {
         self.measures.entry(name.to_string()).or_default().push(v);
@@ -601,9 +573,14 @@ pub fn iterate(
                         }
                     }
                 }
-                it.steps.push(
-                    json!({"step": step, "seconds": started.elapsed().as_secs_f64(), "evidence": evidence}),
-                );
+                it.steps.push(StepRecord {
+                    step: json!(step),
+                    seconds: Some(started.elapsed().as_secs_f64()),
+                    evidence: Some(
+                        serde_json::from_value(evidence.clone()).unwrap_or_else(|_| Evidence::of(evidence)),
+                    ),
+                    error: None,
+                });
             }
             Err(e) => {
                 // A convergence that never came is the system's failure; anything else is ours.
@@ -618,7 +595,12 @@ pub fn iterate(
                 } else {
                     it.unknowns.push(msg);
                 }
-                it.steps.push(json!({"step": step, "error": format!("{e:#}")}));
+                it.steps.push(StepRecord {
+                    step: json!(step),
+                    seconds: None,
+                    evidence: None,
+                    error: Some(format!("{e:#}")),
+                });
                 break;
             }
         }

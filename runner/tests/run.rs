@@ -33,16 +33,16 @@ fn reboot_survive_passes_with_evidence_and_a_replay_command() {
     assert_eq!(r["verdict"], "pass", "{r}");
     assert_eq!(r["seed"], 42);
     assert!(r["replay"].as_str().unwrap().contains("--seed 42"), "{r}");
-    let it = &r["scenarios"][0]["iterations"][0];
+    let it = &r["nodes"][0]["scenarios"][0]["iterations"][0];
     let cut =
         it["steps"].as_array().unwrap().iter().find(|s| s["step"] == "power-cut").expect("power-cut step");
     assert!(cut["evidence"]["processes_killed"].as_u64().unwrap() > 0, "{cut}");
     assert_eq!(cut["evidence"]["took_effect"], true);
     assert!(it["measures"]["recovery_seconds"][0].as_f64().unwrap() > 0.0, "{it}");
-    let kpi = &r["scenarios"][0]["kpis"][0];
+    let kpi = &r["nodes"][0]["scenarios"][0]["kpis"][0];
     assert_eq!(kpi["name"], "recovery_seconds", "{kpi}");
     assert!(kpi["p50"].as_f64().unwrap() > 0.0 && kpi["thresholds"][0]["verdict"] == "pass", "{kpi}");
-    assert!(r["environment"]["podman"].as_str().unwrap().starts_with('4'), "{r}");
+    assert!(r["nodes"][0]["environment"]["podman"].as_str().unwrap().starts_with('4'), "{r}");
 }
 
 #[test]
@@ -52,7 +52,7 @@ fn fm3_fails_agent_restart_survive_naming_the_invariant() {
         run(&["agent-restart-survive", "--iterations", "1", "--backend", "podman", "--fm3"], reports.path());
     assert_eq!(code, 1, "the gate must fail:\n{text}");
     assert_eq!(r["verdict"], "fail");
-    let failures = r["scenarios"][0]["iterations"][0]["failures"].to_string();
+    let failures = r["nodes"][0]["scenarios"][0]["iterations"][0]["failures"].to_string();
     assert!(failures.contains("containers-unchanged"), "{failures}");
 }
 
@@ -65,8 +65,8 @@ fn assert_breakage_caught(targets: &[&str], breakage: &str, invariants: &[&str],
     args.extend(extra);
     let (code, r, text) = run(&args, reports.path());
     assert_eq!(code, 1, "{breakage}: the gate must fail:\n{text}\n{r}");
-    assert_eq!(r["environment"]["agent_broken"], serde_json::json!([breakage]), "{r}");
-    for sc in r["scenarios"].as_array().unwrap() {
+    assert_eq!(r["nodes"][0]["environment"]["agent_broken"], serde_json::json!([breakage]), "{r}");
+    for sc in r["nodes"][0]["scenarios"].as_array().unwrap() {
         assert_eq!(sc["verdict"], "fail", "{breakage}: {sc}");
         let failures = sc["iterations"][0]["failures"].to_string();
         assert!(
@@ -150,7 +150,7 @@ fn smoke_suite_every_scenario_passes_once() {
     let reports = tempfile::tempdir().unwrap();
     let (code, r, text) = run(&["smoke"], reports.path());
     assert_eq!(code, 0, "{text}\n{r}");
-    let scenarios = r["scenarios"].as_array().unwrap();
+    let scenarios = r["nodes"][0]["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), files, "every scenario file ran once: {text}");
     for sc in scenarios {
         assert_eq!(sc["verdict"], "pass", "{sc}");

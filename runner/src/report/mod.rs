@@ -1,77 +1,29 @@
-//! The run report: canonical JSON (versioned), a terminal summary, and the exit code the
-//! release script gates on.
+//! The run report: canonical JSON (versioned, [`model`]), a terminal summary, the exit code
+//! the release script gates on, and its renderings for people ([`markdown`]) and CI
+//! ([`junit`]).
 
-use std::path::{Path, PathBuf};
-
-use anyhow::{Context, Result};
-use serde::Serialize;
-use serde_json::{json, Value};
+pub mod junit;
+pub mod markdown;
+pub mod model;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-use crate::scenario::{Iteration, Quantile, Verdict};
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
-/// Version of the report's JSON schema (documented in `reports/README.md`).
-pub const SCHEMA: u32 = 2;
+pub use model::{
+    Environment, Iteration, Kpi, NodeReport, Report, ScenarioReport, Threshold, Verdict, SCHEMA,
+};
+
+use crate::scenario::Quantile;
 
 pub mod exit {
     pub const PASS: u8 = 0;
     pub const FAIL: u8 = 1;
     pub const UNKNOWN: u8 = 2;
     pub const USAGE: u8 = 64;
-}
-
-/// One run of `archy-chaos run`: one or more scenarios on one node.
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub schema: u32,
-    pub verdict: Verdict,
-    pub node: String,
-    pub backend: String,
-    pub seed: u64,
-    /// The command that replays this run.
-    pub replay: String,
-    /// What the seed cannot fix.
-    pub nondeterminism: &'static str,
-    pub started_unix: u64,
-    pub duration_seconds: f64,
-    pub environment: Value,
-    pub scenarios: Vec<ScenarioReport>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ScenarioReport {
-    pub scenario: String,
-    pub description: String,
-    pub layer: crate::scenario::Layer,
-    pub destructive: bool,
-    /// The worst of the iterations and the KPI thresholds.
-    pub verdict: Verdict,
-    pub iterations: Vec<Iteration>,
-    pub kpis: Vec<Kpi>,
-}
-
-/// A KPI over every sample of a scenario, from an HDR histogram (3 significant digits).
-#[derive(Debug, Serialize)]
-pub struct Kpi {
-    pub name: String,
-    /// `s`, `ratio` (to the raw podman baseline of the same run) or `calls`.
-    pub unit: &'static str,
-    pub count: u64,
-    pub p50: f64,
-    pub p95: f64,
-    pub p99: f64,
-    pub max: f64,
-    pub samples: Vec<f64>,
-    pub thresholds: Vec<Threshold>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Threshold {
-    pub quantile: Quantile,
-    pub max: f64,
-    pub value: Option<f64>,
-    pub verdict: Verdict,
 }
 
 impl ScenarioReport {
@@ -119,22 +71,20 @@ impl Kpi {
             let raw = if q == Quantile::Max { h.max() } else { h.value_at_quantile(q.fraction()) };
             // Rounded to the histogram's precision, so that 1 call reads 1, not 1.0004.
             let v = h.highest_equivalent(raw).min(h.max()) as f64 / 1e6;
-            if samples.is_empty() || v == 0.0 {
-                if samples.is_empty() {
-                    f64::NAN
-                } else {
-                    0.0
-                }
+            if samples.is_empty() {
+                None
+            } else if v == 0.0 {
+                Some(0.0)
             } else {
                 let scale = 10f64.powi(2 - v.abs().log10().floor() as i32);
-                (v * scale).round() / scale
+                Some((v * scale).round() / scale)
             }
         };
         let thresholds = limits
             .into_iter()
             .flatten()
             .map(|(q, max)| {
-                let value = (!samples.is_empty()).then(|| at(*q));
+                let value = at(*q);
                 let verdict = match value {
                     None => Verdict::Unknown, // a limit on a KPI that was never measured
                     Some(v) if v <= *max => Verdict::Pass,
@@ -151,7 +101,7 @@ impl Kpi {
             "s"
         };
         Kpi {
-            unit,
+            unit: unit.into(),
             count: samples.len() as u64,
             p50: at(Quantile::P50),
             p95: at(Quantile::P95),
@@ -164,10 +114,23 @@ impl Kpi {
     }
 }
 
+impl NodeReport {
+    pub fn new(
+        node: String,
+        backend: String,
+        environment: Option<Environment>,
+        scenarios: Vec<ScenarioReport>,
+    ) -> NodeReport {
+        // Fail beats unknown beats pass; nothing run at all is unknown.
+        let verdict = scenarios.iter().map(|s| s.verdict).max().unwrap_or(Verdict::Unknown);
+        NodeReport { node, backend, verdict, environment, scenarios }
+    }
+}
+
 impl Report {
-    /// Fail beats unknown beats pass; nothing run at all is unknown.
-    pub fn verdict_of(scenarios: &[ScenarioReport]) -> Verdict {
-        scenarios.iter().map(|s| s.verdict).max().unwrap_or(Verdict::Unknown)
+    /// The worst node's; no node at all is unknown.
+    pub fn verdict_of(nodes: &[NodeReport]) -> Verdict {
+        nodes.iter().map(|n| n.verdict).max().unwrap_or(Verdict::Unknown)
     }
 
     pub fn exit_code(&self) -> u8 {
@@ -188,8 +151,8 @@ impl Report {
     /// The terminal summary: one row per scenario.
     pub fn summary(&self) -> String {
         let mut t = tabled::builder::Builder::default();
-        t.push_record(["scenario", "layer", "pass/fail/unknown", "verdict", "why"]);
-        for s in &self.scenarios {
+        t.push_record(["node", "scenario", "layer", "pass/fail/unknown", "verdict", "why"]);
+        for (node, s) in self.nodes.iter().flat_map(|n| n.scenarios.iter().map(move |s| (&n.node, s))) {
             let count = |v| s.iterations.iter().filter(|i| i.verdict == v).count();
             let mut why: Vec<String> =
                 s.iterations.iter().flat_map(|i| i.failures.iter().chain(&i.unknowns)).cloned().collect();
@@ -200,10 +163,11 @@ impl Report {
                     .map(move |t| format!("{} {} {:?} > {}", k.name, t.quantile.name(), t.value, t.max))
             }));
             t.push_record([
+                node.clone(),
                 s.scenario.clone(),
                 format!("{:?}", s.layer),
                 format!("{}/{}/{}", count(Verdict::Pass), count(Verdict::Fail), count(Verdict::Unknown)),
-                verdict_name(s.verdict).to_string(),
+                s.verdict.name().to_string(),
                 why.first().map(|w| w.chars().take(120).collect()).unwrap_or_default(),
             ]);
         }
@@ -211,309 +175,76 @@ impl Report {
     }
 }
 
-fn verdict_name(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Pass => "pass",
-        Verdict::Fail => "fail",
-        Verdict::Unknown => "unknown",
+/// Reads a JSON file of a given schema; every error names the file and what is wrong.
+pub fn load_json<T: DeserializeOwned>(path: &Path, what: &str, schema: u64) -> Result<T> {
+    #[derive(Deserialize)]
+    struct Header {
+        schema: Option<serde_json::Value>,
     }
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read the {what}", path.display()))?;
+    let header: Header = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: the {what} is not JSON", path.display()))?;
+    // The schema first: a file of another schema fails on its first field, not on its version.
+    match header.schema.as_ref().and_then(serde_json::Value::as_u64) {
+        Some(s) if s == schema => {}
+        Some(s) => {
+            bail!("{}: {what} of schema {s}; this runner reads {what} schema {schema}", path.display())
+        }
+        None => {
+            bail!("{}: not a {what}: no numeric `schema` (this runner reads schema {schema})", path.display())
+        }
+    }
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a valid {what} of schema {schema}", path.display()))
 }
 
-/// CPU steal and busy time from `/proc/stat`, to tell a noisy machine from a slow agent.
-pub fn cpu_times() -> (u64, u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total, total - idle, v.get(7).copied().unwrap_or(0))
+/// A saved run report.
+pub fn load(path: &Path) -> Result<Report> {
+    load_json(path, "report", SCHEMA.into())
 }
 
-/// What every report records about where it ran; `cpu_before` is [`cpu_times`] at the start.
-pub fn environment(node: &crate::node::LocalNode, cpu_before: (u64, u64, u64)) -> Value {
-    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
-    let podman = node
-        .exec(&["podman", "version", "--format", "{{.Client.Version}}"])
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let agent = crate::node::Node::rpc(node, "node.status", Value::Null).unwrap_or(Value::Null);
-    let after = cpu_times();
-    let total = after.0.saturating_sub(cpu_before.0).max(1) as f64;
-    json!({
-        "kernel": read("/proc/sys/kernel/osrelease"),
-        "podman": podman,
-        "oci_runtime": "runc",
-        "storage_driver": "vfs",
-        "cgroup": if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() { "v2" } else { "hybrid" },
-        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "loadavg_end": read("/proc/loadavg"),
-        "cpu_busy_fraction": after.1.saturating_sub(cpu_before.1) as f64 / total,
-        "cpu_steal_fraction": after.2.saturating_sub(cpu_before.2) as f64 / total,
-        "agent_version": agent["version"],
-        "agent_backend": agent["backend"],
-        "agent_broken": agent["broken"],
-        "runner_version": env!("CARGO_PKG_VERSION"),
-    })
-}
-
-/// Renders a saved JSON report as Markdown (for people) or JUnit XML (for CI systems).
-pub fn render(report: &Value, format: &str) -> Result<String> {
-    anyhow::ensure!(
-        report["schema"] == SCHEMA,
-        "report schema {} is not the one this runner reads ({SCHEMA})",
-        report["schema"]
-    );
-    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
-    let scenarios = list(&report["scenarios"]);
+/// A saved report as Markdown (for people), JUnit XML (for CI systems) or canonical JSON.
+pub fn render(report: &Report, format: &str) -> Result<String> {
     match format {
-        "json" => Ok(serde_json::to_string_pretty(report)?),
-        "md" => {
-            let mut out = format!(
-                "# archy-chaos run — {}\n\n| | |\n|---|---|\n| node | {} ({}) |\n| seed | {} |\n| replay | `{}` |\n| duration | {:.0} s |\n| environment | {} |\n\n",
-                s(&report["verdict"]).to_uppercase(),
-                s(&report["node"]),
-                s(&report["backend"]),
-                report["seed"],
-                s(&report["replay"]),
-                report["duration_seconds"].as_f64().unwrap_or(0.0),
-                report["environment"],
-            );
-            out.push_str("| scenario | layer | iterations passed | verdict |\n|---|---|---|---|\n");
-            for sc in &scenarios {
-                let its = list(&sc["iterations"]);
-                let passed = its.iter().filter(|i| i["verdict"] == "pass").count();
-                out.push_str(&format!(
-                    "| {} | {} | {passed}/{} | {} |\n",
-                    s(&sc["scenario"]),
-                    s(&sc["layer"]),
-                    its.len(),
-                    s(&sc["verdict"])
-                ));
-            }
-            for sc in &scenarios {
-                out.push_str(&scenario_md(sc));
-            }
-            out.push_str(&format!("\n{}\n", s(&report["nondeterminism"])));
-            Ok(out)
-        }
-        "junit" => {
-            let esc = |t: &str| {
-                t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-            };
-            let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n");
-            for sc in &scenarios {
-                // One case per iteration, and one per KPI threshold.
-                let mut cases: Vec<(String, String, Vec<String>)> = Vec::new();
-                for it in list(&sc["iterations"]) {
-                    let why = list(&it["failures"]).iter().chain(&list(&it["unknowns"])).map(&s).collect();
-                    let name = match it["subject"].as_str() {
-                        Some(app) => format!("{app} iteration {}", it["n"]),
-                        None => format!("iteration {}", it["n"]),
-                    };
-                    cases.push((name, s(&it["verdict"]), why));
-                }
-                for k in list(&sc["kpis"]) {
-                    for t in list(&k["thresholds"]) {
-                        let why = format!(
-                            "{} {} = {} (limit {})",
-                            s(&k["name"]),
-                            s(&t["quantile"]),
-                            t["value"],
-                            t["max"]
-                        );
-                        cases.push((
-                            format!("kpi {} {}", s(&k["name"]), s(&t["quantile"])),
-                            s(&t["verdict"]),
-                            vec![why],
-                        ));
-                    }
-                }
-                let scenario = esc(&s(&sc["scenario"]));
-                let count = |v: &str| cases.iter().filter(|c| c.1 == v).count();
-                out.push_str(&format!(
-                    "  <testsuite name=\"{scenario}\" tests=\"{}\" failures=\"{}\" errors=\"{}\">\n",
-                    cases.len(),
-                    count("fail"),
-                    count("unknown")
-                ));
-                for (name, verdict, why) in &cases {
-                    out.push_str(&format!(
-                        "    <testcase classname=\"archy-chaos.{scenario}\" name=\"{}\">\n",
-                        esc(name)
-                    ));
-                    match verdict.as_str() {
-                        "fail" => {
-                            out.push_str(&format!("      <failure message=\"{}\"/>\n", esc(&why.join("; "))))
-                        }
-                        "unknown" => {
-                            out.push_str(&format!("      <error message=\"{}\"/>\n", esc(&why.join("; "))))
-                        }
-                        _ => {}
-                    }
-                    out.push_str("    </testcase>\n");
-                }
-                out.push_str("  </testsuite>\n");
-            }
-            out.push_str(&format!("  <!-- replay: {} -->\n</testsuites>\n", esc(&s(&report["replay"]))));
-            Ok(out)
-        }
-        other => anyhow::bail!("unknown format `{other}`: md, junit or json"),
+        "md" => Ok(markdown::render(report)),
+        "junit" => junit::render(report),
+        "json" => Ok(serde_json::to_string_pretty(report)? + "\n"),
+        other => bail!("unknown format `{other}`: md, junit or json"),
     }
 }
 
-/// One scenario's section: scorecard, KPIs against their thresholds, iterations, and every
-/// iteration that did not pass with its steps and evidence.
-fn scenario_md(sc: &Value) -> String {
-    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
-    let iterations = list(&sc["iterations"]);
-    let mut out = format!(
-        "\n## {} ({}) — {}\n\n{}\n\n",
-        s(&sc["scenario"]),
-        s(&sc["layer"]),
-        s(&sc["verdict"]).to_uppercase(),
-        s(&sc["description"])
-    );
-    out.push_str(&scorecard(&iterations));
-    let kpis = list(&sc["kpis"]);
-    if !kpis.is_empty() {
-        let num = |v: &Value, unit: &Value| match (v.as_f64(), unit.as_str()) {
-            (None, _) => "-".to_string(),
-            (Some(x), Some("s")) => format!("{:.1} ms", x * 1e3),
-            (Some(x), Some("ratio")) => format!("{x:.2}x"),
-            (Some(x), _) => format!("{x:.0}"),
-        };
-        out.push_str("| KPI | n | p50 | p95 | p99 | max | threshold |\n|---|---|---|---|---|---|---|\n");
-        for k in &kpis {
-            let limits: Vec<String> = list(&k["thresholds"])
-                .iter()
-                .map(|t| {
-                    format!(
-                        "{} <= {}: {}",
-                        s(&t["quantile"]),
-                        num(&t["max"], &k["unit"]),
-                        s(&t["verdict"]).to_uppercase()
-                    )
-                })
-                .collect();
-            out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} |\n",
-                s(&k["name"]),
-                k["count"],
-                num(&k["p50"], &k["unit"]),
-                num(&k["p95"], &k["unit"]),
-                num(&k["p99"], &k["unit"]),
-                num(&k["max"], &k["unit"]),
-                if limits.is_empty() { "-".into() } else { limits.join(", ") }
-            ));
-        }
-        out.push('\n');
+/// `archy-chaos report`: a saved run or fleet report rendered to standard output, or to
+/// `out`, with the charts as files beside it.
+pub fn command(path: &Path, format: &str, out: Option<&Path>, charts: bool) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Kind {
+        kind: Option<String>,
     }
-    out.push_str("| iteration | verdict | recovery |\n|---|---|---|\n");
-    for it in &iterations {
-        let recovery =
-            it["measures"]["recovery_seconds"][0].as_f64().map_or("-".into(), |r| format!("{r:.2} s"));
-        let n = match it["subject"].as_str() {
-            Some(app) => format!("{app} #{}", it["n"]),
-            None => it["n"].to_string(),
-        };
-        out.push_str(&format!("| {n} | {} | {recovery} |\n", s(&it["verdict"])));
+    if charts && (out.is_none() || format != "md") {
+        bail!("--charts writes SVG files beside the Markdown: give --out FILE.md (and --format md)");
     }
-    for it in iterations.iter().filter(|i| i["verdict"] != "pass") {
-        out.push_str(&format!(
-            "\n### {} iteration {}: {}\n\n",
-            s(&sc["scenario"]),
-            it["n"],
-            s(&it["verdict"])
-        ));
-        for why in list(&it["failures"]).iter().chain(&list(&it["unknowns"])) {
-            out.push_str(&format!("- {}\n", s(why)));
+    let kind =
+        std::fs::read(path).ok().and_then(|b| serde_json::from_slice::<Kind>(&b).ok()).and_then(|k| k.kind);
+    let text = if kind.as_deref() == Some("fleet") {
+        if format != "md" || charts {
+            bail!("{}: a fleet report renders as Markdown, without --charts", path.display());
         }
-        out.push_str("\nSteps and evidence:\n\n");
-        for step in list(&it["steps"]) {
-            out.push_str(&format!(
-                "- `{}`: {}\n",
-                step["step"],
-                step.get("evidence").or(step.get("error")).unwrap_or(&Value::Null)
-            ));
+        crate::fleet::render(&crate::fleet::load(path)?)
+    } else {
+        let report = load(path)?;
+        let mut text = render(&report, format)?;
+        if let (true, Some(out)) = (charts, out) {
+            text.push_str(&crate::chart::write(&report, out)?);
         }
-        if let Some(log) = it["log"].as_str().filter(|l| !l.is_empty()) {
-            out.push_str(&format!("\nNode log (last lines):\n\n```\n{log}\n```\n"));
+        text
+    };
+    match out {
+        Some(out) => std::fs::write(out, text).with_context(|| format!("{}: cannot write", out.display())),
+        None => {
+            print!("{text}");
+            Ok(())
         }
     }
-    out
-}
-
-/// Apps x states, computed from the steps of per-app iterations (never kept by hand): each
-/// cell counts the iterations whose step of that kind succeeded, marked full, partial or
-/// missing. Empty unless the scenario ran per app.
-fn scorecard(iterations: &[Value]) -> String {
-    use std::collections::BTreeMap;
-    let mut states: Vec<String> = Vec::new();
-    let mut cells: BTreeMap<(String, String), (u32, u32)> = BTreeMap::new();
-    for it in iterations {
-        let Some(app) = it["subject"].as_str().map(str::to_string) else { continue };
-        let mut last: Option<(String, String)> = None;
-        for step in it["steps"].as_array().into_iter().flatten() {
-            let state = match &step["step"] {
-                Value::String(s) => s.clone(),
-                Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
-                _ => continue,
-            };
-            let ok = step.get("error").is_none();
-            if state.starts_with("wait-") || state == "snapshot-containers" {
-                // A wait is how a state is reached: its failure is the state's.
-                if let (false, Some(key)) = (ok, &last) {
-                    if let Some(cell) = cells.get_mut(key) {
-                        cell.0 = cell.0.saturating_sub(1);
-                    }
-                }
-                continue;
-            }
-            if !states.contains(&state) {
-                states.push(state.clone());
-            }
-            let key = (app.clone(), state);
-            let cell = cells.entry(key.clone()).or_default();
-            cell.1 += 1;
-            cell.0 += ok as u32;
-            last = Some(key);
-        }
-    }
-    if cells.is_empty() {
-        return String::new();
-    }
-    let apps: Vec<&String> =
-        cells.keys().map(|(a, _)| a).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    let mut out =
-        format!("## Scorecard\n\n| app | {} |\n|---|{}\n", states.join(" | "), "---|".repeat(states.len()));
-    let (mut full, mut total) = (0, 0);
-    for app in apps {
-        out.push_str(&format!("| {app} |"));
-        for state in &states {
-            total += 1;
-            let cell = match cells.get(&(app.clone(), state.clone())) {
-                Some((ok, n)) if ok == n => {
-                    full += 1;
-                    format!(" {ok}/{n} full |")
-                }
-                Some((0, n)) => format!(" 0/{n} missing |"),
-                Some((ok, n)) => format!(" {ok}/{n} partial |"),
-                None => " - missing |".to_string(),
-            };
-            out.push_str(&cell);
-        }
-        out.push('\n');
-    }
-    out.push_str(&format!("\n{full}/{total} cells full.\n\n"));
-    out
 }
 
 /// The scenarios of `dir`, for `archy-chaos list`.
