@@ -1,9 +1,12 @@
 //! SVG charts for the Markdown report, drawn without a browser: the tick scaling curve (agent
 //! beside raw podman, by installed apps) and the latency distribution (CDF) of each scenario.
 
-use anyhow::{anyhow, Result};
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
-use serde_json::Value;
+
+use crate::report::{Report, ScenarioReport};
 
 const SIZE: (u32, u32) = (640, 360);
 
@@ -11,17 +14,17 @@ const SIZE: (u32, u32) = (640, 360);
 type Series<S> = (S, Vec<(f64, f64)>, RGBColor);
 
 /// The charts of one scenario: (file name, SVG text).
-pub fn charts(scenario: &Value) -> Result<Vec<(String, String)>> {
-    let id = scenario["scenario"].as_str().unwrap_or("scenario");
-    let kpis: Vec<&Value> = scenario["kpis"].as_array().into_iter().flatten().collect();
+fn charts(scenario: &ScenarioReport) -> Result<Vec<(String, String)>> {
+    let id = &scenario.scenario;
     let mut out = Vec::new();
     // name -> p50 of `<prefix>_NNapps`, by app count.
     let curve = |prefix: &str| -> Vec<(f64, f64)> {
-        let mut pts: Vec<(f64, f64)> = kpis
+        let mut pts: Vec<(f64, f64)> = scenario
+            .kpis
             .iter()
             .filter_map(|k| {
-                let n = k["name"].as_str()?.strip_prefix(prefix)?.strip_suffix("apps")?.parse().ok()?;
-                Some((n, k["p50"].as_f64()? * 1e3))
+                let n = k.name.strip_prefix(prefix)?.strip_suffix("apps")?.parse().ok()?;
+                Some((n, k.p50? * 1e3))
             })
             .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -37,18 +40,18 @@ pub fn charts(scenario: &Value) -> Result<Vec<(String, String)>> {
     }
     // Latency distributions: every seconds KPI with a few samples, as a CDF in ms.
     let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
-    let cdfs: Vec<Series<&str>> = kpis
+    let cdfs: Vec<Series<&str>> = scenario
+        .kpis
         .iter()
-        .filter(|k| k["unit"] == "s" && k["samples"].as_array().is_some_and(|s| s.len() >= 3))
-        .filter(|k| !k["name"].as_str().unwrap_or_default().contains("apps")) // on the curve
+        .filter(|k| k.unit == "s" && k.samples.len() >= 3)
+        .filter(|k| !k.name.contains("apps")) // on the curve
         .zip(palette.iter().cycle())
         .map(|(k, color)| {
-            let mut v: Vec<f64> =
-                k["samples"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+            let mut v = k.samples.clone();
             v.sort_by(f64::total_cmp);
             let n = v.len() as f64;
             let pts = v.iter().enumerate().map(|(i, x)| (x * 1e3, (i + 1) as f64 / n)).collect();
-            (k["name"].as_str().unwrap_or_default(), pts, *color)
+            (k.name.as_str(), pts, *color)
         })
         .collect();
     if !cdfs.is_empty() {
@@ -98,19 +101,48 @@ fn lines<S: AsRef<str>>(title: &str, x: &str, y: &str, series: &[Series<S>]) -> 
     Ok(svg)
 }
 
-/// Every chart of a run report as Markdown images with the SVG inline (a data URI), so the
-/// report stays one self-contained file.
-pub fn markdown(report: &Value) -> Result<String> {
-    use base64::Engine;
+/// Writes every chart of a run report as an SVG file in `FILE-charts/` beside the Markdown
+/// file `md`, and returns the Markdown that shows them. Links are relative, not `data:` URIs,
+/// which many renderers (the big forges' among them) drop.
+pub fn write(report: &Report, md: &Path) -> Result<String> {
+    let stem = md.file_stem().and_then(|s| s.to_str()).context("--out names no file")?;
+    let dir_name = format!("{stem}-charts");
+    let dir = md.with_file_name(&dir_name);
     let mut out = String::new();
-    for sc in report["scenarios"].as_array().into_iter().flatten() {
-        for (name, svg) in charts(sc)? {
-            let data = base64::engine::general_purpose::STANDARD.encode(svg);
-            out.push_str(&format!("\n![{name}](data:image/svg+xml;base64,{data})\n"));
+    for node in &report.nodes {
+        // Several nodes run the same scenarios: their files must not overwrite each other.
+        let prefix =
+            if report.nodes.len() > 1 { format!("{}-", file_safe(&node.node)) } else { String::new() };
+        for sc in &node.scenarios {
+            for (name, svg) in charts(sc)? {
+                let name = format!("{prefix}{}", file_safe(&name));
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                let path = dir.join(&name);
+                std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+                out.push_str(&format!("\n![{name}]({})\n", url_path(&format!("{dir_name}/{name}"))));
+            }
         }
     }
     if !out.is_empty() {
         out.insert_str(0, "\n## Charts\n");
     }
     Ok(out)
+}
+
+/// `ssh://archy@10.0.0.2` -> `ssh___archy_10.0.0.2`: a file name on any system.
+fn file_safe(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || "-._".contains(c) { c } else { '_' }).collect()
+}
+
+/// A relative path as a link destination: bytes a URL cannot hold as they are (a space in
+/// the user's file name) percent-encoded.
+fn url_path(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -7,10 +7,40 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
-use crate::report::exit;
+use crate::report::{exit, Report, Verdict};
+
+/// Version of the fleet report's JSON schema: 2 embeds run reports of schema 3.
+const SCHEMA: u64 = 2;
+
+/// The fleet report: every node's run, worst first.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FleetReport {
+    pub schema: u64,
+    /// Always `fleet`: tells `archy-chaos report` what it reads.
+    pub kind: String,
+    pub suite: String,
+    pub seed: u64,
+    pub verdict: Verdict,
+    pub started_unix: u64,
+    pub duration_seconds: f64,
+    pub nodes: Vec<FleetEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FleetEntry {
+    pub node: String,
+    pub exit_code: u8,
+    /// The run's, when it left a report.
+    pub verdict: Option<Verdict>,
+    pub report_dir: PathBuf,
+    /// The node's run report, as its `archy-chaos run --json` printed it.
+    pub report: Option<Report>,
+    /// Why the run could not be started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
 
 /// `fleet.yml`, format version 1.
 #[derive(Debug, Deserialize)]
@@ -180,18 +210,27 @@ fn fleet(args: &FleetArgs) -> Result<u8> {
                 else {
                     break;
                 };
-                let outcome = (|| -> Result<(u8, Value)> {
+                let outcome = (|| -> Result<(u8, Option<Report>)> {
                     std::fs::create_dir_all(&dir)?;
                     let log = std::fs::File::create(dir.join("run.log"))?;
                     let out = crate::exec::output(cmd.stderr(log)).context("starting archy-chaos run")?;
                     let code = out.status.code().map_or(exit::UNKNOWN, |c| c as u8);
-                    let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-                    Ok((code, report))
+                    Ok((code, serde_json::from_slice(&out.stdout).ok()))
                 })();
-                let (code, report) =
-                    outcome.unwrap_or_else(|e| (exit::UNKNOWN, json!({"error": format!("{e:#}")})));
+                let (code, report, error) = match outcome {
+                    Ok((code, report)) => (code, report, None),
+                    Err(e) => (exit::UNKNOWN, None, Some(format!("{e:#}"))),
+                };
                 eprintln!("archy-chaos: node {name}: exit {code}");
-                results.lock().unwrap_or_else(|e| e.into_inner()).insert(name, (code, report, dir));
+                let entry = FleetEntry {
+                    verdict: report.as_ref().map(|r| r.verdict),
+                    node: name.clone(),
+                    exit_code: code,
+                    report_dir: dir,
+                    report,
+                    error,
+                };
+                results.lock().unwrap_or_else(|e| e.into_inner()).insert(name, entry);
             });
         }
     });
@@ -203,71 +242,75 @@ fn fleet(args: &FleetArgs) -> Result<u8> {
         exit::PASS => 2,
         _ => 1,
     };
-    let mut nodes: Vec<(String, u8, Value, PathBuf)> =
-        results.into_iter().map(|(n, (c, r, d))| (n, c, r, d)).collect();
-    nodes.sort_by_key(|(n, c, _, _)| (rank(*c), n.clone()));
-    let worst = nodes.first().map_or(exit::UNKNOWN, |(_, c, _, _)| match *c {
-        exit::FAIL | exit::PASS => *c,
+    let mut nodes: Vec<FleetEntry> = results.into_values().collect();
+    nodes.sort_by_key(|n| (rank(n.exit_code), n.node.clone()));
+    let worst = nodes.first().map_or(exit::UNKNOWN, |n| match n.exit_code {
+        exit::FAIL | exit::PASS => n.exit_code,
         _ => exit::UNKNOWN,
     });
     let verdict = match worst {
-        exit::PASS => "pass",
-        exit::FAIL => "fail",
-        _ => "unknown",
+        exit::PASS => Verdict::Pass,
+        exit::FAIL => Verdict::Fail,
+        _ => Verdict::Unknown,
     };
-    let fleet = json!({
-        "schema": 1,
-        "kind": "fleet",
-        "suite": args.suite,
-        "seed": seed,
-        "verdict": verdict,
-        "started_unix": started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        "duration_seconds": started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
-        "nodes": nodes.iter().map(|(n, c, r, d)| json!({
-            "node": n, "exit_code": c, "verdict": r["verdict"], "report_dir": d, "report": r,
-        })).collect::<Vec<_>>(),
-    });
+    let fleet = FleetReport {
+        schema: SCHEMA,
+        kind: "fleet".into(),
+        suite: args.suite.clone(),
+        seed,
+        verdict,
+        started_unix: started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        duration_seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+        nodes,
+    };
     std::fs::create_dir_all(&args.report_dir)?;
-    let path = args.report_dir.join(format!("fleet-{}.json", fleet["started_unix"]));
+    let path = args.report_dir.join(format!("fleet-{}.json", fleet.started_unix));
     std::fs::write(&path, serde_json::to_vec_pretty(&fleet)?)?;
-    println!("{}", render(&fleet)?);
-    println!("fleet verdict: {verdict}; report: {}", path.display());
+    println!("{}", render(&fleet));
+    println!("fleet verdict: {}; report: {}", verdict.name(), path.display());
     Ok(worst)
+}
+
+/// A saved fleet report.
+pub fn load(path: &Path) -> Result<FleetReport> {
+    crate::report::load_json(path, "fleet report", SCHEMA)
 }
 
 /// The fleet report in Markdown: a table of nodes worst first, then each node's run report
 /// (its scorecards, KPIs and failures).
-pub fn render(fleet: &Value) -> Result<String> {
-    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-    let nodes = fleet["nodes"].as_array().cloned().unwrap_or_default();
+pub fn render(fleet: &FleetReport) -> String {
     let mut out = format!(
         "# archy-chaos fleet — {} — {}\n\nSeed {}, {:.0} s.\n\n| node | verdict | scenarios passed | failing |\n|---|---|---|---|\n",
-        s(&fleet["suite"]),
-        s(&fleet["verdict"]).to_uppercase(),
-        fleet["seed"],
-        fleet["duration_seconds"].as_f64().unwrap_or(0.0)
+        fleet.suite,
+        fleet.verdict.name().to_uppercase(),
+        fleet.seed,
+        fleet.duration_seconds
     );
-    for n in &nodes {
-        let scenarios = n["report"]["scenarios"].as_array().cloned().unwrap_or_default();
-        let passed = scenarios.iter().filter(|sc| sc["verdict"] == "pass").count();
-        let failing: Vec<String> =
-            scenarios.iter().filter(|sc| sc["verdict"] != "pass").map(|sc| s(&sc["scenario"])).collect();
-        let verdict =
-            if n["report"].is_null() { "unknown (no report)".to_string() } else { s(&n["verdict"]) };
+    for n in &fleet.nodes {
+        let scenarios: Vec<_> = n.report.iter().flat_map(|r| &r.nodes).flat_map(|n| &n.scenarios).collect();
+        let passed = scenarios.iter().filter(|sc| sc.verdict == Verdict::Pass).count();
+        let failing: Vec<&str> = scenarios
+            .iter()
+            .filter(|sc| sc.verdict != Verdict::Pass)
+            .map(|sc| sc.scenario.as_str())
+            .collect();
+        let verdict = match &n.report {
+            Some(r) => r.verdict.name(),
+            None => "unknown (no report)",
+        };
         out.push_str(&format!(
             "| {} | {verdict} | {passed}/{} | {} |\n",
-            s(&n["node"]),
+            n.node,
             scenarios.len(),
             failing.join(", ")
         ));
     }
-    for n in &nodes {
-        out.push_str(&format!("\n---\n\n# node {}\n\n", s(&n["node"])));
-        if n["report"]["schema"].is_null() {
-            out.push_str(&format!("No report: see {}/run.log\n", s(&n["report_dir"])));
-        } else {
-            out.push_str(&crate::report::render(&n["report"], "md")?.replacen("# ", "## ", 1));
+    for n in &fleet.nodes {
+        out.push_str(&format!("\n---\n\n# node {}\n\n", n.node));
+        match &n.report {
+            Some(r) => out.push_str(&crate::report::markdown::render(r).replacen("# ", "## ", 1)),
+            None => out.push_str(&format!("No report: see {}/run.log\n", n.report_dir.display())),
         }
     }
-    Ok(out)
+    out
 }

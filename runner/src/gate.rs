@@ -2,7 +2,8 @@
 //! a baseline run.
 //!
 //! Baseline file (schema 1), written by `gate RUN.json --write-baseline PATH` from a run
-//! that passed; every KPI of that run, keyed `<scenario>/<kpi>`, with its raw samples:
+//! that passed; every KPI of that run, keyed `<scenario>/<kpi>`, with its raw samples (a run
+//! over several nodes pools them, and records each node's environment by node):
 //!
 //! ```json
 //! {"schema": 1, "created_unix": 1764100000, "from": "reports/out/smoke-1764100000.json",
@@ -16,15 +17,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::report::exit;
+use crate::report::{exit, Report, Verdict};
 
-/// The report schema this gate reads: the one `archy-chaos run` writes.
-const REPORT_SCHEMA: u64 = crate::report::SCHEMA as u64;
 const BASELINE_SCHEMA: u64 = 1;
 const MIN_SAMPLES: usize = 5;
 const RESAMPLES: usize = 2000;
@@ -33,7 +32,7 @@ const BOOTSTRAP_SEED: u64 = 0x6172_6368_795f_6761;
 
 #[derive(clap::Args)]
 pub struct GateArgs {
-    /// The run's JSON report (schema 2), as `archy-chaos run` wrote it.
+    /// The run's JSON report (schema 3), as `archy-chaos run` wrote it.
     pub report: PathBuf,
     /// Baseline to compare the run's KPIs with (see the format above).
     #[arg(long, default_value = "reports/baseline.json")]
@@ -51,6 +50,27 @@ pub struct GateArgs {
     /// (job `archy_chaos`, grouped by node). A failed push makes a passing gate exit 2.
     #[arg(long, value_name = "URL")]
     pub pushgateway: Option<String>,
+}
+
+/// A baseline as `--write-baseline` writes it (see the format above).
+#[derive(Debug, Serialize, Deserialize)]
+struct Baseline {
+    schema: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created_unix: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<String>,
+    /// For people comparing machines; never judged.
+    #[serde(default)]
+    environment: Value,
+    kpis: BTreeMap<String, Samples>,
+}
+
+/// One KPI's samples, keyed `<scenario>/<kpi>` in a baseline and in a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Samples {
+    pub unit: String,
+    pub samples: Vec<f64>,
 }
 
 /// What the comparison of one KPI found.
@@ -120,14 +140,11 @@ pub fn rule(tolerance: f64) -> String {
 }
 
 /// Every KPI of the run or the baseline, in key order. Pure and deterministic.
-pub fn compare(report: &Value, baseline: &Value, tolerance: f64) -> Vec<Comparison> {
-    let base: BTreeMap<String, (String, Vec<f64>)> = baseline["kpis"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), (text(&v["unit"]), numbers(&v["samples"]).unwrap_or_default())))
-        .collect();
-    let run = kpis(report);
+pub fn compare(
+    run: &BTreeMap<String, Samples>,
+    base: &BTreeMap<String, Samples>,
+    tolerance: f64,
+) -> Vec<Comparison> {
     let keys: BTreeSet<&String> = base.keys().chain(run.keys()).collect();
     // A machine that is slower today makes raw podman and the agent slower together; only
     // their ratio says something about the agent (release run 2026-11-26: install_seconds
@@ -146,9 +163,9 @@ pub fn compare(report: &Value, baseline: &Value, tolerance: f64) -> Vec<Comparis
             let (b, r) = (base.get(key), run.get(key));
             let mut c = Comparison {
                 kpi: key.clone(),
-                unit: r.or(b).map(|(u, _)| u.clone()).unwrap_or_default(),
-                baseline_p50: b.and_then(|(_, s)| median(s)),
-                run_p50: r.and_then(|(_, s)| median(s)),
+                unit: r.or(b).map(|s| s.unit.clone()).unwrap_or_default(),
+                baseline_p50: b.and_then(|s| median(&s.samples)),
+                run_p50: r.and_then(|s| median(&s.samples)),
                 ratio: None,
                 interval: None,
                 verdict: Change::Same,
@@ -159,11 +176,11 @@ pub fn compare(report: &Value, baseline: &Value, tolerance: f64) -> Vec<Comparis
             c.verdict = match (b, r) {
                 (None, _) => Change::New,
                 (_, None) => Change::Missing,
-                (Some((_, b)), Some((_, r))) if b.len() < MIN_SAMPLES || r.len() < MIN_SAMPLES => {
+                (Some(b), Some(r)) if b.samples.len() < MIN_SAMPLES || r.samples.len() < MIN_SAMPLES => {
                     Change::TooFewSamples
                 }
-                (Some((_, b)), Some((_, r))) => {
-                    let [lo, hi] = bootstrap(r, b);
+                (Some(b), Some(r)) => {
+                    let [lo, hi] = bootstrap(&r.samples, &b.samples);
                     c.interval = Some([lo, hi]);
                     if let Some(role) = role(key) {
                         role
@@ -181,13 +198,14 @@ pub fn compare(report: &Value, baseline: &Value, tolerance: f64) -> Vec<Comparis
         .collect()
 }
 
-/// `<scenario>/<kpi>` -> (unit, samples) of a report.
-fn kpis(report: &Value) -> BTreeMap<String, (String, Vec<f64>)> {
-    let mut out = BTreeMap::new();
-    for s in report["scenarios"].as_array().into_iter().flatten() {
-        for k in s["kpis"].as_array().into_iter().flatten() {
-            let key = format!("{}/{}", text(&s["scenario"]), text(&k["name"]));
-            out.insert(key, (text(&k["unit"]), numbers(&k["samples"]).unwrap_or_default()));
+/// `<scenario>/<kpi>` -> samples of a report, pooled across its nodes.
+pub fn samples(report: &Report) -> BTreeMap<String, Samples> {
+    let mut out: BTreeMap<String, Samples> = BTreeMap::new();
+    for s in report.nodes.iter().flat_map(|n| &n.scenarios) {
+        for k in &s.kpis {
+            let pooled = out.entry(format!("{}/{}", s.scenario, k.name)).or_default();
+            pooled.unit.clone_from(&k.unit);
+            pooled.samples.extend(&k.samples);
         }
     }
     out
@@ -228,69 +246,25 @@ fn ratio(run: f64, base: f64) -> f64 {
     }
 }
 
-fn numbers(v: &Value) -> Option<Vec<f64>> {
-    v.as_array()?.iter().map(Value::as_f64).collect()
-}
-
-fn text(v: &Value) -> String {
-    v.as_str().unwrap_or_default().to_string()
-}
-
-/// Reads a JSON file of a given schema; every error names the file and what is wrong.
-fn load(path: &Path, what: &str, schema: u64) -> Result<Value> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read the {what}", path.display()))?;
-    let v: Value = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{}: the {what} is not JSON", path.display()))?;
-    match v["schema"].as_u64() {
-        Some(s) if s == schema => Ok(v),
-        Some(s) => {
-            bail!("{}: {what} of schema {s}; this runner reads {what} schema {schema}", path.display())
-        }
-        None => {
-            bail!("{}: not a {what}: no numeric `schema` (this runner reads schema {schema})", path.display())
-        }
-    }
-}
-
-/// The report's verdict, after checking what the gate reads.
-fn check_report(v: &Value) -> Result<&str> {
-    let verdict = v["verdict"]
-        .as_str()
-        .filter(|s| ["pass", "fail", "unknown"].contains(s))
-        .context("`verdict` is not pass, fail or unknown")?;
-    for s in v["scenarios"].as_array().context("`scenarios` is not a list")? {
-        for k in s["kpis"].as_array().into_iter().flatten() {
-            numbers(&k["samples"]).with_context(|| {
-                format!("scenario {} KPI {}: `samples` is not a list of numbers", s["scenario"], k["name"])
-            })?;
-        }
-    }
-    Ok(verdict)
-}
-
-fn check_baseline(v: &Value) -> Result<()> {
-    for (key, k) in v["kpis"].as_object().context("`kpis` is not an object")? {
-        numbers(&k["samples"]).with_context(|| format!("KPI {key}: `samples` is not a list of numbers"))?;
-    }
-    Ok(())
-}
-
 /// A baseline from a passing report; returns how many KPIs it holds.
-fn write_baseline(report: &Value, from: &Path, out: &Path) -> Result<usize> {
-    let kpis: serde_json::Map<String, Value> = kpis(report)
-        .into_iter()
-        .map(|(key, (unit, samples))| (key, json!({"unit": unit, "samples": samples})))
-        .collect();
-    let n = kpis.len();
-    let doc = json!({
-        "schema": BASELINE_SCHEMA,
-        "created_unix": std::time::SystemTime::now()
+fn write_baseline(report: &Report, from: &Path, out: &Path) -> Result<usize> {
+    let environment = match &report.nodes[..] {
+        [one] => serde_json::to_value(&one.environment)?,
+        nodes => {
+            serde_json::to_value(nodes.iter().map(|n| (&n.node, &n.environment)).collect::<BTreeMap<_, _>>())?
+        }
+    };
+    let doc = Baseline {
+        schema: BASELINE_SCHEMA,
+        created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        "from": from.display().to_string(),
-        "environment": report["environment"],
-        "kpis": kpis,
-    });
+            .ok()
+            .map(|d| d.as_secs()),
+        from: Some(from.display().to_string()),
+        environment,
+        kpis: samples(report),
+    };
+    let n = doc.kpis.len();
     let name = out.file_name().and_then(|n| n.to_str()).context("the baseline path names no file")?;
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut bytes = serde_json::to_vec_pretty(&doc)?;
@@ -317,10 +291,10 @@ fn gate(args: &GateArgs) -> Result<u8> {
         "--tolerance must be at least 0 and below 1 (0.10 is 10%), not {}",
         args.tolerance
     );
-    let report = load(&args.report, "report", REPORT_SCHEMA)?;
-    let report_verdict = check_report(&report).with_context(|| args.report.display().to_string())?;
+    let report = crate::report::load(&args.report)?;
+    let report_verdict = report.verdict.name();
     if let Some(out) = &args.write_baseline {
-        if report_verdict != "pass" {
+        if report.verdict != Verdict::Pass {
             eprintln!(
                 "archy-chaos: gate: {}: verdict {report_verdict}; a baseline is only taken from a passing run, none written",
                 args.report.display()
@@ -332,22 +306,22 @@ fn gate(args: &GateArgs) -> Result<u8> {
         println!("baseline {}: {n} KPIs from {}", out.display(), args.report.display());
         return Ok(exit::PASS);
     }
-    let baseline = load(&args.baseline, "baseline", BASELINE_SCHEMA).map_err(|e| {
-        anyhow::anyhow!(
-            "{e:#}\n(take a baseline from a passing run: archy-chaos gate RUN.json --write-baseline PATH)"
-        )
-    })?;
-    check_baseline(&baseline).with_context(|| args.baseline.display().to_string())?;
+    let baseline: Baseline =
+        crate::report::load_json(&args.baseline, "baseline", BASELINE_SCHEMA).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\n(take a baseline from a passing run: archy-chaos gate RUN.json --write-baseline PATH)"
+            )
+        })?;
 
-    let rows = compare(&report, &baseline, args.tolerance);
+    let rows = compare(&samples(&report), &baseline.kpis, args.tolerance);
     let regressed: Vec<&str> =
         rows.iter().filter(|c| c.verdict == Change::Regression).map(|c| c.kpi.as_str()).collect();
     // Fail beats unknown beats pass, as for a run's iterations.
-    let mut code = match report_verdict {
-        "fail" => exit::FAIL,
+    let mut code = match report.verdict {
+        Verdict::Fail => exit::FAIL,
         _ if !regressed.is_empty() => exit::FAIL,
-        "unknown" => exit::UNKNOWN,
-        _ => exit::PASS,
+        Verdict::Unknown => exit::UNKNOWN,
+        Verdict::Pass => exit::PASS,
     };
     if let Some(url) = &args.pushgateway {
         if let Err(e) = crate::push::push(url, &report, Some(code == exit::PASS)) {
@@ -404,7 +378,7 @@ fn gate(args: &GateArgs) -> Result<u8> {
         args.baseline.display()
     );
     let mut why = Vec::new();
-    if report_verdict != "pass" {
+    if report.verdict != Verdict::Pass {
         why.push(format!("the run's verdict is {report_verdict}"));
     }
     if !regressed.is_empty() {
@@ -422,12 +396,16 @@ fn gate(args: &GateArgs) -> Result<u8> {
 mod tests {
     use super::*;
 
-    fn report(samples: &[f64]) -> Value {
-        json!({"scenarios": [{"scenario": "s", "kpis": [{"name": "k", "unit": "s", "samples": samples}]}]})
+    fn kpis(kpis: &[(&str, &[f64])]) -> BTreeMap<String, Samples> {
+        kpis.iter().map(|(k, v)| (k.to_string(), Samples { unit: "s".into(), samples: v.to_vec() })).collect()
     }
 
-    fn baseline(samples: &[f64]) -> Value {
-        json!({"kpis": {"s/k": {"unit": "s", "samples": samples}}})
+    fn report(samples: &[f64]) -> BTreeMap<String, Samples> {
+        kpis(&[("s/k", samples)])
+    }
+
+    fn baseline(samples: &[f64]) -> BTreeMap<String, Samples> {
+        report(samples)
     }
 
     const BASE: [f64; 10] = [0.40, 0.41, 0.39, 0.42, 0.40, 0.38, 0.43, 0.40, 0.41, 0.39];
@@ -448,24 +426,19 @@ mod tests {
     /// slower, their ratio unchanged; the gate failed the release on the absolute figures.
     #[test]
     fn a_slower_machine_is_not_a_regression_when_the_ratio_holds() {
-        let kpi = |name: &str, samples: Vec<f64>| json!({"name": name, "unit": "s", "samples": samples});
         let slow: Vec<f64> = BASE.iter().map(|x| x * 1.2).collect();
         let ratios: Vec<f64> = BASE.iter().map(|x| x * 4.0).collect();
         let run = |install: &[f64], raw: &[f64], ratio: &[f64]| {
-            json!({"scenarios": [{"scenario": "cold", "kpis": [
-                kpi("install_seconds", install.to_vec()),
-                kpi("raw_run_seconds", raw.to_vec()),
-                kpi("install_ratio", ratio.to_vec()),
-            ]}]})
+            kpis(&[
+                ("cold/install_seconds", install),
+                ("cold/raw_run_seconds", raw),
+                ("cold/install_ratio", ratio),
+            ])
         };
-        let mut base = json!({"kpis": {}});
-        for (k, v) in
-            [("install_seconds", &BASE[..]), ("raw_run_seconds", &BASE[..]), ("install_ratio", &ratios[..])]
-        {
-            base["kpis"][format!("cold/{k}")] = json!({"unit": "s", "samples": v.to_vec()});
-        }
-        let verdicts =
-            |r: &Value| -> Vec<Change> { compare(r, &base, 0.1).iter().map(|c| c.verdict).collect() };
+        let base = run(&BASE, &BASE, &ratios);
+        let verdicts = |r: &BTreeMap<String, Samples>| -> Vec<Change> {
+            compare(r, &base, 0.1).iter().map(|c| c.verdict).collect()
+        };
         // Keys in order: install_ratio, install_seconds, raw_run_seconds.
         assert_eq!(verdicts(&run(&slow, &slow, &ratios)), [Change::Same, Change::ByRatio, Change::Reference]);
         // The agent alone slower: its ratio regresses, so the gate fails.
@@ -478,9 +451,10 @@ mod tests {
     #[test]
     fn the_committed_baseline_covers_the_release_suites_kpis() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let baseline = load(&root.join("reports/baseline.json"), "baseline", BASELINE_SCHEMA).unwrap();
-        let have: std::collections::BTreeSet<&str> =
-            baseline["kpis"].as_object().unwrap().keys().map(String::as_str).collect();
+        let baseline: Baseline =
+            crate::report::load_json(&root.join("reports/baseline.json"), "baseline", BASELINE_SCHEMA)
+                .unwrap();
+        let have: std::collections::BTreeSet<&str> = baseline.kpis.keys().map(String::as_str).collect();
         let mut want = std::collections::BTreeSet::new();
         for (_, s, _) in crate::scenario::resolve(&root.join("scenarios"), &["release".into()]).unwrap() {
             want.extend(s.measures().into_iter().map(|k| format!("{}/{k}", s.id)));

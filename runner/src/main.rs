@@ -4,6 +4,7 @@
 mod agent_client;
 mod bench;
 mod chart;
+mod environment;
 mod evidence;
 mod exec;
 mod fleet;
@@ -46,12 +47,17 @@ enum Command {
         #[arg(long, default_value = "scenarios")]
         scenarios: std::path::PathBuf,
     },
-    /// Render a saved run report: `md` (scorecard for people), `junit` (CI), `json`.
+    /// Render a saved run (or fleet) report: `md` (scorecard for people), `junit` (CI),
+    /// `json`. Exit code: 0 rendered, 64 bad usage or an unreadable report.
     Report {
         report: std::path::PathBuf,
         #[arg(long, default_value = "md")]
         format: String,
-        /// Markdown: append SVG charts (the tick scaling curve, latency distributions) inline.
+        /// Write the rendering to FILE instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+        /// Markdown: also draw SVG charts (the tick scaling curve, latency distributions), each
+        /// a file in FILE-charts/ beside `--out FILE.md`, linked by a relative path. Needs --out.
         #[arg(long)]
         charts: bool,
     },
@@ -369,23 +375,11 @@ fn main() -> ExitCode {
                 ExitCode::from(report::exit::USAGE)
             }
         },
-        Command::Report { report: path, format, charts } => {
-            let rendered = std::fs::read(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|b| Ok(serde_json::from_slice::<serde_json::Value>(&b)?))
-                .and_then(|v| match v["kind"].as_str() {
-                    Some("fleet") if format == "md" => fleet::render(&v),
-                    _ if charts && format == "md" => Ok(report::render(&v, &format)? + &chart::markdown(&v)?),
-                    _ => report::render(&v, &format),
-                })
-                .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()));
-            match rendered {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
+        Command::Report { report: path, format, out, charts } => {
+            match report::command(&path, &format, out.as_deref(), charts) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("archy-chaos: {e}");
+                    eprintln!("archy-chaos: {e:#}");
                     ExitCode::from(report::exit::USAGE)
                 }
             }

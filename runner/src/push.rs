@@ -4,21 +4,36 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use base64::Engine as _;
-use serde_json::Value;
 
-/// PUTs `exposition(report, gate_pass)` to `{url}/metrics/job/archy_chaos/node/{node}`.
-/// PUT replaces the node's whole group, so series of an earlier run never linger.
-pub fn push(url: &str, report: &Value, gate_pass: Option<bool>) -> Result<()> {
-    let node = report["node"].as_str().context("the report names no node")?;
+use crate::report::{NodeReport, Report, Verdict};
+
+/// PUTs each node's `exposition` to `{url}/metrics/job/archy_chaos/node/{node}`, every node
+/// tried even when one fails. PUT replaces the node's whole group, so series of an earlier
+/// run never linger.
+pub fn push(url: &str, report: &Report, gate_pass: Option<bool>) -> Result<()> {
+    ensure!(!report.nodes.is_empty(), "the report has no node to push");
+    let failed: Vec<String> = report
+        .nodes
+        .iter()
+        .filter_map(|n| push_node(url, report, n, gate_pass).err())
+        .map(|e| format!("{e:#}"))
+        .collect();
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(())
+}
+
+fn push_node(url: &str, report: &Report, node: &NodeReport, gate_pass: Option<bool>) -> Result<()> {
     // The node (`local:run1234`, `ssh://…`) may hold `/`; the Pushgateway's base64 label
     // form carries any value. An empty value is spelled `=`.
-    let node = match base64::engine::general_purpose::URL_SAFE.encode(node) {
+    let group = match base64::engine::general_purpose::URL_SAFE.encode(&node.node) {
         s if s.is_empty() => "=".to_string(),
         s => s,
     };
-    let target = format!("{}/metrics/job/archy_chaos/node@base64/{node}", url.trim_end_matches('/'));
+    let target = format!("{}/metrics/job/archy_chaos/node@base64/{group}", url.trim_end_matches('/'));
     let http = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
@@ -27,7 +42,7 @@ pub fn push(url: &str, report: &Value, gate_pass: Option<bool>) -> Result<()> {
     let mut resp = http
         .put(&target)
         .header("Content-Type", "text/plain; version=0.0.4")
-        .send(exposition(report, gate_pass))
+        .send(exposition(report, node, gate_pass))
         .with_context(|| format!("pushing to {target}"))?;
     if !resp.status().is_success() {
         let body = resp.body_mut().read_to_string().unwrap_or_default();
@@ -36,9 +51,10 @@ pub fn push(url: &str, report: &Value, gate_pass: Option<bool>) -> Result<()> {
     Ok(())
 }
 
-/// The report in the Prometheus text exposition format (0.0.4), every series a gauge. A
-/// KPI's p50/p95/p99/max is the label `stat`: `quantile` is reserved for summaries (promtool).
-pub fn exposition(report: &Value, gate_pass: Option<bool>) -> String {
+/// One node's part of a report in the Prometheus text exposition format (0.0.4), every
+/// series a gauge. A KPI's p50/p95/p99/max is the label `stat`: `quantile` is reserved for
+/// summaries (promtool).
+pub fn exposition(report: &Report, node: &NodeReport, gate_pass: Option<bool>) -> String {
     let mut out = String::new();
     let mut family = |name: &str, help: &str, samples: &[(Vec<(&str, String)>, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
@@ -48,14 +64,12 @@ pub fn exposition(report: &Value, gate_pass: Option<bool>) -> String {
             let _ = writeln!(out, "{name}{labels} {}", number(*value));
         }
     };
-    let str_of = |v: &Value| v.as_str().unwrap_or_default().to_string();
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
-    let scenarios = report["scenarios"].as_array().map(Vec::as_slice).unwrap_or_default();
 
     family(
         "archy_chaos_run_pass",
-        "1 if the run's verdict is pass.",
-        &[(vec![], flag(report["verdict"] == "pass"))],
+        "1 if the run's verdict on this node is pass.",
+        &[(vec![], flag(node.verdict == Verdict::Pass))],
     );
     if let Some(pass) = gate_pass {
         family(
@@ -64,44 +78,45 @@ pub fn exposition(report: &Value, gate_pass: Option<bool>) -> String {
             &[(vec![], flag(pass))],
         );
     }
-    if let Some(t) = report["started_unix"].as_f64() {
-        family("archy_chaos_run_timestamp_seconds", "When the run started (Unix time).", &[(vec![], t)]);
-    }
-    if let Some(d) = report["duration_seconds"].as_f64() {
-        family("archy_chaos_run_duration_seconds", "How long the run took.", &[(vec![], d)]);
-    }
+    family(
+        "archy_chaos_run_timestamp_seconds",
+        "When the run started (Unix time).",
+        &[(vec![], report.started_unix as f64)],
+    );
+    family(
+        "archy_chaos_run_duration_seconds",
+        "How long the run took.",
+        &[(vec![], report.duration_seconds)],
+    );
 
     let mut pass = Vec::new();
     let mut iterations = Vec::new();
     let mut kpis = Vec::new();
     let mut thresholds = Vec::new();
-    for s in scenarios {
-        let (scenario, layer) = (str_of(&s["scenario"]), str_of(&s["layer"]));
-        let id = || vec![("scenario", scenario.clone()), ("layer", layer.clone())];
-        pass.push((id(), flag(s["verdict"] == "pass")));
+    for s in &node.scenarios {
+        let scenario = s.scenario.clone();
+        let id = || vec![("scenario", scenario.clone()), ("layer", format!("{:?}", s.layer))];
+        pass.push((id(), flag(s.verdict == Verdict::Pass)));
         // Every result is exported, at 0 too, so a rate or an alert never sees a gap.
-        for result in ["pass", "fail", "unknown"] {
-            let its = s["iterations"].as_array().map(Vec::as_slice).unwrap_or_default();
-            let n = its.iter().filter(|i| i["verdict"] == result).count();
+        for result in [Verdict::Pass, Verdict::Fail, Verdict::Unknown] {
+            let n = s.iterations.iter().filter(|i| i.verdict == result).count();
             let mut labels = id();
-            labels.push(("result", result.to_string()));
+            labels.push(("result", result.name().to_string()));
             iterations.push((labels, n as f64));
         }
-        for k in s["kpis"].as_array().into_iter().flatten() {
-            let kpi = || vec![("scenario", scenario.clone()), ("kpi", str_of(&k["name"]))];
-            for q in ["p50", "p95", "p99", "max"] {
-                if let Some(v) = k[q].as_f64() {
+        for k in &s.kpis {
+            let kpi = || vec![("scenario", scenario.clone()), ("kpi", k.name.clone())];
+            for (q, v) in [("p50", k.p50), ("p95", k.p95), ("p99", k.p99), ("max", k.max)] {
+                if let Some(v) = v {
                     let mut labels = kpi();
-                    labels.extend([("unit", str_of(&k["unit"])), ("stat", q.to_string())]);
+                    labels.extend([("unit", k.unit.clone()), ("stat", q.to_string())]);
                     kpis.push((labels, v));
                 }
             }
-            for t in k["thresholds"].as_array().into_iter().flatten() {
-                if let Some(max) = t["max"].as_f64() {
-                    let mut labels = kpi();
-                    labels.push(("stat", str_of(&t["quantile"])));
-                    thresholds.push((labels, max));
-                }
+            for t in &k.thresholds {
+                let mut labels = kpi();
+                labels.push(("stat", t.quantile.name().to_string()));
+                thresholds.push((labels, t.max));
             }
         }
     }
@@ -133,6 +148,37 @@ fn number(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each node of the gate's fixture, as promtool reads it.
+    #[test]
+    fn the_exposition_passes_promtool() {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        const PROMTOOL: &str = "/usr/bin/promtool";
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gate-run.json");
+        let report = crate::report::load(&fixture).unwrap();
+        let text = exposition(&report, &report.nodes[0], Some(true));
+        let mut child = Command::new(PROMTOOL)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{PROMTOOL}: {e}: run scripts/setup-host"));
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool check metrics: {}\n{}{}\n--- exposition\n{text}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Every result is present, at 0 too.
+        assert!(text.contains(
+            "archy_chaos_scenario_iterations{scenario=\"cold-install\",layer=\"L6\",result=\"unknown\"} 0\n"
+        ));
+    }
 
     #[test]
     fn labels_are_escaped_and_numbers_spelled_for_prometheus() {

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use archy_agent::manifest::Catalog;
-use serde_json::Value;
 
 use crate::node::local::UpOptions;
 use crate::node::ssh::{SshCommands, SshNode};
 use crate::node::{Backend, LocalNode, Node};
+use crate::report::model::Environment;
 use crate::report::{exit, NodeReport, Report, ScenarioReport};
 use crate::scenario::{self, Scenario, Verdict};
 
@@ -125,7 +125,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
     let seed = args.seed.unwrap_or_else(rand::random);
     let started = std::time::SystemTime::now();
-    CPU_BEFORE.get_or_init(crate::report::cpu_times);
+    CPU_BEFORE.get_or_init(crate::environment::cpu_times);
     let per_node: u64 = work
         .iter()
         .map(|w| u64::from(w.iterations) * if w.scenario.per_app { w.apps.len() as u64 } else { 1 })
@@ -144,19 +144,14 @@ pub fn run(args: RunArgs) -> ExitCode {
             .into_iter()
             .zip(&targets)
             .map(|(h, t)| {
-                h.join().unwrap_or_else(|_| NodeReport {
-                    node: t.label(),
-                    backend: String::new(),
-                    verdict: Verdict::Unknown,
-                    environment: serde_json::json!({"error": "the node's run panicked"}),
-                    scenarios: Vec::new(),
-                })
+                // A node whose run panicked ran nothing that counts: unknown.
+                h.join().unwrap_or_else(|_| NodeReport::new(t.label(), String::new(), None, Vec::new()))
             })
             .collect()
     });
     bar.finish_and_clear();
     let interrupted = crate::interrupt::signal();
-    let mut verdict = nodes.iter().map(|n| n.verdict).max().unwrap_or(Verdict::Unknown);
+    let mut verdict = Report::verdict_of(&nodes);
     if interrupted.is_some() || (args.fail_fast && stop.load(Ordering::SeqCst)) {
         verdict = verdict.max(Verdict::Unknown); // what did not run proves nothing
     }
@@ -178,10 +173,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     if let Some(url) = &args.pushgateway {
-        let pushed = serde_json::to_value(&r)
-            .map_err(anyhow::Error::from)
-            .and_then(|v| crate::push::push(url, &v, None));
-        if let Err(e) = pushed {
+        if let Err(e) = crate::push::push(url, &r, None) {
             eprintln!("archy-chaos: pushing to {url}: {e:#}");
         }
     }
@@ -312,7 +304,7 @@ impl Driver<'_> {
         w: &Work,
         seed: u64,
         last: bool,
-        env: &mut Value,
+        env: &mut Option<Environment>,
     ) -> Result<Vec<scenario::Iteration>> {
         let args = self.args;
         let opts = UpOptions {
@@ -330,7 +322,7 @@ impl Driver<'_> {
                 self.each(w, g, it)
             });
         if last || self.stopped() {
-            *env = crate::report::environment(&node, self.cpu_before());
+            *env = Some(crate::environment::environment(&node, self.cpu_before()));
         }
         if !(args.keep_node && (last || self.stopped())) {
             if let Err(e) = node.down() {
@@ -342,19 +334,19 @@ impl Driver<'_> {
 
     /// One scenario on a host over SSH: the scenario's apps are removed first (its protected
     /// apps are never touched), then it runs.
-    fn ssh(&self, node: &SshNode, w: &Work, seed: u64, env: &mut Value) -> Result<Vec<scenario::Iteration>> {
+    fn ssh(&self, node: &SshNode, w: &Work, seed: u64, env: &mut Option<Environment>) -> Result<Vec<scenario::Iteration>> {
         let s = &w.scenario;
         let mine: Vec<String> = w.apps.iter().filter(|a| !self.args.protected.contains(a)).cloned().collect();
         scenario::engine::clean(&crate::node::agent(node), &mine, s.converge_timeout.0)
             .context("removing the scenario's apps first")?;
         let results =
             scenario::engine::run_scenario(s, node, &w.apps, w.iterations, seed, |g, it| self.each(w, g, it));
-        *env = crate::report::environment(node, self.cpu_before());
+        *env = Some(crate::environment::environment(node, self.cpu_before()));
         Ok(results)
     }
 
     fn cpu_before(&self) -> (u64, u64, u64) {
-        *CPU_BEFORE.get_or_init(crate::report::cpu_times)
+        *CPU_BEFORE.get_or_init(crate::environment::cpu_times)
     }
 }
 
@@ -371,7 +363,7 @@ fn run_node(
     stop: &AtomicBool,
 ) -> NodeReport {
     let d = Driver { args, label: target.label(), bar, stop };
-    let mut environment = Value::Null;
+    let mut environment = None;
     let mut scenarios = Vec::new();
     for (i, w) in work.iter().enumerate() {
         if d.stopped() {
@@ -389,17 +381,12 @@ fn run_node(
         });
         scenarios.push(ScenarioReport::new(&w.scenario, results));
     }
-    let backend = match target {
-        Target::Local(_) => format!("{:?}", args.backend).to_lowercase(),
-        Target::Ssh(_) => environment["agent_backend"].as_str().unwrap_or("unknown").to_string(),
+    let backend = match (target, environment.as_ref().and_then(|e| e.agent_backend.clone())) {
+        (Target::Ssh(_), Some(b)) => b,
+        (Target::Ssh(_), None) => "unknown".into(),
+        (Target::Local(_), _) => format!("{:?}", args.backend).to_lowercase(),
     };
-    NodeReport {
-        node: d.label,
-        backend,
-        verdict: scenarios.iter().map(|s| s.verdict).max().unwrap_or(Verdict::Unknown),
-        environment,
-        scenarios,
-    }
+    NodeReport::new(d.label, backend, environment, scenarios)
 }
 
 /// The command that replays this run.

@@ -59,9 +59,13 @@ fn a_fleet_report_shows_exactly_the_broken_node_failing() {
     );
     assert_eq!(fleet["verdict"], "fail");
     let failed = &fleet["nodes"][0]["report"];
-    assert_eq!(failed["environment"]["agent_broken"], serde_json::json!(["no-secret-heal"]), "{failed}");
+    assert_eq!(
+        failed["nodes"][0]["environment"]["agent_broken"],
+        serde_json::json!(["no-secret-heal"]),
+        "{failed}"
+    );
     assert!(
-        failed["scenarios"][0]["iterations"][0]["failures"].to_string().contains("secrets-valid"),
+        failed["nodes"][0]["scenarios"][0]["iterations"][0]["failures"].to_string().contains("secrets-valid"),
         "{failed}"
     );
     // Each node ran in its own namespace: three different node names in the reports.

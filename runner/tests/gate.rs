@@ -3,13 +3,7 @@
 
 mod support;
 
-// The exposition is a pure function of the binary; compiled here too so promtool can read it.
-#[path = "../src/push.rs"]
-#[allow(dead_code)]
-mod push;
-
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,7 +12,6 @@ use serde_json::Value;
 use support::{chaos_cmd, repo_root};
 
 const PUSHGATEWAY: &str = "/usr/bin/prometheus-pushgateway";
-const PROMTOOL: &str = "/usr/bin/promtool";
 
 fn fixture_path() -> PathBuf {
     repo_root().join("runner/tests/fixtures/gate-run.json")
@@ -61,7 +54,7 @@ fn baseline(dir: &Path) -> PathBuf {
 /// The fixture with `f` applied to the samples of every KPI whose `<scenario>/<kpi>` matches.
 fn edit_samples(only: Option<&str>, f: impl Fn(&[f64]) -> Vec<f64>) -> Value {
     let mut r = fixture();
-    for sc in r["scenarios"].as_array_mut().unwrap() {
+    for sc in r["nodes"][0]["scenarios"].as_array_mut().unwrap() {
         let scenario = sc["scenario"].as_str().unwrap().to_string();
         for k in sc["kpis"].as_array_mut().unwrap() {
             let key = format!("{scenario}/{}", k["name"].as_str().unwrap());
@@ -133,7 +126,7 @@ fn three_samples_are_too_few_and_a_kpi_gone_from_the_run_is_listed_as_missing() 
     let dir = tempfile::tempdir().unwrap();
     let b = baseline(dir.path());
     let mut run = edit_samples(Some("reboot-survive/recovery_seconds"), |xs| xs[..3].to_vec());
-    run["scenarios"][0]["kpis"].as_array_mut().unwrap().retain(|k| k["name"] != "install_ratio");
+    run["nodes"][0]["scenarios"][0]["kpis"].as_array_mut().unwrap().retain(|k| k["name"] != "install_ratio");
     let run = write(dir.path(), "few.json", &run);
     let rows = verdicts(&expect(0, &["gate", s(&run), "--baseline", s(&b), "--json"]));
     assert_eq!(rows["reboot-survive/recovery_seconds"], "too few samples");
@@ -164,7 +157,7 @@ fn bad_files_are_usage_errors_naming_the_file() {
     let old = write(dir.path(), "old.json", &old);
     let out = expect(64, &["gate", s(&old), "--baseline", s(&b)]);
     assert!(
-        out.contains(s(&old)) && out.contains("schema 1") && out.contains("reads report schema 2"),
+        out.contains(s(&old)) && out.contains("schema 1") && out.contains("reads report schema 3"),
         "{out}"
     );
 
@@ -188,7 +181,7 @@ fn a_baseline_is_only_written_from_a_passing_run() {
     let written: Value = serde_json::from_slice(&std::fs::read(&b).unwrap()).unwrap();
     assert_eq!(written["schema"], 1);
     assert_eq!(written["from"], s(&fixture_path()));
-    assert_eq!(written["environment"], fixture()["environment"]);
+    assert_eq!(written["environment"], fixture()["nodes"][0]["environment"]);
     assert_eq!(written["kpis"]["cold-install/install_seconds"]["unit"], "s");
     assert_eq!(written["kpis"].as_object().unwrap().len(), 4);
 
@@ -201,29 +194,31 @@ fn a_baseline_is_only_written_from_a_passing_run() {
     assert!(!refused.exists());
 }
 
+/// The fixture run over two nodes, the same samples on each.
+fn two_nodes() -> Value {
+    let mut r = fixture();
+    let mut other = r["nodes"][0].clone();
+    other["node"] = "ssh://archy@10.0.0.2".into();
+    r["nodes"].as_array_mut().unwrap().push(other);
+    r
+}
+
 #[test]
-fn the_exposition_passes_promtool() {
-    let text = push::exposition(&fixture(), Some(true));
-    let mut child = Command::new(PROMTOOL)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{PROMTOOL}: {e}: run scripts/setup-host"));
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {}\n{}{}\n--- exposition\n{text}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+fn a_run_over_several_nodes_pools_each_kpis_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = write(dir.path(), "two.json", &two_nodes());
+    let b = dir.path().join("two-baseline.json");
+    expect(0, &["gate", s(&run), "--write-baseline", s(&b)]);
+    let written: Value = serde_json::from_slice(&std::fs::read(&b).unwrap()).unwrap();
+    let once = fixture()["nodes"][0]["scenarios"][0]["kpis"][0]["samples"].as_array().unwrap().len();
+    assert_eq!(
+        written["kpis"]["cold-install/install_seconds"]["samples"].as_array().unwrap().len(),
+        2 * once
     );
-    // Every result is present, at 0 too.
-    assert!(text.contains(
-        "archy_chaos_scenario_iterations{scenario=\"cold-install\",layer=\"L6\",result=\"unknown\"} 0\n"
-    ));
+    assert_eq!(written["environment"]["ssh://archy@10.0.0.2"], fixture()["nodes"][0]["environment"]);
+    // Pooled, two nodes like the one of a single-node baseline compare as the same.
+    let rows = verdicts(&expect(0, &["gate", s(&run), "--baseline", s(&baseline(dir.path())), "--json"]));
+    assert!(rows.values().all(|v| v == "same" || v == "by ratio"), "{rows:?}");
 }
 
 /// A Pushgateway on a free loopback port, in memory only; killed on drop.
@@ -306,7 +301,7 @@ fn gate_pushes_the_run_and_its_decision_to_a_pushgateway() {
     let scenario_pass = |scenario| pg.values("archy_chaos_scenario_pass", &[node, ("scenario", scenario)]);
     assert_eq!(scenario_pass("cold-install"), [1.0]);
     assert_eq!(scenario_pass("reboot-survive"), [1.0]);
-    let p50 = fixture()["scenarios"][0]["kpis"][0]["p50"].as_f64().unwrap();
+    let p50 = fixture()["nodes"][0]["scenarios"][0]["kpis"][0]["p50"].as_f64().unwrap();
     let kpi =
         [node, ("scenario", "cold-install"), ("kpi", "install_seconds"), ("unit", "s"), ("stat", "p50")];
     assert_eq!(pg.values("archy_chaos_kpi", &kpi), [p50]);
@@ -316,14 +311,27 @@ fn gate_pushes_the_run_and_its_decision_to_a_pushgateway() {
     // A failed run replaces the node's group: the gate's decision turns to 0.
     let mut failed = fixture();
     failed["verdict"] = "fail".into();
-    failed["scenarios"][1]["verdict"] = "fail".into();
-    failed["scenarios"][1]["iterations"][0]["verdict"] = "fail".into();
+    failed["nodes"][0]["verdict"] = "fail".into();
+    failed["nodes"][0]["scenarios"][1]["verdict"] = "fail".into();
+    failed["nodes"][0]["scenarios"][1]["iterations"][0]["verdict"] = "fail".into();
     let failed = write(dir.path(), "failed.json", &failed);
     expect(1, &["gate", s(&failed), "--baseline", s(&b), "--pushgateway", &pg.url]);
     assert_eq!(pg.values("archy_chaos_gate_pass", &[job, node]), [0.0]);
     assert_eq!(scenario_pass("reboot-survive"), [0.0]);
     let fails = [node, ("scenario", "reboot-survive"), ("result", "fail")];
     assert_eq!(pg.values("archy_chaos_scenario_iterations", &fails), [1.0]);
+
+    // Every node of a run is its own group, under the same names and labels.
+    let mut two = two_nodes();
+    two["verdict"] = "fail".into();
+    two["nodes"][1]["verdict"] = "fail".into();
+    let two = write(dir.path(), "two.json", &two);
+    expect(1, &["gate", s(&two), "--baseline", s(&b), "--pushgateway", &pg.url]);
+    let remote = ("node", "ssh://archy@10.0.0.2");
+    assert_eq!(pg.values("archy_chaos_run_pass", &[job, node]), [1.0]);
+    assert_eq!(pg.values("archy_chaos_run_pass", &[job, remote]), [0.0]);
+    assert_eq!(pg.values("archy_chaos_gate_pass", &[job, remote]), [0.0]);
+    assert_eq!(pg.values("archy_chaos_kpi", &[remote, kpi[1], kpi[2], kpi[3], kpi[4]]), [p50]);
 }
 
 #[test]

@@ -17,12 +17,23 @@ use crate::agent_client::AgentClient;
 use crate::evidence::Evidence;
 use crate::node::Node;
 
+/// Ordered so that the worst wins a `max`: fail beats unknown beats pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Pass,
     Unknown,
     Fail,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Unknown => "unknown",
+            Verdict::Fail => "fail",
+        }
+    }
 }
 
 /// What one iteration found.
@@ -59,6 +70,17 @@ pub struct StepRecord {
     pub evidence: Option<Evidence>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl StepRecord {
+    /// The step's kind: `power-cut` for `"power-cut"` and for `{"power-cut": {...}}`.
+    pub fn kind(&self) -> Option<&str> {
+        match &self.step {
+            Value::String(s) => Some(s),
+            Value::Object(m) => m.keys().next().map(String::as_str),
+            _ => None,
+        }
+    }
 }
 
 /// What an iteration remembers between its steps and its invariants.

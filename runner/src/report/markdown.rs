@@ -1,0 +1,218 @@
+//! A run report in Markdown (CommonMark with GFM tables) for people: per node, a scorecard,
+//! KPIs against their thresholds, and every iteration that did not pass with its evidence.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::model::{Iteration, NodeReport, Report, ScenarioReport, Verdict};
+
+pub fn render(r: &Report) -> String {
+    let mut out = format!("# archy-chaos run — {}\n\n| | |\n|---|---|\n", upper(r.verdict));
+    // A single node reads as a run on that node; several get a section each.
+    let single = match &r.nodes[..] {
+        [node] => Some(node),
+        _ => None,
+    };
+    if let Some(n) = single {
+        out.push_str(&format!("| node | {} ({}) |\n", cell(&n.node), cell(&n.backend)));
+    }
+    out.push_str(&format!(
+        "| seed | {} |\n| replay | `{}` |\n| duration | {:.0} s |\n",
+        r.seed,
+        cell(&r.replay),
+        r.duration_seconds
+    ));
+    match single {
+        Some(n) => out.push_str(&format!("| environment | {} |\n\n{}", environment(n), node_body(n, 2))),
+        None => {
+            out.push_str("\n| node | backend | scenarios passed | verdict |\n|---|---|---|---|\n");
+            for n in &r.nodes {
+                let passed = n.scenarios.iter().filter(|s| s.verdict == Verdict::Pass).count();
+                out.push_str(&format!(
+                    "| {} | {} | {passed}/{} | {} |\n",
+                    cell(&n.node),
+                    cell(&n.backend),
+                    n.scenarios.len(),
+                    n.verdict.name()
+                ));
+            }
+            for n in &r.nodes {
+                out.push_str(&format!(
+                    "\n## node {} — {}\n\n| | |\n|---|---|\n| backend | {} |\n| environment | {} |\n\n{}",
+                    n.node,
+                    upper(n.verdict),
+                    cell(&n.backend),
+                    environment(n),
+                    node_body(n, 3)
+                ));
+            }
+        }
+    }
+    out.push_str(&format!("\n{}\n", r.nondeterminism));
+    out
+}
+
+/// A node's scenario table and scenario sections, the latter headed at `level`.
+fn node_body(n: &NodeReport, level: usize) -> String {
+    let mut out = String::from("| scenario | layer | iterations passed | verdict |\n|---|---|---|---|\n");
+    for sc in &n.scenarios {
+        let passed = sc.iterations.iter().filter(|i| i.verdict == Verdict::Pass).count();
+        out.push_str(&format!(
+            "| {} | {:?} | {passed}/{} | {} |\n",
+            sc.scenario,
+            sc.layer,
+            sc.iterations.len(),
+            sc.verdict.name()
+        ));
+    }
+    for sc in &n.scenarios {
+        out.push_str(&scenario(sc, level));
+    }
+    out
+}
+
+/// One scenario's section: scorecard, KPIs against their thresholds, iterations, and every
+/// iteration that did not pass with its steps and evidence.
+fn scenario(sc: &ScenarioReport, level: usize) -> String {
+    let h = "#".repeat(level);
+    let mut out =
+        format!("\n{h} {} ({:?}) — {}\n\n{}\n\n", sc.scenario, sc.layer, upper(sc.verdict), sc.description);
+    out.push_str(&scorecard(&sc.iterations, &h));
+    if !sc.kpis.is_empty() {
+        out.push_str("| KPI | n | p50 | p95 | p99 | max | threshold |\n|---|---|---|---|---|---|---|\n");
+        for k in &sc.kpis {
+            let limits: Vec<String> = k
+                .thresholds
+                .iter()
+                .map(|t| {
+                    format!("{} <= {}: {}", t.quantile.name(), num(Some(t.max), &k.unit), upper(t.verdict))
+                })
+                .collect();
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                k.name,
+                k.count,
+                num(k.p50, &k.unit),
+                num(k.p95, &k.unit),
+                num(k.p99, &k.unit),
+                num(k.max, &k.unit),
+                if limits.is_empty() { "-".into() } else { limits.join(", ") }
+            ));
+        }
+        out.push('\n');
+    }
+    out.push_str("| iteration | verdict | recovery |\n|---|---|---|\n");
+    for it in &sc.iterations {
+        let recovery = it
+            .measures
+            .get("recovery_seconds")
+            .and_then(|r| r.first())
+            .map_or("-".into(), |r| format!("{r:.2} s"));
+        let n = match &it.subject {
+            Some(app) => format!("{app} #{}", it.n),
+            None => it.n.to_string(),
+        };
+        out.push_str(&format!("| {n} | {} | {recovery} |\n", it.verdict.name()));
+    }
+    for it in sc.iterations.iter().filter(|i| i.verdict != Verdict::Pass) {
+        out.push_str(&format!("\n{h}# {} iteration {}: {}\n\n", sc.scenario, it.n, it.verdict.name()));
+        for why in it.failures.iter().chain(&it.unknowns) {
+            out.push_str(&format!("- {why}\n"));
+        }
+        out.push_str("\nSteps and evidence:\n\n");
+        for step in &it.steps {
+            let seen = match (&step.evidence, &step.error) {
+                (_, Some(e)) => serde_json::to_string(e),
+                (Some(e), None) => serde_json::to_string(e),
+                (None, None) => Ok("null".into()),
+            };
+            out.push_str(&format!("- `{}`: {}\n", step.step, seen.unwrap_or_default()));
+        }
+        if !it.log.is_empty() {
+            // Longer than any backtick run in the log, so the log cannot close it.
+            let longest = it.log.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+            let fence = "`".repeat(longest.max(2) + 1);
+            out.push_str(&format!("\nNode log (last lines):\n\n{fence}\n{}\n{fence}\n", it.log));
+        }
+    }
+    out
+}
+
+/// Apps x states, computed from the steps of per-app iterations (never kept by hand): each
+/// cell counts the iterations whose step of that kind succeeded, marked full, partial or
+/// missing. Empty unless the scenario ran per app.
+fn scorecard(iterations: &[Iteration], h: &str) -> String {
+    let mut states: Vec<&str> = Vec::new();
+    let mut cells: BTreeMap<(&str, &str), (u32, u32)> = BTreeMap::new();
+    for it in iterations {
+        let Some(app) = it.subject.as_deref() else { continue };
+        let mut last: Option<(&str, &str)> = None;
+        for step in &it.steps {
+            let Some(state) = step.kind() else { continue };
+            let ok = step.error.is_none();
+            if state.starts_with("wait-") || state == "snapshot-containers" {
+                // A wait is how a state is reached: its failure is the state's.
+                if let (false, Some(key)) = (ok, &last) {
+                    if let Some(cell) = cells.get_mut(key) {
+                        cell.0 = cell.0.saturating_sub(1);
+                    }
+                }
+                continue;
+            }
+            if !states.contains(&state) {
+                states.push(state);
+            }
+            let cell = cells.entry((app, state)).or_default();
+            cell.1 += 1;
+            cell.0 += ok as u32;
+            last = Some((app, state));
+        }
+    }
+    if cells.is_empty() {
+        return String::new();
+    }
+    let apps: BTreeSet<&str> = cells.keys().map(|(a, _)| *a).collect();
+    let mut out =
+        format!("{h} Scorecard\n\n| app | {} |\n|---|{}\n", states.join(" | "), "---|".repeat(states.len()));
+    let (mut full, mut total) = (0, 0);
+    for app in apps {
+        out.push_str(&format!("| {app} |"));
+        for state in &states {
+            total += 1;
+            let cell = match cells.get(&(app, *state)) {
+                Some((ok, n)) if ok == n => {
+                    full += 1;
+                    format!(" {ok}/{n} full |")
+                }
+                Some((0, n)) => format!(" 0/{n} missing |"),
+                Some((ok, n)) => format!(" {ok}/{n} partial |"),
+                None => " - missing |".to_string(),
+            };
+            out.push_str(&cell);
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!("\n{full}/{total} cells full.\n\n"));
+    out
+}
+
+fn environment(n: &NodeReport) -> String {
+    n.environment.as_ref().and_then(|e| serde_json::to_string(e).ok()).map_or("-".into(), |e| cell(&e))
+}
+
+fn num(v: Option<f64>, unit: &str) -> String {
+    match (v, unit) {
+        (None, _) => "-".to_string(),
+        (Some(x), "s") => format!("{:.1} ms", x * 1e3),
+        (Some(x), "ratio") => format!("{x:.2}x"),
+        (Some(x), _) => format!("{x:.0}"),
+    }
+}
+
+fn upper(v: Verdict) -> String {
+    v.name().to_uppercase()
+}
+
+/// Text from outside (a command, a node's address) inside a table cell: a pipe would end it.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace('\n', " ")
+}

@@ -1,0 +1,110 @@
+//! The run report as `archy-chaos run` writes it and every reader reads it back: JSON schema
+//! 3, documented in `reports/README.md`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::scenario::engine::{Iteration, Verdict};
+use crate::scenario::{Layer, Quantile};
+
+/// Version of the report's JSON schema.
+pub const SCHEMA: u32 = 3;
+
+/// One run of `archy-chaos run`: scenarios on one or more nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub schema: u32,
+    /// The worst node's.
+    pub verdict: Verdict,
+    pub seed: u64,
+    /// The command that replays this run.
+    pub replay: String,
+    /// What the seed cannot fix.
+    pub nondeterminism: String,
+    pub started_unix: u64,
+    pub duration_seconds: f64,
+    pub nodes: Vec<NodeReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// The node driver and name: `local:run1234`, `ssh://archy@10.0.0.2`.
+    pub node: String,
+    /// The agent's backend on the node.
+    pub backend: String,
+    /// The worst of its scenarios; nothing run at all is unknown.
+    pub verdict: Verdict,
+    /// Null when no node came up to be asked.
+    pub environment: Option<Environment>,
+    pub scenarios: Vec<ScenarioReport>,
+}
+
+/// Where a node's scenarios ran (see `crate::environment`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Environment {
+    pub kernel: String,
+    pub podman: String,
+    pub oci_runtime: String,
+    pub storage_driver: String,
+    /// As podman on the node reports it: `v1` (this machine's hybrid) or `v2`.
+    pub cgroup: String,
+    pub cpus: usize,
+    pub loadavg_end: String,
+    /// Over the whole run.
+    pub cpu_busy_fraction: f64,
+    pub cpu_steal_fraction: f64,
+    /// The agent's own answer (`node.status`); null when it did not answer.
+    pub agent_version: Option<String>,
+    pub agent_backend: Option<String>,
+    /// Deliberate breakages (`--break`): never empty on a proof run.
+    pub agent_broken: Option<Vec<String>>,
+    pub runner_version: String,
+    /// The runner's own external commands (ssh, nsenter, ip...) by program, so far in the
+    /// run: what driving this kind of node costs.
+    #[serde(default)]
+    pub runner_calls: BTreeMap<String, RunnerCalls>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunnerCalls {
+    pub calls: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioReport {
+    pub scenario: String,
+    pub description: String,
+    pub layer: Layer,
+    pub destructive: bool,
+    /// The worst of the iterations and the KPI thresholds.
+    pub verdict: Verdict,
+    pub iterations: Vec<Iteration>,
+    pub kpis: Vec<Kpi>,
+}
+
+/// A KPI over every sample of a scenario, from an HDR histogram (3 significant digits);
+/// quantiles are null when nothing was measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Kpi {
+    pub name: String,
+    /// `s`, `ratio` (to the raw podman baseline of the same run) or `calls`.
+    pub unit: String,
+    pub count: u64,
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+    pub samples: Vec<f64>,
+    pub thresholds: Vec<Threshold>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Threshold {
+    pub quantile: Quantile,
+    pub max: f64,
+    /// Null when the KPI was never measured (the threshold is then unknown).
+    pub value: Option<f64>,
+    pub verdict: Verdict,
+}
