@@ -62,7 +62,7 @@ pub struct Environment {
     pub runner_version: String,
     /// The runner's own external commands (ssh, nsenter, ip...) by program, so far in the
     /// run: what driving this kind of node costs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub runner_calls: BTreeMap<String, RunnerCalls>,
 }
 
