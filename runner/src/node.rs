@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::evidence::Evidence;
 
 pub mod local;
+pub mod provision;
 pub mod ssh;
 
 pub use local::LocalNode;
