@@ -197,6 +197,9 @@ impl TestHost {
 impl Drop for TestHost {
     fn drop(&mut self) {
         if let Some(mut sshd) = self.sshd.take() {
+            // Its connections too: one left open would keep the node's network namespace.
+            let kill = format!("for p in $(pgrep -P {}); do pkill -KILL -s \"$p\"; done", sshd.id());
+            let _ = Command::new("sh").args(["-c", &kill]).status();
             let _ = sshd.kill();
             let _ = sshd.wait();
         }
@@ -360,6 +363,14 @@ fn provisioned_hosts_are_driven_over_ssh() {
         let (ok, out, _) = h.node("deprovision", "id", &[]);
         assert!(ok && out.contains("nothing to remove"), "{out}");
     }
+    // Every command closed its connection: no control directory (nor master) outlives it.
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("archy-chaos-ssh-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 fn uid_of(user: &str) -> u32 {

@@ -90,6 +90,7 @@ pub struct SshNode {
 /// What connecting learnt of the host, and the connection.
 struct Link {
     ssh: Arc<Ssh>,
+    keeper: Option<std::thread::JoinHandle<()>>,
     uid: u32,
     home: PathBuf,
     root: PathBuf,
@@ -194,10 +195,11 @@ impl SshNode {
             self.host(),
             self.root
         );
-        let link = Link { ssh, uid, home: home.into(), root: root.into(), podman: podman.trim().to_string() };
         // Reconnects (and re-forwards) by itself when the master dies, e.g. the host rebooted.
-        let weak = Arc::downgrade(&link.ssh);
-        std::thread::spawn(move || keep(weak));
+        let weak = Arc::downgrade(&ssh);
+        let keeper = Some(std::thread::spawn(move || keep(weak)));
+        let link =
+            Link { ssh, keeper, uid, home: home.into(), root: root.into(), podman: podman.trim().into() };
         Ok(self.link.get_or_init(|| link))
     }
 
@@ -397,7 +399,7 @@ impl SshNode {
 /// is replaced by the next call, but the API forward must come back even when only HTTP runs.
 fn keep(ssh: Weak<Ssh>) {
     loop {
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::park_timeout(Duration::from_millis(500));
         let Some(ssh) = ssh.upgrade() else { return };
         if ssh.stop.load(Ordering::Relaxed) {
             return;
@@ -574,9 +576,19 @@ fn connection_problem(stderr: &str) -> Option<&'static str> {
     })
 }
 
+impl Drop for Link {
+    fn drop(&mut self) {
+        // The keeper first: a reconnection it has under way would leave a master behind.
+        self.ssh.stop.store(true, Ordering::Relaxed);
+        if let Some(k) = self.keeper.take() {
+            k.thread().unpark();
+            let _ = k.join();
+        }
+    }
+}
+
 impl Drop for Ssh {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
         // Stops the master (and the forward); no network involved.
         let _ = Command::new("ssh")
             .args(&self.args)
