@@ -3,9 +3,9 @@
 //! a failure names the whole command with its status and output.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
@@ -45,6 +45,43 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(out)
+}
+
+/// Runs `cmd` with `stdin` fed to it and its output captured, killing it after `timeout`:
+/// `None` when it was killed.
+pub fn bounded(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Result<Option<Output>> {
+    let start = Instant::now();
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child =
+        cmd.spawn().with_context(|| format!("cannot run {cmd:?} (is {} installed?)", program(cmd)))?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let input = child.stdin.take();
+    let out = std::thread::scope(|s| {
+        if let (Some(mut w), Some(bytes)) = (input, stdin) {
+            s.spawn(move || std::io::Write::write_all(&mut w, bytes));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.spawn(move || tx.send(child.wait_with_output()));
+        match rx.recv_timeout(timeout) {
+            Ok(out) => out.map(Some),
+            Err(_) => {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
+                rx.recv().map_or(Ok(None), |o| o.map(|_| None))
+            }
+        }
+    });
+    record(cmd, start);
+    out.with_context(|| format!("running {cmd:?}"))
+}
+
+/// Runs `cmd` with the runner's own stdin, stdout and stderr: its exit status.
+pub fn status(cmd: &mut Command) -> Result<std::process::ExitStatus> {
+    let start = Instant::now();
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"));
+    record(cmd, start);
+    status
 }
 
 /// Starts `cmd` in the background (counted when started).

@@ -134,7 +134,7 @@ impl FleetNode {
         match self.node.split_once(':') {
             Some(("local", name)) if !name.is_empty() => Ok(name.to_string()),
             Some(("ssh", _)) => {
-                let n = crate::node::ssh::SshNode::parse(&self.node, "", None, Default::default())?;
+                let n = crate::node::ssh::SshNode::parse(&self.node)?;
                 Ok(format!("{}-{}", n.destination.replace('@', "-at-"), n.port))
             }
             _ => bail!("expected `local:NAME` or `ssh://user@host[:port]`"),

@@ -142,6 +142,9 @@ enum NodeCommand {
         user: String,
         #[arg(long, default_value = "apps")]
         catalog: std::path::PathBuf,
+        /// No agent: a fresh host for `node provision` (boot waits for the user manager only).
+        #[arg(long)]
+        bare: bool,
     },
     /// Remove every process, mount, namespace, cgroup, veth and file of the node.
     Down { name: String },
@@ -183,7 +186,8 @@ enum NodeCommand {
         #[arg(value_enum)]
         fault: node::FileFault,
     },
-    /// Run a command inside the node as its service user (e.g. `podman ps`).
+    /// Run a command inside the node as its service user (e.g. `podman ps`), with this
+    /// command's stdin and output; exits with its status.
     Exec {
         name: String,
         #[arg(trailing_var_arg = true, required = true)]
@@ -198,26 +202,50 @@ enum NodeCommand {
     },
     /// The same primitives on a real node over SSH (OpenSSH client, batch mode).
     Remote {
-        /// ssh://user@host[:port]
-        url: String,
-        /// The agent's API address as reachable from here (directly or through a tunnel).
+        #[command(flatten)]
+        ssh: SshArgs,
+        /// The agent's API address as reachable from here [default: a local port forwarded
+        /// over the SSH connection to --listen]
         #[arg(long)]
-        api: String,
-        /// Private key for the connection.
-        #[arg(long)]
-        identity: Option<std::path::PathBuf>,
-        /// YAML file overriding the command run for each primitive (see README).
-        #[arg(long)]
-        commands: Option<std::path::PathBuf>,
-        /// Known-hosts file [default: the user's]
-        #[arg(long)]
-        known_hosts: Option<std::path::PathBuf>,
+        api: Option<String>,
         /// How long a reboot or power cut may take until a new agent answers.
         #[arg(long, default_value = "600s")]
         reboot_timeout: archy_agent::manifest::Dur,
         #[command(subcommand)]
         action: RemoteAction,
     },
+    /// Install the agent on a host over SSH as a user service of the login user (idempotent).
+    Provision {
+        #[command(flatten)]
+        ssh: SshArgs,
+        /// The catalog to install with it.
+        #[arg(long, default_value = "apps")]
+        catalog: std::path::PathBuf,
+        /// Also import the fixture image from /var/lib/archy-chaos/fixture-rootfs.tar if missing.
+        #[arg(long)]
+        fixtures: bool,
+    },
+    /// Remove what `provision` installed: the agent's unit and config, every app container
+    /// and unit, and the root.
+    Deprovision {
+        #[command(flatten)]
+        ssh: SshArgs,
+    },
+}
+
+/// A host over SSH.
+#[derive(clap::Args)]
+struct SshArgs {
+    /// ssh://user@host[:port]
+    url: String,
+    #[command(flatten)]
+    options: node::ssh::SshOptions,
+}
+
+impl SshArgs {
+    fn node(self) -> anyhow::Result<node::ssh::SshNode> {
+        self.options.node(&self.url)
+    }
 }
 
 #[derive(Subcommand)]
@@ -247,23 +275,45 @@ enum RemoteAction {
         #[arg(default_value = "null")]
         params: String,
     },
-}
-
-fn remote_node(
-    url: &str,
-    api: &str,
-    identity: Option<std::path::PathBuf>,
-    commands: Option<std::path::PathBuf>,
-) -> anyhow::Result<node::ssh::SshNode> {
-    let cmds = match commands {
-        Some(path) => {
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
-        None => node::ssh::SshCommands::default(),
-    };
-    node::ssh::SshNode::parse(url, api, identity, cmds)
+    /// Print a file under the node's root, e.g. `data/agent/state.json`.
+    Read {
+        path: String,
+    },
+    /// Replace a file under the node's root with this command's stdin.
+    Write {
+        path: String,
+    },
+    Stat {
+        path: String,
+    },
+    Hash {
+        path: String,
+    },
+    Ls {
+        path: String,
+    },
+    Rm {
+        path: String,
+    },
+    /// Damage a file under the node's root, with the evidence.
+    Fault {
+        path: String,
+        #[arg(value_enum)]
+        fault: node::FileFault,
+    },
+    /// The last lines of the agent's log on the node.
+    Log {
+        #[arg(long, default_value_t = 50)]
+        lines: usize,
+    },
+    /// The apps of the catalog the node's agent runs.
+    Catalog,
+    /// What driving the node costs: a remote command through the connection and over a fresh
+    /// one, and agent polls per second over the API.
+    Ping {
+        #[arg(long, default_value = "3s")]
+        window: archy_agent::manifest::Dur,
+    },
 }
 
 fn remote_command(n: &node::ssh::SshNode, action: RemoteAction) -> anyhow::Result<()> {
@@ -292,6 +342,23 @@ fn remote_command(n: &node::ssh::SshNode, action: RemoteAction) -> anyhow::Resul
                 serde_json::from_str(&params).map_err(|e| anyhow::anyhow!("params are not JSON: {e}"))?;
             show(node::agent(n).rpc::<serde_json::Value>(&method, params)?);
         }
+        RemoteAction::Read { path } => {
+            let bytes = n.read(&path)?.ok_or_else(|| anyhow::anyhow!("{}: no {path}", n.host()))?;
+            std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
+        }
+        RemoteAction::Write { path } => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)?;
+            n.write(&path, &bytes)?;
+        }
+        RemoteAction::Stat { path } => show(n.stat(&path)?),
+        RemoteAction::Hash { path } => show(n.hash(&path)?),
+        RemoteAction::Ls { path } => show(n.list(&path)?),
+        RemoteAction::Rm { path } => show(n.remove(&path)?),
+        RemoteAction::Fault { path, fault } => show(n.file_fault(&path, fault)?),
+        RemoteAction::Log { lines } => println!("{}", n.log(lines)?),
+        RemoteAction::Catalog => show(n.catalog()?.apps.keys().collect::<Vec<_>>()),
+        RemoteAction::Ping { window } => show(n.ping(window.0)?),
     }
     Ok(())
 }
@@ -302,11 +369,16 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
     }
     match cmd {
-        NodeCommand::Up { name, backend, netns, fm3, breakages, user, catalog } => {
+        NodeCommand::Up { name, backend, netns, fm3, breakages, user, catalog, bare } => {
             let bin = std::env::current_exe()?.with_file_name("archy-agent");
             let opts = node::local::UpOptions { name: name.clone(), user, backend, netns, fm3, breakages };
-            let n = LocalNode::up(&opts, &bin, &catalog)?;
-            println!("node {name} up; agent at http://{}", n.api_addr());
+            if bare {
+                LocalNode::up_bare(&opts)?;
+                println!("node {name} up, without an agent");
+            } else {
+                let n = LocalNode::up(&opts, &bin, &catalog)?;
+                println!("node {name} up; agent at http://{}", n.api_addr());
+            }
         }
         NodeCommand::Down { name } => LocalNode::open(&name)?.down()?,
         NodeCommand::Status { name } => {
@@ -341,17 +413,26 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
         NodeCommand::Fault { name, path, fault } => show(LocalNode::open(&name)?.file_fault(&path, fault)?),
         NodeCommand::Exec { name, argv } => {
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-            let out = LocalNode::open(&name)?.exec(&argv)?;
-            print!("{}", String::from_utf8_lossy(&out.stdout));
-            eprint!("{}", String::from_utf8_lossy(&out.stderr));
-            anyhow::ensure!(out.status.success(), "exited with {}", out.status);
+            // Streams (a test host's SSH login pipes uploads through here) and keeps the status.
+            let status = crate::exec::status(
+                LocalNode::open(&name)?.command(&argv)?.stdin(std::process::Stdio::inherit()),
+            )?;
+            anyhow::ensure!(status.code().is_some(), "{} killed by a signal ({status})", argv[0]);
+            if !status.success() {
+                std::process::exit(status.code().unwrap_or(1));
+            }
         }
-        NodeCommand::Remote { url, api, identity, known_hosts, commands, reboot_timeout, action } => {
-            let mut n = remote_node(&url, &api, identity, commands)?;
+        NodeCommand::Remote { ssh, api, reboot_timeout, action } => {
+            let mut n = ssh.node()?;
+            n.api = api;
             n.reboot_timeout = reboot_timeout.0;
-            n.known_hosts = known_hosts;
             remote_command(&n, action)?
         }
+        NodeCommand::Provision { ssh, catalog, fixtures } => {
+            let agent = std::env::current_exe()?.with_file_name("archy-agent");
+            node::provision::provision(&ssh.node()?, &node::provision::Options { agent, catalog, fixtures })?
+        }
+        NodeCommand::Deprovision { ssh } => node::provision::deprovision(&ssh.node()?)?,
         NodeCommand::Rpc { name, method, params } => {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| anyhow::anyhow!("params are not JSON: {e}"))?;

@@ -16,6 +16,7 @@ use crate::agent_client::AgentClient;
 pub use crate::evidence::Evidence;
 
 pub mod local;
+pub mod provision;
 pub mod ssh;
 
 pub use local::LocalNode;

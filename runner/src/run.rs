@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use archy_agent::manifest::Catalog;
 
 use crate::node::local::UpOptions;
-use crate::node::ssh::{SshCommands, SshNode};
+use crate::node::ssh::{SshNode, SshOptions};
 use crate::node::{Backend, LocalNode, Node};
 use crate::report::model::Environment;
 use crate::report::{exit, NodeReport, Report, ScenarioReport};
@@ -39,12 +39,8 @@ pub struct RunArgs {
     /// Backend of the local nodes' agents (an SSH host runs what it was provisioned with).
     #[arg(long, value_enum, default_value = "quadlet")]
     pub backend: Backend,
-    /// SSH nodes: private key for the connection.
-    #[arg(long)]
-    pub identity: Option<PathBuf>,
-    /// SSH nodes: YAML file overriding the command run for each primitive (see README).
-    #[arg(long)]
-    pub ssh_commands: Option<PathBuf>,
+    #[command(flatten)]
+    pub ssh: SshOptions,
     /// Stop at the first iteration that does not pass (the report says what did not run).
     #[arg(long)]
     pub fail_fast: bool,
@@ -218,13 +214,6 @@ fn plan(args: &RunArgs) -> Result<Vec<Work>> {
 
 /// Every `--node`, checked before anything runs: a bad URL is a usage error naming it.
 fn targets(args: &RunArgs) -> Result<Vec<Target>> {
-    let commands = match &args.ssh_commands {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
-        None => SshCommands::default(),
-    };
     let mut out: Vec<Target> = Vec::new();
     for (i, n) in args.node.iter().enumerate() {
         let t = match n.split_once(':') {
@@ -236,8 +225,7 @@ fn targets(args: &RunArgs) -> Result<Vec<Target>> {
             ),
             Some(("local", name)) => Target::Local(name.to_string()),
             Some(("ssh", _)) => Target::Ssh(Box::new(
-                SshNode::parse(n, "", args.identity.clone(), commands.clone())
-                    .with_context(|| format!("--node {n}"))?,
+                args.ssh.node(n).with_context(|| format!("--node {n}"))?,
             )),
             _ => bail!("--node {n}: expected `local`, `local:NAME` or `ssh://user@host[:port]`"),
         };
@@ -334,7 +322,13 @@ impl Driver<'_> {
 
     /// One scenario on a host over SSH: the scenario's apps are removed first (its protected
     /// apps are never touched), then it runs.
-    fn ssh(&self, node: &SshNode, w: &Work, seed: u64, env: &mut Option<Environment>) -> Result<Vec<scenario::Iteration>> {
+    fn ssh(
+        &self,
+        node: &SshNode,
+        w: &Work,
+        seed: u64,
+        env: &mut Option<Environment>,
+    ) -> Result<Vec<scenario::Iteration>> {
         let s = &w.scenario;
         let mine: Vec<String> = w.apps.iter().filter(|a| !self.args.protected.contains(a)).cloned().collect();
         scenario::engine::clean(&crate::node::agent(node), &mine, s.converge_timeout.0)

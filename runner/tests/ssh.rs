@@ -1,7 +1,10 @@
-//! The SSH driver against a real OpenSSH server this test starts in a network namespace of
-//! its own, with key authentication, and a local node behind it. The commands the driver runs
-//! on that "host" drive the local node, so each fault really happens.
+//! Real hosts over SSH, for real: each test host is a bare local node (a user manager, no
+//! agent) with a real OpenSSH server in its network namespace, on the node's own address. A
+//! login lands in the node as its service user, as a login as the service user does on a real
+//! host; `archy-chaos node provision` installs the agent there, and the runner drives it over
+//! one multiplexed connection, the agent's API forwarded through it.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,200 +12,382 @@ use std::time::{Duration, Instant};
 mod support;
 
 use serde_json::Value;
-use support::{chaos, nodes_dir};
-
-const NS: &str = "archy-sshtest";
-const VETH: &str = "ar-sshtest";
-const HOST: &str = "10.213.250.2";
-const HOST_NS: &str = "archy-sshhost";
+use support::{chaos, chaos_cmd, nodes_dir};
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// sshd in its own network namespace, reachable only through the test's veth pair.
-struct Sshd {
-    child: Child,
+/// A bare node behind its own sshd, key authentication only. Keys: `id` logs in, `other` is
+/// unknown to the server, `nopodman` logs in to a PATH without podman.
+struct TestHost {
+    name: String,
+    addr: String,
     dir: PathBuf,
+    sshd: Option<Child>,
 }
 
-impl Sshd {
-    fn start() -> Sshd {
-        for ssh in ["/usr/sbin/sshd", "/usr/bin/ssh", "/usr/bin/ssh-keygen"] {
-            assert!(Path::new(ssh).is_file(), "{ssh} missing: run scripts/setup-host");
+impl TestHost {
+    fn new(name: &str) -> TestHost {
+        for bin in ["/usr/sbin/sshd", "/usr/bin/ssh", "/usr/bin/ssh-keygen", "/usr/bin/podman"] {
+            assert!(Path::new(bin).is_file(), "{bin} missing: run scripts/setup-host");
         }
-        let _ = Command::new("ip").args(["link", "del", VETH]).output();
-        let _ = Command::new("ip").args(["netns", "del", NS]).output();
-        sh(&["ip", "route", "replace", "unreachable", "10.213.0.0/16", "metric", "4294967295"]);
-        sh(&["ip", "netns", "add", NS]);
-        // A name for this machine's own network namespace, where the commands run on the
-        // "host" go back to reach the node (entering PID 1's may be refused). sshd is entered
-        // into its network namespace only: `ip netns exec` would hide the cgroup mounts.
-        let _ = Command::new("ip").args(["netns", "del", HOST_NS]).output();
-        sh(&["ip", "netns", "attach", HOST_NS, &std::process::id().to_string()]);
-        sh(&["ip", "link", "add", VETH, "type", "veth", "peer", "name", "eth0", "netns", NS]);
-        sh(&["ip", "addr", "add", "10.213.250.1/30", "dev", VETH]);
-        sh(&["ip", "-n", NS, "addr", "add", "10.213.250.2/30", "dev", "eth0"]);
-        sh(&["ip", "link", "set", VETH, "up"]);
-        sh(&["ip", "-n", NS, "link", "set", "eth0", "up"]);
-        sh(&["ip", "-n", NS, "link", "set", "lo", "up"]);
-        let dir = std::env::temp_dir().join("archy-sshtest");
+        let _ = chaos(&["node", "down", name]);
+        let dir = std::env::temp_dir().join(format!("archy-sshtest-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let d = |f: &str| dir.join(f).display().to_string();
-        sh(&["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", &d("host_key")]);
-        sh(&["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", &d("id")]);
-        sh(&["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", &d("other")]);
-        std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys")).unwrap();
+        // From here on, Drop cleans up whatever exists.
+        let mut host = TestHost { name: name.into(), addr: String::new(), dir, sshd: None };
+        let (ok, _, err) = chaos(&["node", "up", name, "--netns", "--bare"]);
+        assert!(ok, "node up {name} --bare: {err}");
+        let status: Value = serde_json::from_str(&chaos(&["node", "status", name]).1).unwrap();
+        host.addr = status["agent"].as_str().unwrap().split(':').next().unwrap().to_string();
+
+        let d = |f: &str| host.dir.join(f).display().to_string();
+        for key in ["host_key", "id", "other", "nopodman"] {
+            sh(&["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", &d(key)]);
+        }
+        let bin = env!("CARGO_BIN_EXE_archy-chaos");
+        let nodes = nodes_dir().display().to_string();
+        write_exe(
+            &host.dir.join("login"),
+            &format!(
+                "#!/bin/sh\n# The host's login: the command runs in node $1 as its service user. One that uses\n\
+                 # `sudo -n` runs as root on this machine, standing for the host's passwordless sudo.\n\
+                 case \"$SSH_ORIGINAL_COMMAND\" in\n\
+                 *'sudo -n '*) exec sh -c \"sudo() {{ shift; \\\"\\$@\\\"; }}; $SSH_ORIGINAL_COMMAND\" ;;\n\
+                 esac\n\
+                 exec env ARCHY_NODES_DIR={nodes} {bin} node exec \"$1\" -- env PATH=\"${{2:-/usr/local/bin:/usr/bin:/bin}}\" /bin/sh -c \"$SSH_ORIGINAL_COMMAND\"\n"
+            ),
+        );
+        // The host going down: the node's power cut (or clean reboot) and boot, and every
+        // SSH connection to it lost, as when a real host reboots.
+        write_exe(
+            &host.dir.join("reboot"),
+            &format!(
+                "#!/bin/sh\nARCHY_NODES_DIR={nodes} {bin} node reboot {name} \"$@\" >&2 || exit\nfor p in $(pgrep -P \"$(cat {pid})\"); do pkill -KILL -s \"$p\"; done\n",
+                pid = d("sshd.pid")
+            ),
+        );
+        // PATH without podman: every command of /usr/bin but that one.
+        let nopodman = host.dir.join("nopodman-bin");
+        std::fs::create_dir(&nopodman).unwrap();
+        for e in std::fs::read_dir("/usr/bin").unwrap().flatten() {
+            if e.file_name() != "podman" {
+                std::os::unix::fs::symlink(e.path(), nopodman.join(e.file_name())).unwrap();
+            }
+        }
+        let key = |k: &str| std::fs::read_to_string(host.dir.join(format!("{k}.pub"))).unwrap();
         std::fs::write(
-            dir.join("sshd_config"),
+            host.dir.join("authorized_keys"),
             format!(
-                "ListenAddress {HOST}\nPort 22\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
-                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n",
+                "command=\"{login} {name}\" {id}command=\"{login} {name} {nopodman}\" {np}",
+                login = d("login"),
+                nopodman = nopodman.display(),
+                id = key("id"),
+                np = key("nopodman"),
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            host.dir.join("sshd_config"),
+            format!(
+                "ListenAddress {}\nPort 22\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
+                 PermitRootLogin forced-commands-only\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n",
+                host.addr,
                 d("host_key"),
                 d("sshd.pid"),
                 d("authorized_keys")
             ),
         )
         .unwrap();
+        std::fs::write(
+            host.dir.join("commands.yml"),
+            format!(
+                "power_cut: \"sudo -n {r}\"\nreboot: \"sudo -n {r} --graceful\"\nlog: \"tail -n {{lines}} {nodes}/{name}/node.log\"\n",
+                r = d("reboot"),
+            ),
+        )
+        .unwrap();
         std::fs::create_dir_all("/run/sshd").unwrap();
-        let child = Command::new("nsenter")
-            .args([
-                &format!("--net=/run/netns/{NS}"),
-                "--",
-                "/usr/sbin/sshd",
-                "-D",
-                "-e",
-                "-f",
-                &d("sshd_config"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let s = Sshd { child, dir };
+        host.sshd = Some(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/archy-{name}"))
+                .args(["--", "/usr/sbin/sshd", "-D", "-e", "-f", &d("sshd_config")])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(host.dir.join("sshd.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        );
         let start = Instant::now();
         loop {
-            let (ok, _, err) = s.remote(&["exec", "--", "true"], "id");
+            let (ok, out, err) = host.remote(&["exec", "--", "id", "-un"]);
             if ok {
+                assert_eq!(out.trim(), "archy", "the login lands as the service user");
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(15), "sshd did not come up: {err}\n{}", s.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "sshd did not come up: {err}\n{}",
+                host.sshd_log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
-        s
+        host
     }
 
-    fn log(&self) -> String {
+    fn url(&self) -> String {
+        format!("ssh://root@{}", self.addr)
+    }
+
+    fn sshd_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
     }
 
-    /// `archy-chaos node remote ssh://root@HOST ... <action>` with the given key.
-    fn remote(&self, action: &[&str], key: &str) -> (bool, String, String) {
-        let api = std::fs::read_to_string(self.dir.join("api")).unwrap_or_else(|_| "127.0.0.1:9".into());
-        let url = format!("ssh://root@{HOST}");
-        let identity = self.dir.join(key).display().to_string();
+    /// `--identity KEY --known-hosts F`, as every command here connects.
+    fn ssh_args(&self, key: &str) -> Vec<String> {
+        let d = |f: &str| self.dir.join(f).display().to_string();
+        vec!["--identity".into(), d(key), "--known-hosts".into(), d("known_hosts")]
+    }
+
+    /// `archy-chaos node SUB URL --identity ... EXTRA`.
+    fn node(&self, sub: &str, key: &str, extra: &[&str]) -> (bool, String, String) {
+        let mut args = vec!["node".to_string(), sub.into(), self.url()];
+        args.extend(self.ssh_args(key));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        chaos(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// `archy-chaos node remote URL ... ACTION` with the test host's commands and key `id`.
+    fn remote(&self, action: &[&str]) -> (bool, String, String) {
         let commands = self.dir.join("commands.yml").display().to_string();
-        let known = self.dir.join("known_hosts").display().to_string();
-        let mut args =
-            vec!["node", "remote", &url, "--api", &api, "--identity", &identity, "--known-hosts", &known];
-        args.extend(["--reboot-timeout", "60s"]);
-        if Path::new(&commands).exists() {
-            args.extend(["--commands", &commands]);
+        let mut extra = vec!["--commands", &commands, "--reboot-timeout", "90s"];
+        extra.extend(action);
+        self.node("remote", "id", &extra)
+    }
+
+    /// Like `remote`, asserting success; stdout.
+    fn ok(&self, action: &[&str]) -> String {
+        let (ok, out, err) = self.remote(action);
+        assert!(ok, "{action:?} on {}: {out}{err}", self.name);
+        out
+    }
+
+    /// The node's root as the host's file system has it (the test can look directly).
+    fn root(&self) -> PathBuf {
+        nodes_dir().join(&self.name).join("home/.local/share/archy")
+    }
+
+    fn wait_app_up(&self, app: &str) {
+        let start = Instant::now();
+        loop {
+            let (ok, out, _) = self.remote(&["rpc", "package.list"]);
+            let list: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+            if ok && list.as_array().into_iter().flatten().any(|a| a["id"] == app && a["up"] == true) {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(90), "{app} not up on {}: {out}", self.name);
+            std::thread::sleep(Duration::from_millis(300));
         }
-        args.extend(action);
-        chaos(&args)
     }
 }
 
-impl Drop for Sshd {
+impl Drop for TestHost {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("ip").args(["link", "del", VETH]).output();
-        let _ = Command::new("ip").args(["netns", "del", NS]).output();
-        let _ = Command::new("ip").args(["netns", "del", HOST_NS]).output();
+        if let Some(mut sshd) = self.sshd.take() {
+            // Its connections too: one left open would keep the node's network namespace.
+            let kill = format!("for p in $(pgrep -P {}); do pkill -KILL -s \"$p\"; done", sshd.id());
+            let _ = Command::new("sh").args(["-c", &kill]).status();
+            let _ = sshd.kill();
+            let _ = sshd.wait();
+        }
+        let _ = chaos(&["node", "down", &self.name]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
+fn write_exe(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A command that must fail fast, naming the host.
+fn fails_fast(what: &str, (ok, out, err): (bool, String, String), took: Duration, host: &str, want: &str) {
+    assert!(!ok, "{what}: succeeded: {out}");
+    assert!(err.contains(host) && err.contains(want), "{what}: wanted `{host}` and `{want}` in: {err}");
+    assert!(took < Duration::from_secs(15), "{what}: took {took:?}");
+    println!("{what}: failed in {took:.1?}: {}", err.trim());
+}
+
 #[test]
-fn ssh_driver_hurts_a_node_behind_a_real_sshd() {
-    let sshd = Sshd::start();
-    let (ok, out, err) = sshd.remote(&["exec", "--", "id", "-un"], "id");
-    assert!(ok && out.trim() == "root", "{out}{err}\n{}", sshd.log());
+fn provisioned_hosts_are_driven_over_ssh() {
+    let a = TestHost::new("tssha");
+    let b = TestHost::new("tsshb");
+    let archy_uid = uid_of("archy");
 
-    // The node behind the server.
-    let (ok, _, err) = chaos(&["node", "up", "tssh", "--netns"]);
-    assert!(ok, "{err}");
-    let status: Value = serde_json::from_str(&chaos(&["node", "status", "tssh"]).1).unwrap();
-    std::fs::write(sshd.dir.join("api"), status["agent"].as_str().unwrap()).unwrap();
-    // What the "host" runs for each primitive: the local node's own commands, run in the
-    // machine's network namespace (the server lives in the test's).
-    let bin = env!("CARGO_BIN_EXE_archy-chaos");
-    let node = |cmd: &str| {
-        format!(
-            "nsenter --net=/run/netns/{HOST_NS} -- env ARCHY_NODES_DIR={} {bin} node {cmd}",
-            nodes_dir().display()
-        )
-    };
-    let yaml = [
-        ("power_cut", node("reboot tssh")),
-        ("reboot", node("reboot tssh --graceful")),
-        ("kill_agent", node("kill-agent tssh --signal {signal}")),
-        ("restart_agent", node("restart-agent tssh")),
-        ("agent_pid", node("exec tssh systemctl --user show -p MainPID --value archy-agent.service")),
-        ("kill_container", node("kill-container tssh {app} --signal {signal}")),
-        ("partition", node("partition tssh")),
-        ("heal", node("heal tssh")),
-        ("token", format!("cat {}/tssh/data/agent/api-token", nodes_dir().display())),
-    ]
-    .iter()
-    .map(|(k, v)| format!("{k}: \"{}\"\n", v.replace('"', "\\\"")))
-    .collect::<String>();
-    std::fs::write(sshd.dir.join("commands.yml"), yaml).unwrap();
+    // Provisioning, as a deployment would; the second run changes nothing.
+    let (ok, out, err) = a.node("provision", "id", &["--fixtures"]);
+    assert!(ok && out.contains("provisioned, "), "{out}{err}");
+    println!("{out}");
+    let (ok, out, err) = a.node("provision", "id", &["--fixtures"]);
+    assert!(ok && out.contains("nothing changed") && !out.contains("wrote"), "{out}{err}");
+    println!("{out}");
+    // b's agent also listens on its address, to compare polls through the forward with direct ones.
+    let (ok, out, err) = b.node("provision", "id", &["--fixtures", "--listen", "0.0.0.0:8719"]);
+    assert!(ok && out.contains("provisioned, "), "{out}{err}");
+    for f in ["bin/archy-agent", "bin/podman", "catalog/fx-web/manifest.yml", "data/agent/api-token"] {
+        assert!(a.root().join(f).exists(), "{f} missing on the host");
+    }
 
-    let (ok, out, err) = sshd.remote(&["rpc", "package.install", r#"{"id":"fx-web"}"#], "id");
-    assert!(ok, "{out}{err}");
-    let wait_up = || {
-        let start = Instant::now();
-        loop {
-            let (ok, out, _) = sshd.remote(&["rpc", "package.list"], "id");
-            if ok && out.contains("\"up\": true") {
-                return;
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "fx-web not up: {out}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-    wait_up();
+    // Every file access, against the real file on the host.
+    let file = a.root().join("data/probe/f.txt");
+    let mut write = chaos_cmd(&[]);
+    write.args(["node", "remote", &a.url()]).args(a.ssh_args("id")).args(["write", "data/probe/f.txt"]);
+    let mut child =
+        write.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"hello\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = std::fs::metadata(&file).unwrap();
+    assert_eq!(
+        (std::fs::read(&file).unwrap(), m.uid(), m.mode() & 0o7777),
+        (b"hello\n".to_vec(), archy_uid, 0o644)
+    );
+    assert_eq!(a.ok(&["read", "data/probe/f.txt"]), "hello\n");
+    let st: Value = serde_json::from_str(&a.ok(&["stat", "data/probe/f.txt"])).unwrap();
+    assert_eq!(
+        (st["kind"].as_str(), st["size"].as_u64(), st["inode"].as_u64()),
+        (Some("file"), Some(6), Some(m.ino()))
+    );
+    assert_eq!(
+        st["mtime_ns"].as_i64().unwrap() as i128,
+        i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
+    );
+    assert_eq!(
+        a.ok(&["hash", "data/probe/f.txt"]).trim(),
+        "\"5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03\""
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&a.ok(&["ls", "data/probe"])).unwrap(),
+        serde_json::json!(["f.txt"])
+    );
+    assert_eq!(a.ok(&["ls", "data/nothing"]).trim(), "[]");
+    assert_eq!(a.ok(&["stat", "data/nothing"]).trim(), "null");
+    let e: Value = serde_json::from_str(&a.ok(&["fault", "data/probe/f.txt", "truncate"])).unwrap();
+    assert!(e["took_effect"] == true && std::fs::metadata(&file).unwrap().len() == 0, "{e}");
+    std::fs::write(&file, "0123456789abcdefXYZ").unwrap();
+    a.ok(&["fault", "data/probe/f.txt", "corrupt"]);
+    let corrupt = std::fs::read(&file).unwrap();
+    assert!(corrupt.len() == 19 && corrupt != b"0123456789abcdefXYZ", "{corrupt:?}");
+    a.ok(&["fault", "data/probe/f.txt", "chown-root"]);
+    assert_eq!(std::fs::metadata(&file).unwrap().uid(), 0, "chown-root through the host's sudo");
+    std::os::unix::fs::chown(&file, Some(archy_uid), None).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    a.ok(&["fault", "data/probe/f.txt", "chmod"]);
+    assert_eq!(std::fs::metadata(&file).unwrap().mode() & 0o7777, 0o644);
+    a.ok(&["fault", "data/probe/f.txt", "delete"]);
+    assert!(!file.exists());
+    assert_eq!(a.ok(&["rm", "data/probe"]).trim(), "true");
+    assert_eq!(a.ok(&["rm", "data/probe"]).trim(), "false");
+    // Paths that leave the root are refused here, and on the host through a symlink.
+    let (ok, _, err) = a.remote(&["read", "data/../../../../etc/passwd"]);
+    assert!(!ok && err.contains("not a path inside the node's root"), "{err}");
+    std::os::unix::fs::symlink("/etc", a.root().join("data/escape")).unwrap();
+    let (ok, _, err) = a.remote(&["read", "data/escape/passwd"]);
+    assert!(!ok && err.contains("leaves the node's root") && err.contains(&a.addr), "{err}");
+    std::fs::remove_file(a.root().join("data/escape")).unwrap();
+    assert!(a.ok(&["log", "--lines", "5"]).lines().count() >= 1);
+    assert!(a.ok(&["catalog"]).contains("\"fx-web\""));
 
-    let (ok, out, err) = sshd.remote(&["power-cut"], "id");
-    assert!(ok, "{out}{err}");
-    let e: Value = serde_json::from_str(&out).unwrap();
+    // The API through the forward (no --api anywhere), and what a poll costs.
+    a.ok(&["rpc", "package.install", r#"{"id":"fx-web"}"#]);
+    a.wait_app_up("fx-web");
+    let forwarded: Value = serde_json::from_str(&b.ok(&["ping"])).unwrap();
+    let direct = format!("{}:8719", b.addr);
+    let direct: Value = serde_json::from_str(&b.ok(&["--api", &direct, "ping"])).unwrap();
+    println!("figures, forwarded: {forwarded}\nfigures, direct: {direct}");
+    assert_eq!(forwarded["forwarded"], true);
+
+    // A power cut through SSH: the host goes down, every connection with it; the runner
+    // reconnects by itself and finds a new agent through a new forward.
+    let e: Value = serde_json::from_str(&a.ok(&["power-cut"])).unwrap();
     assert_ne!(e["agent_instance_before"], e["agent_instance_after"], "the power cut took no effect: {e}");
-    wait_up();
+    assert_eq!(e["connection_lost"], true, "{e}");
+    println!("power cut: {e}");
+    a.wait_app_up("fx-web");
+    let e: Value = serde_json::from_str(&b.ok(&["reboot"])).unwrap();
+    assert_ne!(e["agent_instance_before"], e["agent_instance_after"], "{e}");
+    let e = b.ok(&["restart-agent"]);
+    assert!(e.contains("\"took_effect\": true"), "{e}");
 
-    let (ok, out, err) = sshd.remote(&["restart-agent"], "id");
-    assert!(ok && out.contains("\"took_effect\": true"), "{out}{err}");
-
-    // Batch mode: a key the server does not know fails at once, never prompts.
+    // Failing fast, naming the host.
     let start = Instant::now();
-    let (ok, _, err) = sshd.remote(&["exec", "--", "true"], "other");
-    assert!(!ok && err.contains("Permission denied"), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(10));
+    fails_fast(
+        "wrong key",
+        a.node("remote", "other", &["exec", "--", "true"]),
+        start.elapsed(),
+        &a.addr,
+        "key was refused",
+    );
+    let start = Instant::now();
+    fails_fast("no podman", a.node("provision", "nopodman", &[]), start.elapsed(), &a.addr, "no podman");
+    for (url, want) in
+        [("ssh://root@127.0.0.1:1", "nothing listens"), ("ssh://root@10.213.249.2", "unreachable")]
+    {
+        let start = Instant::now();
+        let (ok, out, err) =
+            chaos(&["node", "remote", url, "--identity", &a.ssh_args("id")[1], "exec", "--", "true"]);
+        fails_fast(url, (ok, out, err), start.elapsed(), &url[12..], want);
+    }
 
-    let (ok, _, err) = chaos(&["node", "down", "tssh"]);
-    assert!(ok, "{err}");
+    // Deprovisioning leaves nothing.
+    for h in [&a, &b] {
+        let (ok, out, err) = h.node("deprovision", "id", &[]);
+        assert!(ok, "{out}{err}");
+        println!("{out}");
+        assert!(!h.root().exists(), "{} left", h.root().display());
+        let home = nodes_dir().join(&h.name).join("home");
+        for f in [".config/systemd/user/archy-agent.service", ".config/archy/agent.yml"] {
+            assert!(!home.join(f).exists(), "{f} left");
+        }
+        let quadlets: Vec<_> = std::fs::read_dir(home.join(".config/containers/systemd")).unwrap().collect();
+        assert!(quadlets.is_empty(), "{quadlets:?}");
+        let (_, ps, _) =
+            chaos(&["node", "exec", &h.name, "podman", "ps", "-aq", "--filter", "label=io.archy.app"]);
+        assert_eq!(ps.trim(), "", "containers left");
+        let (_, state, _) =
+            chaos(&["node", "exec", &h.name, "systemctl", "--user", "is-active", "archy-agent.service"]);
+        assert_ne!(state.trim(), "active");
+        let (ok, out, _) = h.node("deprovision", "id", &[]);
+        assert!(ok && out.contains("nothing to remove"), "{out}");
+    }
+    // Every command closed its connection: no control directory (nor master) outlives it.
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("archy-chaos-ssh-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+fn uid_of(user: &str) -> u32 {
+    let out = Command::new("id").args(["-u", user]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
 #[test]
 fn ssh_urls_are_checked() {
-    for (url, want) in
-        [("root@host", "is not ssh://"), ("ssh://host", "needs a user"), ("ssh://a@b:port", "bad port")]
-    {
-        let (ok, _, err) = chaos(&["node", "remote", url, "--api", "127.0.0.1:9", "boot"]);
+    for (url, want) in [
+        ("root@host", "is not ssh://"),
+        ("ssh://host", "needs a user"),
+        ("ssh://a@b:port", "bad port in `ssh://a@b:port`"),
+        ("ssh://a@b:0", "bad port in `ssh://a@b:0`"),
+        ("ssh://a@b:65536", "bad port in `ssh://a@b:65536`"),
+    ] {
+        let (ok, _, err) = chaos(&["node", "remote", url, "boot"]);
         assert!(!ok && err.contains(want), "{url}: {err}");
     }
 }

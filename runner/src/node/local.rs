@@ -39,6 +39,10 @@ pub struct NodeSpec {
     /// node reproduces the platform's FM3 (containers die when the agent restarts).
     #[serde(default = "yes")]
     pub podman_cgroup: bool,
+    /// No agent: a host for `node provision` to install one on (its boot waits for the user
+    /// manager, not for an agent).
+    #[serde(default)]
+    pub bare: bool,
 }
 
 /// How `node up` makes a node.
@@ -100,6 +104,15 @@ impl LocalNode {
 
     /// Creates the node's files (idempotent) and boots it.
     pub fn up(opts: &UpOptions, agent_bin: &Path, catalog: &Path) -> Result<LocalNode> {
+        LocalNode::create(opts, Some((agent_bin, catalog)))
+    }
+
+    /// A node with its user manager but no agent, as a fresh host is before `node provision`.
+    pub fn up_bare(opts: &UpOptions) -> Result<LocalNode> {
+        LocalNode::create(opts, None)
+    }
+
+    fn create(opts: &UpOptions, agent: Option<(&Path, &Path)>) -> Result<LocalNode> {
         let UpOptions { name, user, backend, netns, fm3, breakages } = opts;
         let (name, user, backend, netns) = (name.as_str(), user.as_str(), *backend, *netns);
         ensure!(
@@ -122,14 +135,22 @@ impl LocalNode {
         }
         // Index allocation and the netns are machine-wide: one `node up` at a time.
         std::fs::create_dir_all(nodes_dir())?;
-        let lock = std::fs::File::create(nodes_dir().join(".lock"))?;
+        // Machine-wide, not per nodes directory: nodes of other directories (another run, a
+        // test) share this machine's routes, and two veths on one /30 misroute both.
+        let lock = std::fs::File::create("/run/archy-chaos-nodes.lock")?;
         lock.lock()?;
-        let used: Vec<u8> = std::fs::read_dir(nodes_dir())
+        let mut used: Vec<u8> = std::fs::read_dir(nodes_dir())
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| LocalNode::open(&e.file_name().to_string_lossy()).ok()?.spec.netns)
             .collect();
+        let addrs = run(Command::new("ip").args(["-o", "-4", "addr", "show", "to", NODE_NET]))?;
+        used.extend(
+            String::from_utf8_lossy(&addrs.stdout)
+                .split_whitespace()
+                .filter_map(|w| w.strip_prefix("10.213.")?.split('.').next()?.parse::<u8>().ok()),
+        );
         let index = if netns {
             Some((1..=250).find(|i| !used.contains(i)).context("no free node network index")?)
         } else {
@@ -147,6 +168,7 @@ impl LocalNode {
             netns: index,
             port,
             podman_cgroup: !fm3,
+            bare: agent.is_none(),
         };
 
         let home = root.join("home");
@@ -171,61 +193,54 @@ impl LocalNode {
             home.join(".config/systemd/user.conf"),
             "[Manager]\nDefaultStandardOutput=inherit\nDefaultStandardError=inherit\n",
         )?;
-        ensure!(
-            agent_bin.is_file(),
-            "{} not found: the agent is built beside archy-chaos (`cargo build --release` builds both)",
-            agent_bin.display()
-        );
-        // Copy then rename: the running agent of a node being re-created keeps its inode.
-        std::fs::copy(agent_bin, root.join("bin/.archy-agent.new")).context("copying the agent binary")?;
-        std::fs::rename(root.join("bin/.archy-agent.new"), root.join("bin/archy-agent"))?;
         let cat = root.join("catalog");
-        if !cat.exists() {
-            run(Command::new("cp").arg("-r").arg(catalog).arg(&cat))?;
+        if let Some((agent_bin, catalog)) = agent {
+            ensure!(
+                agent_bin.is_file(),
+                "{} not found: the agent is built beside archy-chaos (`cargo build --release` builds both)",
+                agent_bin.display()
+            );
+            // Copy then rename: the running agent of a node being re-created keeps its inode.
+            std::fs::copy(agent_bin, root.join("bin/.archy-agent.new"))
+                .context("copying the agent binary")?;
+            std::fs::rename(root.join("bin/.archy-agent.new"), root.join("bin/archy-agent"))?;
+            if !cat.exists() {
+                run(Command::new("cp").arg("-r").arg(catalog).arg(&cat))?;
+            }
+            let listen = if netns { format!("0.0.0.0:{port}") } else { format!("127.0.0.1:{port}") };
+            std::fs::write(
+                home.join(".config/archy/agent.yml"),
+                format!(
+                    "data_root: {data}\ncatalog: {cat}\nlisten: \"{listen}\"\ntick_interval: 5s\nbackend: {backend}\nquadlet_dir: {home}/.config/containers/systemd\npodman: {podman}\n{cgroup}",
+                    podman = root.join("bin/podman").display(),
+                    data = root.join("data").display(),
+                    cat = cat.display(),
+                    backend = if backend == Backend::Quadlet { "quadlet" } else { "podman" },
+                    home = home.display(),
+                    cgroup = if *fm3 {
+                        String::new()
+                    } else {
+                        format!("podman_cgroup: /sys/fs/cgroup/user.slice/user-{0}.slice/user@{0}.service/archy-podman\n", u.uid)
+                    },
+                ),
+            )?;
+            let broken = if breakages.is_empty() {
+                String::new()
+            } else {
+                format!("Environment={}={}\n", archy_agent::failpoint::BREAK_ENV, breakages.join(","))
+            };
+            std::fs::write(
+                home.join(".config/systemd/user/archy-agent.service"),
+                agent_unit(&root.join("bin/archy-agent"), &home.join(".config/archy/agent.yml"), &broken),
+            )?;
+            let wants = home.join(".config/systemd/user/default.target.wants/archy-agent.service");
+            if !wants.exists() {
+                std::os::unix::fs::symlink("../archy-agent.service", &wants)?;
+            }
+            // The agent's podman: the real one, unless the runner's fault flag says it fails.
+            std::fs::write(root.join("bin/podman"), podman_wrapper(&root, "/usr/bin/podman"))?;
+            std::fs::set_permissions(root.join("bin/podman"), std::fs::Permissions::from_mode(0o755))?;
         }
-        let listen = if netns { format!("0.0.0.0:{port}") } else { format!("127.0.0.1:{port}") };
-        std::fs::write(
-            home.join(".config/archy/agent.yml"),
-            format!(
-                "data_root: {data}\ncatalog: {cat}\nlisten: \"{listen}\"\ntick_interval: 5s\nbackend: {backend}\nquadlet_dir: {home}/.config/containers/systemd\npodman: {podman}\n{cgroup}",
-                podman = root.join("bin/podman").display(),
-                data = root.join("data").display(),
-                cat = cat.display(),
-                backend = if backend == Backend::Quadlet { "quadlet" } else { "podman" },
-                home = home.display(),
-                cgroup = if *fm3 {
-                    String::new()
-                } else {
-                    format!("podman_cgroup: /sys/fs/cgroup/user.slice/user-{0}.slice/user@{0}.service/archy-podman\n", u.uid)
-                },
-            ),
-        )?;
-        std::fs::write(
-            home.join(".config/systemd/user/archy-agent.service"),
-            format!(
-                "[Unit]\nDescription=archy agent\n# Never give up restarting: systemd's default (5 starts in 10 s) left a crash-looping\n# agent down for good (found by agent-kill9-survive x20).\nStartLimitIntervalSec=0\n\n[Service]\nExecStart={bin} run --config {cfg}\nRestart=always\nRestartSec=1\nEnvironment=ARCHY_LOG=info\n{broken}\n[Install]\nWantedBy=default.target\n",
-                bin = root.join("bin/archy-agent").display(),
-                broken = if breakages.is_empty() {
-                    String::new()
-                } else {
-                    format!("Environment={}={}\n", archy_agent::failpoint::BREAK_ENV, breakages.join(","))
-                },
-                cfg = home.join(".config/archy/agent.yml").display(),
-            ),
-        )?;
-        let wants = home.join(".config/systemd/user/default.target.wants/archy-agent.service");
-        if !wants.exists() {
-            std::os::unix::fs::symlink("../archy-agent.service", &wants)?;
-        }
-        // The agent's podman: the real one, unless the runner's fault flag says it fails.
-        std::fs::write(
-            root.join("bin/podman"),
-            format!(
-                "#!/bin/sh\nif [ -e {flag} ]; then echo 'Error: podman failing (archy-chaos fault)' >&2; exit 125; fi\nexec /usr/bin/podman \"$@\"\n",
-                flag = root.join(PODMAN_FAIL_FLAG).display()
-            ),
-        )?;
-        std::fs::set_permissions(root.join("bin/podman"), std::fs::Permissions::from_mode(0o755))?;
         std::fs::write(root.join("init.sh"), INIT)?;
         std::fs::set_permissions(root.join("init.sh"), std::fs::Permissions::from_mode(0o755))?;
         std::fs::write(root.join("node.json"), serde_json::to_vec_pretty(&spec)?)?;
@@ -234,8 +249,10 @@ impl LocalNode {
             .arg(format!("{}:{}", u.uid, u.gid))
             .arg(&home)
             .arg(root.join("data"))
-            .arg(root.join("run"))
-            .arg(&cat))?;
+            .arg(root.join("run")))?;
+        if cat.exists() {
+            run(Command::new("chown").arg("-R").arg(format!("{}:{}", u.uid, u.gid)).arg(&cat))?;
+        }
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
 
         let node = LocalNode { spec, root };
@@ -243,12 +260,14 @@ impl LocalNode {
             node.create_netns(i)?;
         }
         node.boot()?;
+        if node.spec.bare {
+            return Ok(node); // `node provision --fixtures` imports it, as on a real host
+        }
         if !breakages.is_empty() {
             let on = node.agent().status()?.broken;
             ensure!(
                 &on == breakages,
-                "the agent at {} reports breakages {on:?}, not {breakages:?}: it was built without them (the runner's tests build it with the agent's `breakage` feature: `cargo build -p archy-agent --features breakage`)",
-                agent_bin.display()
+                "node {name}: the agent reports breakages {on:?}, not {breakages:?}: it was built without them (the runner's tests build it with the agent's `breakage` feature: `cargo build -p archy-agent --features breakage`)"
             );
         }
         // The fixture image, imported into this node's own storage from inside the node.
@@ -372,7 +391,32 @@ impl LocalNode {
         std::fs::write(self.root.join("launcher.pid"), child.id().to_string())?;
         // The launcher is reaped by whoever waits last; detach it from this process.
         std::mem::forget(child);
+        if self.spec.bare {
+            return self.wait_manager(start, Duration::from_secs(60));
+        }
         self.wait_ready(start, Duration::from_secs(60))
+    }
+
+    /// Until the node's user manager has started every unit it starts at boot.
+    fn wait_manager(&self, start: Instant, timeout: Duration) -> Result<Duration> {
+        let mut last = String::new();
+        while start.elapsed() < timeout {
+            match self.exec(&["systemctl", "--user", "is-system-running"]) {
+                Ok(out) => {
+                    last = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                    if matches!(&*last, "running" | "degraded") {
+                        return Ok(start.elapsed());
+                    }
+                }
+                Err(e) => last = format!("{e:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "node `{}`: user manager not up after {timeout:?} ({last}); see {}",
+            self.spec.name,
+            self.root.join("node.log").display()
+        )
     }
 
     fn wait_ready(&self, start: Instant, timeout: Duration) -> Result<Duration> {
@@ -471,6 +515,11 @@ impl LocalNode {
 
     /// Runs `argv` inside the node, as its service user, in its environment.
     pub fn exec(&self, argv: &[&str]) -> Result<Output> {
+        crate::exec::output(&mut self.command(argv)?).context("entering the node")
+    }
+
+    /// The command that runs `argv` inside the node (stdin closed unless the caller says).
+    pub fn command(&self, argv: &[&str]) -> Result<Command> {
         let init = self.init_pid().context("node is not up")?;
         let mut cmd = Command::new("nsenter");
         cmd.args(["-t", &init.to_string(), "-m", "-p", "-C"]);
@@ -493,7 +542,7 @@ impl LocalNode {
         .arg("PATH=/usr/local/bin:/usr/bin:/bin")
         .args(argv)
         .stdin(Stdio::null());
-        crate::exec::output(&mut cmd).context("entering the node")
+        Ok(cmd)
     }
 
     fn systemctl(&self, args: &[&str]) -> Result<String> {
@@ -750,4 +799,21 @@ impl Node for LocalNode {
     fn catalog(&self) -> Result<Catalog> {
         Catalog::load(&self.root.join("catalog")).map_err(|e| anyhow::anyhow!("node {}: {e}", self.spec.name))
     }
+}
+
+/// The agent's user unit, on a local node as on a provisioned host.
+pub(crate) fn agent_unit(bin: &Path, config: &Path, extra: &str) -> String {
+    format!(
+        "[Unit]\nDescription=archy agent\n# Never give up restarting: systemd's default (5 starts in 10 s) left a crash-looping\n# agent down for good (found by agent-kill9-survive x20).\nStartLimitIntervalSec=0\n\n[Service]\nExecStart={bin} run --config {config}\nRestart=always\nRestartSec=1\nEnvironment=ARCHY_LOG=info\n{extra}\n[Install]\nWantedBy=default.target\n",
+        bin = bin.display(),
+        config = config.display(),
+    )
+}
+
+/// The agent's podman: the real one, unless the runner's fault flag under `root` says it fails.
+pub(crate) fn podman_wrapper(root: &Path, podman: &str) -> String {
+    format!(
+        "#!/bin/sh\nif [ -e {flag} ]; then echo 'Error: podman failing (archy-chaos fault)' >&2; exit 125; fi\nexec {podman} \"$@\"\n",
+        flag = root.join(PODMAN_FAIL_FLAG).display()
+    )
 }
