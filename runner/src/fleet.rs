@@ -68,9 +68,12 @@ pub struct FleetNode {
     /// Deliberate agent bugs (`run --break`), for proving the fleet report; never on real nodes.
     #[serde(default, rename = "break")]
     pub breakages: Vec<String>,
-    /// SSH nodes: private key, and the YAML file of per-primitive commands (`run --help`).
+    /// SSH nodes: private key, known-hosts file, and the YAML file of per-primitive commands
+    /// (`run --help`).
     #[serde(default)]
     pub identity: Option<PathBuf>,
+    #[serde(default)]
+    pub known_hosts: Option<PathBuf>,
     #[serde(default)]
     pub ssh_commands: Option<PathBuf>,
 }
@@ -101,10 +104,7 @@ pub struct FleetArgs {
 
 impl Inventory {
     pub fn load(path: &Path) -> Result<Inventory> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let inv: Inventory =
-            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let inv: Inventory = crate::yaml::load(path)?;
         if inv.version != 1 {
             bail!(
                 "{}: version {} is not supported (this runner reads version 1)",
@@ -184,11 +184,14 @@ fn fleet(args: &FleetArgs) -> Result<u8> {
             if let Some(url) = &args.pushgateway {
                 cmd.args(["--pushgateway", url]);
             }
-            if let Some(k) = &n.identity {
-                cmd.arg("--identity").arg(k);
-            }
-            if let Some(c) = &n.ssh_commands {
-                cmd.arg("--ssh-commands").arg(c);
+            for (flag, path) in [
+                ("--identity", &n.identity),
+                ("--known-hosts", &n.known_hosts),
+                ("--ssh-commands", &n.ssh_commands),
+            ] {
+                if let Some(p) = path {
+                    cmd.arg(flag).arg(p);
+                }
             }
             Ok((name, cmd, dir))
         })

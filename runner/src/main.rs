@@ -15,6 +15,7 @@ mod push;
 mod report;
 mod run;
 mod scenario;
+mod yaml;
 
 use std::process::ExitCode;
 

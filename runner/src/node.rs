@@ -96,7 +96,8 @@ pub trait Node: Send + Sync {
             other => self.damage(rel, other)?,
         }
         let after = self.stat(rel)?;
-        let sha_after = sha(&after)?;
+        // A file made root's may be unreadable to the service user who reads it over SSH.
+        let sha_after = sha(&after).unwrap_or_default();
         Ok(Evidence::default()
             .with("fault", format!("{fault:?}").to_lowercase())
             .with("path", rel)

@@ -116,6 +116,15 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return usage(e),
     };
+    // Every SSH host answers, has podman and the node's root, before anything runs.
+    for t in &targets {
+        if let Target::Ssh(n) = t {
+            if let Err(e) = n.root() {
+                eprintln!("archy-chaos: --node {}: {e:#}", t.label());
+                return ExitCode::from(exit::UNKNOWN);
+            }
+        }
+    }
     if let Err(e) = crate::interrupt::install() {
         return usage(anyhow::anyhow!("installing the signal handlers: {e}"));
     }
@@ -320,8 +329,8 @@ impl Driver<'_> {
         Ok(results)
     }
 
-    /// One scenario on a host over SSH: the scenario's apps are removed first (its protected
-    /// apps are never touched), then it runs.
+    /// One scenario on a host over SSH, from a clean host as a fresh local node would be: every
+    /// app installed there is removed first (with purge), but the protected ones.
     fn ssh(
         &self,
         node: &SshNode,
@@ -330,9 +339,12 @@ impl Driver<'_> {
         env: &mut Option<Environment>,
     ) -> Result<Vec<scenario::Iteration>> {
         let s = &w.scenario;
-        let mine: Vec<String> = w.apps.iter().filter(|a| !self.args.protected.contains(a)).cloned().collect();
-        scenario::engine::clean(&crate::node::agent(node), &mine, s.converge_timeout.0)
-            .context("removing the scenario's apps first")?;
+        let agent = crate::node::agent(node);
+        let installed = agent.list().context("listing the host's apps")?;
+        let others: Vec<String> =
+            installed.into_iter().map(|a| a.id).filter(|a| !self.args.protected.contains(a)).collect();
+        scenario::engine::clean(&agent, &others, s.converge_timeout.0)
+            .context("removing the apps installed")?;
         let results =
             scenario::engine::run_scenario(s, node, &w.apps, w.iterations, seed, |g, it| self.each(w, g, it));
         *env = Some(crate::environment::environment(node, self.cpu_before()));

@@ -93,9 +93,7 @@ impl SshOptions {
         n.root = self.root.clone();
         n.listen = self.listen.clone();
         if let Some(path) = &self.ssh_commands {
-            let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-            n.commands =
-                serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            n.commands = crate::yaml::load(path)?;
         }
         Ok(n)
     }
@@ -695,10 +693,27 @@ impl Node for SshNode {
         Ok(Evidence::of(json!({"fault": "partition", "host": self.host()})))
     }
 
+    /// The heal command, once the host answers again: a partition cuts the link SSH uses, so
+    /// the host may only come back when its own partition command heals it.
     fn heal(&self) -> Result<Evidence> {
         let cmd = self.commands.heal.as_deref().context("no heal command configured for this node")?;
-        self.run_ok(cmd)?;
-        Ok(Evidence::of(json!({"fault": "heal", "host": self.host()})))
+        let start = Instant::now();
+        loop {
+            match self.run_ok(cmd) {
+                Ok(_) => break,
+                Err(e)
+                    if start.elapsed() < self.reboot_timeout
+                        && format!("{e:#}").contains("cannot connect") =>
+                {
+                    crate::interrupt::check()?;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Evidence::of(
+            json!({"fault": "heal", "host": self.host(), "answered_after_seconds": start.elapsed().as_secs_f64()}),
+        ))
     }
 
     fn exec(&self, argv: &[&str]) -> Result<Output> {

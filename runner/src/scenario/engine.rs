@@ -90,6 +90,10 @@ pub struct Memory {
     pub files: Vec<(String, String)>,
     /// `snapshot-containers`: every container's name, id and pid.
     pub containers: Option<String>,
+    /// `kill-agent-at` armed a kill point.
+    pub armed: bool,
+    /// State files already moved aside when the iteration began (`state-valid`).
+    pub aside_before: Vec<String>,
 }
 
 /// Everything a step or an invariant needs: the scenario, the node and its agent, the node's
@@ -126,13 +130,20 @@ pub fn iterate(
         measures: BTreeMap::new(),
         log: String::new(),
     };
-    // The node's own catalog (what its agent runs) and backend, read once per iteration; a
-    // `write-file` into the catalog changes files, not manifests.
-    let prepared = node.catalog().and_then(|c| Ok((c, agent.status()?.backend)));
-    let (catalog, backend) = match prepared {
+    // The node's own catalog (what its agent runs) and backend, read once per iteration (a
+    // `write-file` into the catalog changes files, not manifests), and the state files already
+    // moved aside (a host keeps those of earlier scenarios).
+    let prepared = (|| -> anyhow::Result<_> {
+        let aside = match s.checks().contains(&Invariant::StateValid) {
+            true => invariants::states_aside(node)?,
+            false => Vec::new(),
+        };
+        Ok((node.catalog()?, agent.status()?.backend, aside))
+    })();
+    let (catalog, backend, aside_before) = match prepared {
         Ok(p) => p,
         Err(e) => {
-            it.unknowns.push(format!("reading the node's catalog and agent status: {e:#}"));
+            it.unknowns.push(format!("reading the node's catalog, agent status and data root: {e:#}"));
             return finish(it, node);
         }
     };
@@ -145,7 +156,7 @@ pub fn iterate(
         apps,
         n,
         rng: rand::rngs::StdRng::seed_from_u64(seed),
-        memory: Memory::default(),
+        memory: Memory { aside_before, ..Memory::default() },
     };
     run_steps(&mut ctx, &mut it);
     if it.failures.is_empty() && it.unknowns.is_empty() {

@@ -158,12 +158,9 @@ fn state_valid(ctx: &StepCtx) -> Result<()> {
     let rel = format!("data/{STATE_FILE}");
     let bytes = ctx.node.read(&rel)?.with_context(|| format!("{rel} missing"))?;
     serde_json::from_slice::<State>(&bytes).with_context(|| format!("{rel} does not parse"))?;
-    let aside: Vec<String> = ctx
-        .node
-        .list("data")?
-        .into_iter()
-        .filter(|n| n.starts_with("state.json.") && n != PREVIOUS_FILE)
-        .collect();
+    // Only what this iteration moved aside: a host keeps the files of earlier scenarios.
+    let aside: Vec<String> =
+        states_aside(ctx.node)?.into_iter().filter(|n| !ctx.memory.aside_before.contains(n)).collect();
     ensure!(
         aside.is_empty(),
         "the agent found its state file damaged and moved it aside ({aside:?}): a crash must never damage the state"
@@ -171,21 +168,42 @@ fn state_valid(ctx: &StepCtx) -> Result<()> {
     Ok(())
 }
 
+/// State files the agent moved aside after finding them damaged.
+pub fn states_aside(node: &dyn Node) -> Result<Vec<String>> {
+    Ok(node
+        .list("data")?
+        .into_iter()
+        .filter(|n| n.starts_with("state.json.") && n != PREVIOUS_FILE)
+        .collect())
+}
+
 /// Each running app's live port bindings are those of its manifest, and nothing is published
-/// under host networking.
+/// under host networking. One `podman inspect` for every app (a round trip over SSH each).
 fn ports_match(ctx: &StepCtx) -> Result<()> {
-    for (app, desired) in installed(ctx)? {
-        let Some(m) = ctx.catalog.get(&app).filter(|_| desired == Desired::Running) else { continue };
-        let out = ctx.node.exec(&[
-            "podman",
-            "inspect",
-            &m.container_name(),
-            "--format",
-            "{{json .HostConfig.PortBindings}}|{{json .Config.CreateCommand}}",
-        ])?;
-        ensure!(out.status.success(), "{app}: no container to inspect");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let (bindings, command) = text.trim().split_once('|').context("podman inspect output")?;
+    let running: Vec<&archy_agent::manifest::Manifest> = installed(ctx)?
+        .iter()
+        .filter(|(_, d)| *d == Desired::Running)
+        .filter_map(|(app, _)| ctx.catalog.get(app))
+        .collect();
+    if running.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = running.iter().map(|m| m.container_name()).collect();
+    let mut argv = vec![
+        "podman",
+        "inspect",
+        "--format",
+        "{{.Name}}|{{json .HostConfig.PortBindings}}|{{json .Config.CreateCommand}}",
+    ];
+    argv.extend(names.iter().map(String::as_str));
+    let out = ctx.node.exec(&argv)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for m in running {
+        let app = &m.id;
+        let line = text.lines().find(|l| l.split('|').next() == Some(m.container_name().as_str()));
+        let line = line.with_context(|| format!("{app}: no container to inspect"))?;
+        let mut fields = line.splitn(3, '|').skip(1);
+        let (bindings, command) = (fields.next().unwrap_or("{}"), fields.next().unwrap_or("[]"));
         let command: Vec<String> = serde_json::from_str(command).unwrap_or_default();
         let published: Vec<&String> =
             command.iter().filter(|a| a.starts_with("--publish") || a.starts_with("-p")).collect();

@@ -370,10 +370,7 @@ impl Scenario {
 
     /// Parses a scenario file; every error names the file (and line, where serde knows it).
     pub fn load(path: &Path) -> Result<Scenario> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let s: Scenario =
-            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let s: Scenario = crate::yaml::load(path)?;
         if s.version != FORMAT_VERSION {
             bail!(
                 "{}: version {} is not supported (this runner reads version {FORMAT_VERSION})",
@@ -500,10 +497,7 @@ pub struct SuiteRun {
 
 impl Suite {
     pub fn load(path: &Path) -> Result<Suite> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let suite: Suite =
-            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let suite: Suite = crate::yaml::load(path)?;
         if suite.version != FORMAT_VERSION {
             bail!("{}: version {} is not supported", path.display(), suite.version);
         }

@@ -50,9 +50,19 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         Step::FileFault { path, fault } => file_fault(ctx, path, *fault),
         Step::Partition => {
             let e = ctx.node.partition()?;
-            // Evidence: the agent no longer answers from outside the node.
-            let cut = ctx.agent.status().is_err();
-            Ok(e.effect(cut))
+            // Evidence: the agent no longer answers from outside the node (over SSH, once the
+            // host's own command has cut the link and the connection has noticed).
+            let start = Instant::now();
+            let cut = loop {
+                if ctx.agent.status().is_err() {
+                    break true;
+                }
+                if start.elapsed() > Duration::from_secs(15) {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            Ok(e.effect(cut).with("cut_after_seconds", start.elapsed().as_secs_f64()))
         }
         Step::Heal => ctx.node.heal(),
         Step::SnapshotContainers => {
@@ -96,7 +106,9 @@ fn each(ctx: &StepCtx, op: &str) -> Result<Evidence> {
     let failpoint = failpoint_file();
     let mut retried = Vec::new();
     for app in ctx.apps {
-        let armed = ctx.node.stat(&failpoint)?.is_some();
+        // Only a kill point armed in this iteration can cut a request (and a look at the
+        // node's disk costs a round trip over SSH).
+        let armed = ctx.memory.armed && ctx.node.stat(&failpoint)?.is_some();
         if let Err(e) = ctx.agent.op(op, app) {
             ensure!(armed && ctx.node.stat(&failpoint)?.is_none(), e);
             ctx.agent.wait_ready(ctx.s.converge_timeout.0)?;
@@ -157,7 +169,7 @@ fn file_fault(ctx: &StepCtx, path: &str, fault: FileFault) -> Result<Evidence> {
 
 /// Arms a kill point: `each` takes point (iteration - 1) of the agent's list, so iterations
 /// enumerate every step boundary of an install (or uninstall) in order.
-fn kill_agent_at(ctx: &StepCtx, point: &str) -> Result<Evidence> {
+fn kill_agent_at(ctx: &mut StepCtx, point: &str) -> Result<Evidence> {
     let nth = |list: &[&'static str]| list[(ctx.n as usize).saturating_sub(1) % list.len()];
     let point = match point {
         "each" => nth(POINTS),
@@ -172,6 +184,7 @@ fn kill_agent_at(ctx: &StepCtx, point: &str) -> Result<Evidence> {
             .with_context(|| format!("unknown kill point `{p}`; known: {POINTS:?}, each, each-uninstall"))?,
     };
     ctx.node.write(&failpoint_file(), point.as_bytes())?;
+    ctx.memory.armed = true;
     Ok(Evidence::default().with("armed", point))
 }
 
