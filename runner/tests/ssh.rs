@@ -462,13 +462,21 @@ fn smoke_runs_over_ssh_on_two_hosts_at_once_and_a_fleet_mixes_ssh_and_local() {
         assert_eq!(scenarios.len(), files, "{}: every scenario ran once: {text}", n["node"]);
         for sc in scenarios {
             for it in sc["iterations"].as_array().unwrap() {
-                assert_eq!(it["verdict"], "pass", "{} on {}: {it}\n{}", sc["scenario"], n["node"], a.sshd_log());
+                assert_eq!(
+                    it["verdict"],
+                    "pass",
+                    "{} on {}: {it}\n{}",
+                    sc["scenario"],
+                    n["node"],
+                    a.sshd_log()
+                );
             }
             // Two hosts measured at once on two cores: absolute latency limits are figures here,
             // ratios to raw podman (measured beside them) must hold.
             for k in sc["kpis"].as_array().unwrap() {
                 for t in k["thresholds"].as_array().unwrap() {
-                    let line = format!("{} {} {} {}: {}", n["node"], sc["scenario"], k["name"], t["quantile"], t);
+                    let line =
+                        format!("{} {} {} {}: {}", n["node"], sc["scenario"], k["name"], t["quantile"], t);
                     if k["unit"] == "ratio" {
                         assert_eq!(t["verdict"], "pass", "{line}");
                     }
