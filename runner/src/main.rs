@@ -3,7 +3,6 @@
 
 mod agent_client;
 mod bench;
-mod chart;
 mod environment;
 mod evidence;
 mod exec;

@@ -176,6 +176,14 @@ fn bad_nodes_are_refused_before_anything_runs() {
         assert_eq!(out.status.code(), Some(64), "{node}: {err}");
         assert!(err.contains(node) && err.contains(want), "{node}: {err}");
     }
+    // A host that does not answer stops the run before anything runs: exit 2, never a hang.
+    let start = std::time::Instant::now();
+    let out =
+        support::chaos_cmd(&["run", "reboot-survive", "--node", "ssh://archy@127.0.0.1:1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("archy@127.0.0.1:1") && err.contains("nothing listens"), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(15), "{:?}", start.elapsed());
 }
 
 /// Ctrl-C during a run: the node it created is torn down, the report so far is written with

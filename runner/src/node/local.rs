@@ -72,6 +72,31 @@ pub fn nodes_dir() -> PathBuf {
 
 use crate::exec::run;
 
+/// Makes `cmd`'s process join the cgroup `dir` (host path) before it runs, and with
+/// `new_session` leave the runner's session (a node's init must outlive the runner).
+fn join_cgroup(cmd: &mut Command, dir: &Path, new_session: bool) -> Result<()> {
+    let procs = std::ffi::CString::new(dir.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+    // SAFETY: only async-signal-safe calls (setsid, open, write, close) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if new_session {
+                nix::libc::setsid();
+            }
+            let fd = nix::libc::open(procs.as_ptr(), nix::libc::O_WRONLY | nix::libc::O_CLOEXEC);
+            let ok = fd >= 0 && nix::libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            if fd >= 0 {
+                nix::libc::close(fd);
+            }
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(())
+}
+
 /// The unified cgroup hierarchy of this host (pure v2, or the `unified` mount of hybrid).
 fn cgroup2_root() -> PathBuf {
     if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
@@ -369,24 +394,8 @@ impl LocalNode {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let procs = std::ffi::CString::new(cg.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
-        // SAFETY: only async-signal-safe calls (setsid, open, write, close) between fork and
-        // exec. The node's own cgroup becomes the root of its cgroup namespace.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::libc::setsid();
-                let fd = nix::libc::open(procs.as_ptr(), nix::libc::O_WRONLY | nix::libc::O_CLOEXEC);
-                let ok = fd >= 0 && nix::libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                if fd >= 0 {
-                    nix::libc::close(fd);
-                }
-                if ok {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        // The node's own cgroup becomes the root of its cgroup namespace.
+        join_cgroup(&mut cmd, &cg, true)?;
         let child = crate::exec::spawn(&mut cmd).context("starting the node")?;
         std::fs::write(self.root.join("launcher.pid"), child.id().to_string())?;
         // The launcher is reaped by whoever waits last; detach it from this process.
@@ -542,6 +551,10 @@ impl LocalNode {
         .arg("PATH=/usr/local/bin:/usr/bin:/bin")
         .args(argv)
         .stdin(Stdio::null());
+        // In the node's cgroup, as a login on the node would be: podman inside reads its
+        // cgroup from there (`podman info` failed from outside it), and what the command
+        // starts (a container's conmon) dies with the node's power.
+        join_cgroup(&mut cmd, &self.cgroup(), false)?;
         Ok(cmd)
     }
 

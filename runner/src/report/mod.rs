@@ -2,6 +2,8 @@
 //! the release script gates on, and its renderings for people ([`markdown`]) and CI
 //! ([`junit`]).
 
+pub mod chart;
+pub mod fleet;
 pub mod junit;
 pub mod markdown;
 pub mod model;
@@ -229,12 +231,12 @@ pub fn command(path: &Path, format: &str, out: Option<&Path>, charts: bool) -> R
         if format != "md" || charts {
             bail!("{}: a fleet report renders as Markdown, without --charts", path.display());
         }
-        crate::fleet::render(&crate::fleet::load(path)?)
+        fleet::render(&fleet::load(path)?)
     } else {
         let report = load(path)?;
         let mut text = render(&report, format)?;
         if let (true, Some(out)) = (charts, out) {
-            text.push_str(&crate::chart::write(&report, out)?);
+            text.push_str(&chart::write(&report, out)?);
         }
         text
     };

@@ -40,7 +40,7 @@ pub struct NodeReport {
     pub scenarios: Vec<ScenarioReport>,
 }
 
-/// Where a node's scenarios ran (see `crate::environment`).
+/// Where a node's scenarios ran (probed by `environment.rs`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Environment {
     pub kernel: String,
