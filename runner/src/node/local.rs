@@ -72,6 +72,116 @@ pub fn nodes_dir() -> PathBuf {
 
 use crate::exec::run;
 
+/// A free network index (10.213.<i>.0/30) under a machine-wide lock, returned with it: nodes
+/// of other directories (another run, a test) share this machine's routes, and two veths on
+/// one /30 misroute both.
+fn allocate_index(netns: bool) -> Result<(Option<u8>, std::fs::File)> {
+    std::fs::create_dir_all(nodes_dir())?;
+    let lock = std::fs::File::create("/run/archy-chaos-nodes.lock")?;
+    lock.lock()?;
+    if !netns {
+        return Ok((None, lock));
+    }
+    let mut used: Vec<u8> = std::fs::read_dir(nodes_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| LocalNode::open(&e.file_name().to_string_lossy()).ok()?.spec.netns)
+        .collect();
+    let addrs = run(Command::new("ip").args(["-o", "-4", "addr", "show", "to", NODE_NET]))?;
+    used.extend(
+        String::from_utf8_lossy(&addrs.stdout)
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix("10.213.")?.split('.').next()?.parse::<u8>().ok()),
+    );
+    let index = (1..=250).find(|i| !used.contains(i)).context("no free node network index")?;
+    Ok((Some(index), lock))
+}
+
+/// A node's HOME as a booting machine has it: podman's and the user manager's configuration.
+fn write_home(root: &Path) -> Result<()> {
+    let home = root.join("home");
+    for d in [
+        "home/.config/containers/systemd",
+        "home/.config/systemd/user/default.target.wants",
+        "home/.config/archy",
+        "run",
+        "data",
+        "bin",
+    ] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::write(
+        home.join(".config/containers/containers.conf"),
+        "[engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
+    )?;
+    std::fs::write(home.join(".config/containers/storage.conf"), "[storage]\ndriver = \"vfs\"\n")?;
+    // No journald in a node: every unit's output goes to the manager's, i.e. node.log.
+    std::fs::write(
+        home.join(".config/systemd/user.conf"),
+        "[Manager]\nDefaultStandardOutput=inherit\nDefaultStandardError=inherit\n",
+    )?;
+    Ok(())
+}
+
+/// The agent as the node's user service: its binary, the catalog, its config and unit, and
+/// the podman it calls (the real one, unless the runner's fault flag says it fails).
+fn install_agent(
+    root: &Path,
+    spec: &NodeSpec,
+    opts: &UpOptions,
+    agent_bin: &Path,
+    catalog: &Path,
+    uid: u32,
+) -> Result<()> {
+    let (home, cat) = (root.join("home"), root.join("catalog"));
+    ensure!(
+        agent_bin.is_file(),
+        "{} not found: the agent is built beside archy-chaos (`cargo build --release` builds both)",
+        agent_bin.display()
+    );
+    // Copy then rename: the running agent of a node being re-created keeps its inode.
+    std::fs::copy(agent_bin, root.join("bin/.archy-agent.new")).context("copying the agent binary")?;
+    std::fs::rename(root.join("bin/.archy-agent.new"), root.join("bin/archy-agent"))?;
+    if !cat.exists() {
+        run(Command::new("cp").arg("-r").arg(catalog).arg(&cat))?;
+    }
+    let port = spec.port;
+    let listen = if spec.netns.is_some() { format!("0.0.0.0:{port}") } else { format!("127.0.0.1:{port}") };
+    std::fs::write(
+        home.join(".config/archy/agent.yml"),
+        format!(
+            "data_root: {data}\ncatalog: {cat}\nlisten: \"{listen}\"\ntick_interval: 5s\nbackend: {backend}\nquadlet_dir: {home}/.config/containers/systemd\npodman: {podman}\n{cgroup}",
+            podman = root.join("bin/podman").display(),
+            data = root.join("data").display(),
+            cat = cat.display(),
+            backend = if spec.backend == Backend::Quadlet { "quadlet" } else { "podman" },
+            home = home.display(),
+            cgroup = if opts.fm3 {
+                String::new()
+            } else {
+                format!("podman_cgroup: /sys/fs/cgroup/user.slice/user-{uid}.slice/user@{uid}.service/archy-podman\n")
+            },
+        ),
+    )?;
+    let broken = if opts.breakages.is_empty() {
+        String::new()
+    } else {
+        format!("Environment={}={}\n", archy_agent::failpoint::BREAK_ENV, opts.breakages.join(","))
+    };
+    std::fs::write(
+        home.join(".config/systemd/user/archy-agent.service"),
+        agent_unit(&root.join("bin/archy-agent"), &home.join(".config/archy/agent.yml"), &broken),
+    )?;
+    let wants = home.join(".config/systemd/user/default.target.wants/archy-agent.service");
+    if !wants.exists() {
+        std::os::unix::fs::symlink("../archy-agent.service", &wants)?;
+    }
+    std::fs::write(root.join("bin/podman"), podman_wrapper(root, "/usr/bin/podman"))?;
+    std::fs::set_permissions(root.join("bin/podman"), std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
 /// Makes `cmd`'s process join the cgroup `dir` (host path) before it runs, and with
 /// `new_session` leave the runner's session (a node's init must outlive the runner).
 fn join_cgroup(cmd: &mut Command, dir: &Path, new_session: bool) -> Result<()> {
@@ -158,29 +268,8 @@ impl LocalNode {
                 return Ok(existing);
             }
         }
-        // Index allocation and the netns are machine-wide: one `node up` at a time.
-        std::fs::create_dir_all(nodes_dir())?;
-        // Machine-wide, not per nodes directory: nodes of other directories (another run, a
-        // test) share this machine's routes, and two veths on one /30 misroute both.
-        let lock = std::fs::File::create("/run/archy-chaos-nodes.lock")?;
-        lock.lock()?;
-        let mut used: Vec<u8> = std::fs::read_dir(nodes_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| LocalNode::open(&e.file_name().to_string_lossy()).ok()?.spec.netns)
-            .collect();
-        let addrs = run(Command::new("ip").args(["-o", "-4", "addr", "show", "to", NODE_NET]))?;
-        used.extend(
-            String::from_utf8_lossy(&addrs.stdout)
-                .split_whitespace()
-                .filter_map(|w| w.strip_prefix("10.213.")?.split('.').next()?.parse::<u8>().ok()),
-        );
-        let index = if netns {
-            Some((1..=250).find(|i| !used.contains(i)).context("no free node network index")?)
-        } else {
-            None
-        };
+        // Held until the node's veth exists: the index is taken then.
+        let (index, _lock) = allocate_index(netns)?;
         let port = if netns {
             NETNS_AGENT_PORT
         } else {
@@ -197,74 +286,10 @@ impl LocalNode {
         };
 
         let home = root.join("home");
-        for d in [
-            "home/.config/containers/systemd",
-            "home/.config/systemd/user/default.target.wants",
-            "home/.config/archy",
-            "run",
-            "data",
-            "bin",
-        ] {
-            std::fs::create_dir_all(root.join(d))?;
-        }
-        std::fs::write(
-            home.join(".config/containers/containers.conf"),
-            "[engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
-        )?;
-        std::fs::write(home.join(".config/containers/storage.conf"), "[storage]\ndriver = \"vfs\"\n")?;
-        // No journald in a node: every unit's output goes to the manager's, i.e. node.log.
-        std::fs::create_dir_all(home.join(".config/systemd"))?;
-        std::fs::write(
-            home.join(".config/systemd/user.conf"),
-            "[Manager]\nDefaultStandardOutput=inherit\nDefaultStandardError=inherit\n",
-        )?;
+        write_home(&root)?;
         let cat = root.join("catalog");
         if let Some((agent_bin, catalog)) = agent {
-            ensure!(
-                agent_bin.is_file(),
-                "{} not found: the agent is built beside archy-chaos (`cargo build --release` builds both)",
-                agent_bin.display()
-            );
-            // Copy then rename: the running agent of a node being re-created keeps its inode.
-            std::fs::copy(agent_bin, root.join("bin/.archy-agent.new"))
-                .context("copying the agent binary")?;
-            std::fs::rename(root.join("bin/.archy-agent.new"), root.join("bin/archy-agent"))?;
-            if !cat.exists() {
-                run(Command::new("cp").arg("-r").arg(catalog).arg(&cat))?;
-            }
-            let listen = if netns { format!("0.0.0.0:{port}") } else { format!("127.0.0.1:{port}") };
-            std::fs::write(
-                home.join(".config/archy/agent.yml"),
-                format!(
-                    "data_root: {data}\ncatalog: {cat}\nlisten: \"{listen}\"\ntick_interval: 5s\nbackend: {backend}\nquadlet_dir: {home}/.config/containers/systemd\npodman: {podman}\n{cgroup}",
-                    podman = root.join("bin/podman").display(),
-                    data = root.join("data").display(),
-                    cat = cat.display(),
-                    backend = if backend == Backend::Quadlet { "quadlet" } else { "podman" },
-                    home = home.display(),
-                    cgroup = if *fm3 {
-                        String::new()
-                    } else {
-                        format!("podman_cgroup: /sys/fs/cgroup/user.slice/user-{0}.slice/user@{0}.service/archy-podman\n", u.uid)
-                    },
-                ),
-            )?;
-            let broken = if breakages.is_empty() {
-                String::new()
-            } else {
-                format!("Environment={}={}\n", archy_agent::failpoint::BREAK_ENV, breakages.join(","))
-            };
-            std::fs::write(
-                home.join(".config/systemd/user/archy-agent.service"),
-                agent_unit(&root.join("bin/archy-agent"), &home.join(".config/archy/agent.yml"), &broken),
-            )?;
-            let wants = home.join(".config/systemd/user/default.target.wants/archy-agent.service");
-            if !wants.exists() {
-                std::os::unix::fs::symlink("../archy-agent.service", &wants)?;
-            }
-            // The agent's podman: the real one, unless the runner's fault flag says it fails.
-            std::fs::write(root.join("bin/podman"), podman_wrapper(&root, "/usr/bin/podman"))?;
-            std::fs::set_permissions(root.join("bin/podman"), std::fs::Permissions::from_mode(0o755))?;
+            install_agent(&root, &spec, opts, agent_bin, catalog, u.uid.as_raw())?;
         }
         std::fs::write(root.join("init.sh"), INIT)?;
         std::fs::set_permissions(root.join("init.sh"), std::fs::Permissions::from_mode(0o755))?;
@@ -295,19 +320,24 @@ impl LocalNode {
                 "node {name}: the agent reports breakages {on:?}, not {breakages:?}: it was built without them (the runner's tests build it with the agent's `breakage` feature: `cargo build -p archy-agent --features breakage`)"
             );
         }
-        // The fixture image, imported into this node's own storage from inside the node.
-        let out = node.exec(&["podman", "image", "exists", "localhost/archy-fixture:1"])?;
+        node.import_fixture()?;
+        Ok(node)
+    }
+
+    /// The fixture image, imported into this node's own storage from inside the node.
+    fn import_fixture(&self) -> Result<()> {
+        let out = self.exec(&["podman", "image", "exists", "localhost/archy-fixture:1"])?;
         if !out.status.success() {
             let rootfs = "/var/lib/archy-chaos/fixture-rootfs.tar";
             ensure!(Path::new(rootfs).is_file(), "{rootfs} missing: run scripts/setup-host");
-            let out = node.exec(&["podman", "import", "-q", rootfs, "localhost/archy-fixture:1"])?;
+            let out = self.exec(&["podman", "import", "-q", rootfs, "localhost/archy-fixture:1"])?;
             ensure!(
                 out.status.success(),
                 "importing the fixture image: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(node)
+        Ok(())
     }
 
     fn netns_name(&self) -> String {

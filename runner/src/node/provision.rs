@@ -63,8 +63,28 @@ pub fn provision(node: &SshNode, opts: &Options) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: not a valid catalog: {e}", opts.catalog.display()))?;
     let (root, home) = (node.root()?, node.home()?);
     println!("{host}: root {}, podman {}", root.display(), node.podman()?);
-    let mut changes = 0;
+    let mut changes = install(node, opts, &root, &home)?;
+    node.run_ok(&format!("mkdir -p {}", quote(&home.join(QUADLET_DIR).to_string_lossy())))?;
+    changes += linger(node)?;
+    changes += start(node, changes)?;
+    if opts.fixtures {
+        changes += import_fixture(node)?;
+    }
+    doctor(node, &root, &home)?;
+    let (calls, took) = node.calls();
+    if changes == 0 {
+        println!("{host}: already provisioned; nothing changed ({calls} ssh commands in {took:.1?})");
+    } else {
+        println!("{host}: provisioned, {changes} change(s) ({calls} ssh commands in {took:.1?})");
+    }
+    Ok(())
+}
 
+/// The agent, its podman wrapper, config, unit and the catalog, each written only when its
+/// checksum or mode differs; how many changed.
+fn install(node: &SshNode, opts: &Options, root: &Path, home: &Path) -> Result<u32> {
+    let host = node.host();
+    let mut changes = 0;
     let config = format!(
         "data_root: {root}/data\ncatalog: {root}/catalog\nlisten: \"{listen}\"\ntick_interval: 5s\nbackend: quadlet\nquadlet_dir: {home}/{QUADLET_DIR}\npodman: {root}/bin/podman\n",
         root = root.display(),
@@ -73,7 +93,7 @@ pub fn provision(node: &SshNode, opts: &Options) -> Result<()> {
     );
     let files: Vec<(PathBuf, Vec<u8>, u32)> = vec![
         (root.join("bin/archy-agent"), std::fs::read(&opts.agent)?, 0o755),
-        (root.join("bin/podman"), podman_wrapper(&root, &node.podman()?).into_bytes(), 0o755),
+        (root.join("bin/podman"), podman_wrapper(root, &node.podman()?).into_bytes(), 0o755),
         (home.join(CONFIG), config.into_bytes(), 0o644),
         (
             home.join(UNIT),
@@ -128,9 +148,13 @@ pub fn provision(node: &SshNode, opts: &Options) -> Result<()> {
         println!("{host}: installed the catalog {} at {}", opts.catalog.display(), catalog.display());
         changes += 1;
     }
-    node.run_ok(&format!("mkdir -p {}", quote(&home.join(QUADLET_DIR).to_string_lossy())))?;
+    Ok(changes)
+}
 
-    // Lingering: the user manager (and so the agent) starts at boot, not at a login.
+/// Lingering: the user manager (and so the agent) starts at boot, not at a login.
+fn linger(node: &SshNode) -> Result<u32> {
+    let host = node.host();
+    let mut changes = 0;
     let linger = node.run("loginctl show-user -p Linger --value \"$(id -un)\"")?;
     match String::from_utf8_lossy(&linger.stdout).trim() {
         "yes" => {}
@@ -146,8 +170,15 @@ pub fn provision(node: &SshNode, opts: &Options) -> Result<()> {
         ),
     }
 
+    Ok(changes)
+}
+
+/// The agent's unit enabled and (re)started when anything changed, then ready.
+fn start(node: &SshNode, changed: u32) -> Result<u32> {
+    let host = node.host();
+    let mut changes = 0;
     let unit = "archy-agent.service";
-    if changes > 0 {
+    if changed > 0 {
         node.run_ok(&format!(
             "systemctl --user daemon-reload && systemctl --user enable {unit} && systemctl --user restart {unit}"
         ))?;
@@ -169,7 +200,14 @@ pub fn provision(node: &SshNode, opts: &Options) -> Result<()> {
     })?;
     println!("{host}: agent ready at {} (through the connection) after {took:?}", node.api_addr());
 
-    if opts.fixtures && !node.exec(&["podman", "image", "exists", FIXTURE_IMAGE])?.status.success() {
+    Ok(changes)
+}
+
+/// The fixture image, from this machine's root filesystem tar, if the host lacks it.
+fn import_fixture(node: &SshNode) -> Result<u32> {
+    let host = node.host();
+    let mut changes = 0;
+    if !node.exec(&["podman", "image", "exists", FIXTURE_IMAGE])?.status.success() {
         let rootfs = std::fs::read(FIXTURE_ROOTFS)
             .with_context(|| format!("{FIXTURE_ROOTFS}: run scripts/setup-host on this machine"))?;
         let out =
@@ -183,6 +221,12 @@ pub fn provision(node: &SshNode, opts: &Options) -> Result<()> {
         changes += 1;
     }
 
+    Ok(changes)
+}
+
+/// What `archy-agent doctor` finds on the host, with the fixes it proposes.
+fn doctor(node: &SshNode, root: &Path, home: &Path) -> Result<()> {
+    let host = node.host();
     let doctor = node.run(&format!(
         "{} doctor --config {}",
         quote(&root.join("bin/archy-agent").to_string_lossy()),
@@ -201,12 +245,6 @@ pub fn provision(node: &SshNode, opts: &Options) -> Result<()> {
             println!("  {p}");
         }
         eprint!("{}", String::from_utf8_lossy(&doctor.stderr));
-    }
-    let (calls, took) = node.calls();
-    if changes == 0 {
-        println!("{host}: already provisioned; nothing changed ({calls} ssh commands in {took:.1?})");
-    } else {
-        println!("{host}: provisioned, {changes} change(s) ({calls} ssh commands in {took:.1?})");
     }
     Ok(())
 }
