@@ -319,3 +319,26 @@ fn graceful_reboot_kill_agent_and_kill_container_each_take_effect_and_heal() {
     n.wait_up(&["fx-web", "fx-gateway"]);
     n.down();
 }
+
+/// Two runs with different node directories (a test beside a user's run) each took index 1:
+/// two veths on 10.213.1.0/30, and one node's traffic reached the other's agent ("wrong
+/// bearer token"). Indices are taken machine-wide now.
+#[test]
+fn nodes_of_two_node_directories_never_share_an_address() {
+    let _g = serial();
+    let other = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(other.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let a = TestNode::up("tdira", &["--bare"]);
+    let in_other = |args: &[&str]| {
+        let out = support::chaos_cmd(args).env("ARCHY_NODES_DIR", other.path()).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    in_other(&["node", "up", "tdirb", "--netns", "--bare"]);
+    let addr =
+        |status: &str| serde_json::from_str::<Value>(status).unwrap()["agent"].as_str().unwrap().to_string();
+    let (x, y) = (addr(&a.ok(&["node", "status", "tdira"])), addr(&in_other(&["node", "status", "tdirb"])));
+    in_other(&["node", "down", "tdirb"]);
+    a.down();
+    assert_ne!(x.split(':').next(), y.split(':').next(), "both nodes on one address");
+}
