@@ -336,6 +336,7 @@ impl Driver<'_> {
         node: &SshNode,
         w: &Work,
         seed: u64,
+        last: bool,
         env: &mut Option<Environment>,
     ) -> Result<Vec<scenario::Iteration>> {
         let s = &w.scenario;
@@ -347,7 +348,10 @@ impl Driver<'_> {
             .context("removing the apps installed")?;
         let results =
             scenario::engine::run_scenario(s, node, &w.apps, w.iterations, seed, |g, it| self.each(w, g, it));
-        *env = Some(crate::environment::environment(node, self.cpu_before()));
+        // Once, at the end (five remote commands).
+        if last || self.stopped() {
+            *env = Some(crate::environment::environment(node, self.cpu_before()));
+        }
         Ok(results)
     }
 
@@ -379,7 +383,7 @@ fn run_node(
         let scenario_seed = seed ^ ((i as u64) << 32);
         let results = match target {
             Target::Local(name) => d.local(name, w, scenario_seed, i + 1 == work.len(), &mut environment),
-            Target::Ssh(node) => d.ssh(node, w, scenario_seed, &mut environment),
+            Target::Ssh(node) => d.ssh(node, w, scenario_seed, i + 1 == work.len(), &mut environment),
         };
         let results = results.unwrap_or_else(|e| {
             d.say(format!("archy-chaos: {}: {} (verdict: unknown): {e:#}", d.label, w.scenario.id));
