@@ -402,7 +402,7 @@ pub fn node(args: &NodeBenchArgs) -> Result<()> {
     };
     let bin = std::env::current_exe()?.with_file_name("archy-agent");
     let node = LocalNode::up(&opts, &bin, &args.catalog)?;
-    let client = crate::node::Node::agent(&node);
+    let client = crate::node::agent(&node);
     let result = (|| -> Result<Value> {
         for app in NODE_APPS {
             client.op("install", app)?;

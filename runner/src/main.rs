@@ -437,7 +437,7 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
             let params: serde_json::Value =
                 serde_json::from_str(&params).map_err(|e| anyhow::anyhow!("params are not JSON: {e}"))?;
             let n = LocalNode::open(&name)?;
-            show(n.agent().rpc::<serde_json::Value>(&method, params)?);
+            show(node::agent(&n).rpc::<serde_json::Value>(&method, params)?);
         }
     }
     Ok(())

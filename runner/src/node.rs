@@ -71,14 +71,6 @@ pub trait Node: Send + Sync {
     /// The catalog the node's agent runs: its own copy under `catalog/`.
     fn catalog(&self) -> Result<Catalog>;
 
-    /// A client of the node's agent (the token is read at its first request).
-    fn agent(&self) -> AgentClient<'_>
-    where
-        Self: Sized,
-    {
-        AgentClient::at(self.api_addr(), Box::new(|| self.token()))
-    }
-
     /// A file fault with its evidence: the file's checksum, owner and mode before and after.
     fn file_fault(&self, rel: &str, fault: FileFault) -> Result<Evidence> {
         // Checksums of files only: a fault may hit a whole directory (an app's data).
@@ -162,7 +154,7 @@ pub fn checked(rel: &str) -> Result<&str> {
     Ok(rel)
 }
 
-/// A client of a node's agent, for a node known only as `dyn Node`.
+/// A client of a node's agent (the token is read at its first request).
 pub fn agent(node: &dyn Node) -> AgentClient<'_> {
     AgentClient::at(node.api_addr(), Box::new(move || node.token()))
 }

@@ -314,7 +314,7 @@ impl LocalNode {
             return Ok(node); // `node provision --fixtures` imports it, as on a real host
         }
         if !breakages.is_empty() {
-            let on = node.agent().status()?.broken;
+            let on = super::agent(&node).status()?.broken;
             ensure!(
                 &on == breakages,
                 "node {name}: the agent reports breakages {on:?}, not {breakages:?}: it was built without them (the runner's tests build it with the agent's `breakage` feature: `cargo build -p archy-agent --features breakage`)"

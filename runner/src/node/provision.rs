@@ -194,7 +194,7 @@ fn start(node: &SshNode, changed: u32) -> Result<u32> {
         println!("{host}: enabled and started {unit}");
         changes += 1;
     }
-    let client = crate::node::Node::agent(node);
+    let client = super::agent(node);
     let took = client.wait_ready(Duration::from_secs(60)).with_context(|| {
         format!("{host}: the agent did not get ready; its log:\n{}", node.log(30).unwrap_or_default())
     })?;

@@ -285,7 +285,7 @@ impl SshNode {
         };
         let master = (0..20).map(|_| timed(false)).collect::<Result<Vec<_>>>()?;
         let fresh = (0..5).map(|_| timed(true)).collect::<Result<Vec<_>>>()?;
-        let client = super::Node::agent(self);
+        let client = super::agent(self);
         client.status().with_context(|| format!("{}: the agent does not answer", self.host()))?;
         let (start, mut polls) = (Instant::now(), 0u32);
         while start.elapsed() < window {
@@ -369,7 +369,7 @@ impl SshNode {
 
     /// The agent's instance id, if it answers.
     fn instance(&self) -> Option<String> {
-        super::Node::agent(self).status().ok().map(|s| s.instance)
+        super::agent(self).status().ok().map(|s| s.instance)
     }
 
     /// Fires a command that may take the host, and so the connection, down: ssh's own 255
