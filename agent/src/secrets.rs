@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -119,7 +119,6 @@ pub fn ensure(root: &Path, app: &Manifest) -> Result<Vec<Ensured>, Error> {
 
 /// [`ensure`] for secrets that belong to no app, such as the agent's own API token.
 pub fn ensure_in(dir: &Path, secrets: &[GeneratedSecret]) -> Result<Vec<Ensured>, Error> {
-    let had_dir = dir.exists();
     ensure_dir(dir)?;
     let lock_path = dir.join(LOCK_FILE);
     let lock = OpenOptions::new()
@@ -131,15 +130,22 @@ pub fn ensure_in(dir: &Path, secrets: &[GeneratedSecret]) -> Result<Vec<Ensured>
         .open(&lock_path)
         .map_err(io_err(&lock_path, "open lock file"))?;
     lock.lock().map_err(io_err(&lock_path, "lock"))?;
+    // An empty lock file means no ensure has completed in this directory: a missing secret
+    // is then generated, not healed. Decided under the lock (the directory's existence is
+    // not: a concurrent caller may have created it a moment before).
+    let first = lock.metadata().map_err(io_err(&lock_path, "stat lock file"))?.len() == 0;
     atomic::remove_stale_temps(dir)?;
     let mut out = Vec::with_capacity(secrets.len());
     for s in secrets {
         let outcome = match repair(dir, s)? {
             None => Outcome::Kept,
-            Some(HealReason::Missing) if !had_dir => Outcome::Generated,
+            Some(HealReason::Missing) if first => Outcome::Generated,
             Some(r) => Outcome::Healed(r),
         };
         out.push(Ensured { target: s.target.clone(), kind: s.kind, outcome });
+    }
+    if first {
+        (&lock).write_all(b"1").map_err(io_err(&lock_path, "mark the secrets directory ensured"))?;
     }
     Ok(out)
 }

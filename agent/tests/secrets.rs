@@ -288,3 +288,18 @@ fn secret_values_never_reach_debug_output() {
     let value = read(&root.path().join("fx-web/api-token"));
     assert!(!format!("{e:?}").contains(&value));
 }
+
+/// Regression: "generated or healed" was decided by whether the app's directory existed
+/// before the lock was taken, so a caller that found the directory made by a concurrent
+/// caller reported a first generation as a heal (CI, concurrent_ensures_generate_each_secret_once).
+#[test]
+fn secrets_in_a_directory_another_caller_just_created_are_generated_not_healed() {
+    let root = tempfile::tempdir().unwrap();
+    let m = app("fx-gateway");
+    fs::create_dir_all(root.path().join("fx-gateway")).unwrap();
+    let first = secrets::ensure(root.path(), &m).unwrap();
+    assert!(first.iter().all(|e| e.outcome == Outcome::Generated), "{first:?}");
+    fs::remove_file(root.path().join("fx-gateway/gateway-hash.pw")).unwrap();
+    let second = secrets::ensure(root.path(), &m).unwrap();
+    assert_eq!(second[0].outcome, Outcome::Healed(HealReason::Missing), "{second:?}");
+}
