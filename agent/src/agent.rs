@@ -148,6 +148,7 @@ pub fn run(config: Config) -> Result<()> {
         backend,
         token_digest,
         instance: format!("{:016x}", rand::random::<u64>()),
+        tick_interval: interval,
     });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {

@@ -46,6 +46,9 @@ pub struct NodeStatus {
     pub converged: bool,
     /// Unix time of the last tick.
     pub last_tick_at: Option<f64>,
+    /// How often the agent ticks by itself when nothing is in motion.
+    #[serde(default)]
+    pub tick_interval_seconds: f64,
     pub last_tick: Option<TickReport>,
     /// Of the desired state: every accepted change increments it.
     pub generation: u64,
@@ -103,6 +106,7 @@ pub struct Api {
     pub token_digest: [u8; 32],
     /// Random per agent process: a changed instance is evidence that the agent restarted.
     pub instance: String,
+    pub tick_interval: std::time::Duration,
 }
 
 pub fn router(api: Arc<Api>) -> Router {
@@ -282,6 +286,7 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
                 ready: api.shared.ready.load(Ordering::SeqCst),
                 converged: status.last_tick.as_ref().is_some_and(|t| t.converged),
                 last_tick_at: at,
+                tick_interval_seconds: api.tick_interval.as_secs_f64(),
                 last_tick: status.last_tick.clone(),
                 generation,
                 broken: crate::failpoint::breakages().to_vec(),

@@ -19,7 +19,7 @@ pub const STATE_FILE: &str = "state.json";
 pub const PREVIOUS_FILE: &str = "state.json.prev";
 const VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Desired {
     Running,

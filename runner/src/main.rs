@@ -6,6 +6,7 @@ mod bench;
 mod environment;
 mod evidence;
 mod exec;
+mod explore;
 mod fleet;
 mod gate;
 mod interrupt;
@@ -42,6 +43,13 @@ enum Command {
     /// SIGINT/SIGTERM (nodes torn down, the report so far written). Run as root after
     /// scripts/setup-host.
     Run(run::RunArgs),
+    /// Generated histories: N steps (requests of C concurrent clients on every fixture app,
+    /// catalog changes, faults) from one seed, checked against a model of what the history
+    /// implies at every quiet point, observed from outside the agent; a failure is shrunk to
+    /// the fewest steps that still fail and written as `scenarios/found/<id>.yml`, which
+    /// `archy-chaos run found/<id>` replays. Exit code: 0 nothing found, 1 a failure found,
+    /// 2 unknown (the node could not be driven), 64 bad usage, 130/143 interrupted.
+    Explore(explore::ExploreArgs),
     /// The scenarios available, with their layer and what each proves.
     List {
         #[arg(long, default_value = "scenarios")]
@@ -444,8 +452,17 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    // Bad usage exits 64 as the help says, not clap's 2 (which means "unknown" here).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { report::exit::USAGE } else { 0 });
+        }
+    };
+    match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Explore(args) => explore::explore(args),
         Command::List { scenarios } => match report::list(&scenarios) {
             Ok(t) => {
                 println!("{t}");

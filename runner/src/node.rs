@@ -145,6 +145,16 @@ pub enum FileFault {
     Chmod,
 }
 
+/// Faults of the filesystem under the agent's data root, each real for every process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskFault {
+    /// No free space left (ENOSPC).
+    Full,
+    /// Mounted read-only (EROFS).
+    ReadOnly,
+}
+
 /// A path relative to a node's root, refused if it would leave it.
 pub fn checked(rel: &str) -> Result<&str> {
     ensure!(

@@ -169,6 +169,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         started_unix: started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         duration_seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
         nodes,
+        explore: None,
     };
     let path = match r.write(&args.report_dir, &args.targets.join("+")) {
         Ok(p) => p,

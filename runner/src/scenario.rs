@@ -3,7 +3,9 @@
 //!
 //! [`Node`]: crate::node::Node
 
+pub mod checker;
 pub mod engine;
+pub mod history;
 pub mod invariants;
 pub mod measure;
 pub mod model;

@@ -3,7 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::model::{Iteration, NodeReport, Report, ScenarioReport, Verdict};
+use super::model::{ExploreReport, Iteration, NodeReport, Report, ScenarioReport, Verdict};
+use crate::scenario::history::Outcome;
 
 pub fn render(r: &Report) -> String {
     let mut out = format!("# archy-chaos run — {}\n\n| | |\n|---|---|\n", upper(r.verdict));
@@ -47,7 +48,83 @@ pub fn render(r: &Report) -> String {
             }
         }
     }
+    if let Some(x) = &r.explore {
+        out.push_str(&explore(x));
+    }
     out.push_str(&format!("\n{}\n", r.nondeterminism));
+    out
+}
+
+/// What `archy-chaos explore` prints at the end: the verdict, the history's size and outcomes,
+/// and what was found.
+pub fn explore_summary(r: &Report) -> String {
+    let mut out = format!("archy-chaos explore — {}\n", upper(r.verdict));
+    if let Some(x) = &r.explore {
+        out.push_str(&explore(x));
+    }
+    out
+}
+
+fn explore(x: &ExploreReport) -> String {
+    let count = |o: Outcome| x.history.iter().filter(|e| e.outcome == o).count();
+    let mut out = format!(
+        "\n## Exploration\n\n| | |\n|---|---|\n| seed | {} |\n| steps | {} run of {} generated, {} clients |\n| faults | {} |\n| outcomes | {} ok, {} fail, {} indeterminate |\n",
+        x.seed,
+        x.steps_run,
+        x.ops,
+        x.clients,
+        cell(&x.faults.join(", ")),
+        count(Outcome::Ok),
+        count(Outcome::Fail),
+        count(Outcome::Indeterminate),
+    );
+    match &x.found {
+        None => out.push_str("| found | nothing |\n"),
+        Some(f) => {
+            out.push_str(&format!("| found | {} |\n| after | {} steps |\n| reproduced one step at a time | {} |\n", cell(&f.failure), f.steps, f.reproduced));
+            if let Some(s) = &f.shrunk {
+                out.push_str(&format!(
+                    "| shrunk | {} → {} steps in {} replays, {:.0} s{} |\n",
+                    s.original_len,
+                    s.minimal_len,
+                    s.replays,
+                    s.seconds,
+                    if s.budget_exhausted { " (budget spent)" } else { "" }
+                ));
+            }
+            if let Some(p) = &f.scenario {
+                out.push_str(&format!("| scenario | `{}` |\n", cell(p)));
+            }
+        }
+    }
+    out.push_str(&timeline(x));
+    out
+}
+
+/// The history as a Mermaid Gantt chart: a lane per client, a bar per step (seconds).
+fn timeline(x: &ExploreReport) -> String {
+    let mut out = String::from("\n```mermaid\ngantt\n  title history (s since start)\n  dateFormat X\n  axisFormat %S\n");
+    let clients: BTreeSet<usize> = x.history.iter().map(|e| e.client).collect();
+    for c in clients {
+        out.push_str(&format!("  section client {c}\n"));
+        for e in x.history.iter().filter(|e| e.client == c) {
+            let tag = match e.outcome {
+                Outcome::Ok if e.step.is_fault() => "crit, ",
+                Outcome::Ok => "",
+                Outcome::Fail => "done, ",
+                Outcome::Indeterminate => "active, ",
+            };
+            let name = match &e.step {
+                crate::scenario::Step::Op { op, app } => format!("{op:?} {}", app.as_deref().unwrap_or("")),
+                crate::scenario::Step::Catalog { change, app } => format!("catalog {change:?} {app}"),
+                s => s.name(),
+            };
+            // Mermaid's X format counts whole seconds; a bar is at least one long.
+            let (a, b) = (e.invoked.floor() as u64, (e.completed.ceil() as u64).max(e.invoked.floor() as u64 + 1));
+            out.push_str(&format!("  {} :{tag}{a}, {b}\n", name.replace([':', '#', ';'], " ")));
+        }
+    }
+    out.push_str("```\n");
     out
 }
 

@@ -25,6 +25,9 @@ pub struct Report {
     pub started_unix: u64,
     pub duration_seconds: f64,
     pub nodes: Vec<NodeReport>,
+    /// `archy-chaos explore`: the history, and what was found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explore: Option<ExploreReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,3 +111,44 @@ pub struct Threshold {
     pub value: Option<f64>,
     pub verdict: Verdict,
 }
+
+/// What an exploration adds to a run report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExploreReport {
+    pub seed: u64,
+    pub ops: u32,
+    pub clients: u32,
+    pub faults: Vec<String>,
+    /// Steps run before the budget or the first failure ended the exploration.
+    pub steps_run: usize,
+    pub history: Vec<crate::scenario::history::Entry>,
+    /// The first failure and its shrunk scenario.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub found: Option<Found>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Found {
+    pub failure: String,
+    /// The steps up to the failing quiet point.
+    pub steps: usize,
+    /// Whether replaying those steps one at a time on a fresh node failed the same way.
+    pub reproduced: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shrunk: Option<Shrunk>,
+    /// The scenario written (`archy-chaos run found/<id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<String>,
+}
+
+/// What shrinking did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Shrunk {
+    pub original_len: usize,
+    pub minimal_len: usize,
+    pub replays: usize,
+    pub seconds: f64,
+    /// The budget ran out before no single step could be removed.
+    pub budget_exhausted: bool,
+}
+

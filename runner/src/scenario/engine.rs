@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::model::{kpi, Invariant, Scenario, Step};
+use super::history::Entry;
 use super::{invariants, steps};
 use crate::agent_client::AgentClient;
 use crate::evidence::Evidence;
@@ -94,6 +95,11 @@ pub struct Memory {
     pub armed: bool,
     /// State files already moved aside when the iteration began (`state-valid`).
     pub aside_before: Vec<String>,
+    /// Requests and catalog changes of `op` and `catalog` steps (`model`), shared with the
+    /// concurrent clients of `explore`.
+    pub history: std::sync::Arc<super::history::History>,
+    /// What the last `model` check saw.
+    pub seen: super::checker::Seen,
 }
 
 /// Everything a step or an invariant needs: the scenario, the node and its agent, the node's
@@ -159,7 +165,9 @@ pub fn iterate(
         memory: Memory { aside_before, ..Memory::default() },
     };
     run_steps(&mut ctx, &mut it);
-    if it.failures.is_empty() && it.unknowns.is_empty() {
+    // A history's faults may miss (the model counts them indeterminate): its model is
+    // checked whatever they did.
+    if it.failures.is_empty() && (it.unknowns.is_empty() || s.is_history()) {
         check_invariants(&ctx, &mut it);
     }
     finish(it, node)
@@ -174,7 +182,12 @@ fn run_steps(ctx: &mut StepCtx, it: &mut Iteration) {
             fault_at.get_or_insert(started);
         }
         let record = serde_json::to_value(step).unwrap_or(Value::Null);
-        match steps::run(ctx, step) {
+        let invoked = ctx.memory.history.now();
+        let result = steps::run(ctx, step);
+        if !matches!(step, Step::Op { .. } | Step::Catalog { .. }) {
+            ctx.memory.history.record(Entry::of_step(ctx.memory.history.entries().len(), 0, step, invoked, &ctx.memory.history, &result));
+        }
+        match result {
             Ok(evidence) => {
                 if evidence.took_effect == Some(false) {
                     it.unknowns.push(format!("{} did not take effect: {:?}", step.name(), evidence.details));
@@ -190,6 +203,9 @@ fn run_steps(ctx: &mut StepCtx, it: &mut Iteration) {
                 let seconds = Some(started.elapsed().as_secs_f64());
                 it.steps.push(StepRecord { step: record, seconds, evidence: Some(evidence), error: None });
             }
+            // A history's fault that could not act (a kill of a container that is not there)
+            // is part of the history, recorded above; the model decides.
+            Err(_) if ctx.s.is_history() && step.is_fault() => {}
             Err(e) => {
                 let msg = format!("{}: {e:#}", step.name());
                 match step.failure_of_the_system() {

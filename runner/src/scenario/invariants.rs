@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Context, Result};
-use archy_agent::manifest::Network;
+use archy_agent::manifest::{Manifest, Network};
+use sha2::Digest;
 use archy_agent::store::{Desired, State, PREVIOUS_FILE, STATE_FILE};
 use serde_json::{json, Value};
 
@@ -34,6 +35,11 @@ pub fn check(ctx: &StepCtx, inv: Invariant) -> Result<()> {
         Invariant::NoOrphans => no_orphans(ctx),
         Invariant::StateValid => state_valid(ctx),
         Invariant::PortsMatch => ports_match(ctx),
+        Invariant::Model => {
+            let entries = ctx.memory.history.entries();
+            let mut seen = ctx.memory.seen.clone();
+            super::checker::check(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, &entries, &mut seen, ctx.s.converge_timeout.0)
+        }
     }
 }
 
@@ -72,31 +78,43 @@ fn installed(ctx: &StepCtx) -> Result<Vec<(String, Desired)>> {
 fn secrets_valid(ctx: &StepCtx) -> Result<()> {
     let uid = ctx.node.service_uid()?;
     for (app, _) in installed(ctx)? {
-        let Some(m) = ctx.catalog.get(&app) else { continue };
-        for g in &m.generated_secrets {
-            let mut files = vec![g.target.clone()];
-            if g.kind == archy_agent::manifest::SecretKind::Bcrypt {
-                files.push(format!("{}{}", g.target, archy_agent::manifest::BCRYPT_PLAINTEXT_SUFFIX));
-            }
-            let mut values = Vec::new();
-            for f in &files {
-                let rel = format!("data/secrets/{app}/{f}");
-                let st = ctx.node.stat(&rel)?.with_context(|| format!("{app}/{f}: missing"))?;
-                ensure!(
-                    st.kind == FileKind::File && st.uid == uid && st.mode == 0o600,
-                    "{app}/{f}: {:?} owner {} mode {:o} (want a file, owner {uid}, mode 600)",
-                    st.kind,
-                    st.uid,
-                    st.mode
-                );
-                values.push(ctx.node.read(&rel)?.with_context(|| format!("{app}/{f}: vanished"))?);
-            }
-            if let Some(reason) = archy_agent::secrets::problem(g.kind, &values[0], values.get(1)) {
-                bail!("{app}/{}: {}", g.target, reason.as_str());
-            }
+        if let Some(m) = ctx.catalog.get(&app) {
+            secrets_of(ctx.node, m, uid)?;
         }
     }
     Ok(())
+}
+
+/// Checks the generated secrets of one app as `secrets-valid` does, and returns each file's
+/// sha256 (the values themselves never leave this function).
+pub fn secrets_of(node: &dyn Node, m: &Manifest, uid: u32) -> Result<Vec<(String, String)>> {
+    let app = &m.id;
+    let mut sums = Vec::new();
+    for g in &m.generated_secrets {
+        let mut files = vec![g.target.clone()];
+        if g.kind == archy_agent::manifest::SecretKind::Bcrypt {
+            files.push(format!("{}{}", g.target, archy_agent::manifest::BCRYPT_PLAINTEXT_SUFFIX));
+        }
+        let mut values = Vec::new();
+        for f in &files {
+            let rel = format!("data/secrets/{app}/{f}");
+            let st = node.stat(&rel)?.with_context(|| format!("{app}/{f}: missing"))?;
+            ensure!(
+                st.kind == FileKind::File && st.uid == uid && st.mode == 0o600,
+                "{app}/{f}: {:?} owner {} mode {:o} (want a file, owner {uid}, mode 600)",
+                st.kind,
+                st.uid,
+                st.mode
+            );
+            let value = node.read(&rel)?.with_context(|| format!("{app}/{f}: vanished"))?;
+            sums.push((f.clone(), format!("{:x}", sha2::Sha256::digest(&value))));
+            values.push(value);
+        }
+        if let Some(reason) = archy_agent::secrets::problem(g.kind, &values[0], values.get(1)) {
+            bail!("{app}/{}: {}", g.target, reason.as_str());
+        }
+    }
+    Ok(sums)
 }
 
 /// Files written by `write-data` still there with the same checksum.

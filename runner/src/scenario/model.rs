@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use archy_agent::manifest::Catalog;
 use serde::{Deserialize, Serialize};
 
-use crate::node::FileFault;
+use crate::node::{DiskFault, FileFault};
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -214,6 +214,13 @@ pub enum Step {
         #[serde(rename = "for")]
         duration: archy_agent::manifest::Dur,
     },
+    /// The data root's filesystem full or read-only for `for` (one agent tick forced into it),
+    /// then as before.
+    DiskFault {
+        fault: DiskFault,
+        #[serde(rename = "for")]
+        duration: archy_agent::manifest::Dur,
+    },
     /// L6: per app, install request -> up (a cold install: run after `purge`) beside a raw
     /// `podman run -d` of the same container until its health check passes.
     MeasureInstall,
@@ -243,6 +250,48 @@ pub enum Step {
         path: String,
         content: String,
     },
+    /// One request of the package API on one app (none for `reconcile`), recorded in the
+    /// iteration's history with its result: ok, fail or indeterminate (the `model` check).
+    Op {
+        op: ApiOp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        app: Option<String>,
+    },
+    /// A change of the node's catalog, as a platform update makes it.
+    Catalog {
+        change: CatalogChange,
+        app: String,
+    },
+}
+
+/// A request of the package API (`op` steps, `archy-chaos explore`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiOp {
+    Install,
+    Uninstall,
+    /// Uninstall deleting the app's data and secrets too.
+    Purge,
+    Start,
+    Stop,
+    Restart,
+    /// A reconcile pass now (`node.reconcile`); changes no desired state.
+    Reconcile,
+}
+
+/// How a catalog changes under a running node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CatalogChange {
+    /// A new version: the version, an environment variable and the stop timeout change, so
+    /// the app's container must be replaced.
+    Upgrade,
+    /// The manifest no longer parses (a bad update); `repair` puts the last good one back.
+    Break,
+    Repair,
+    /// The app leaves the catalog (its manifest moved aside); `restore` brings it back.
+    Remove,
+    Restore,
 }
 
 impl Step {
@@ -266,6 +315,7 @@ impl Step {
                 | Step::MeasureInstall
                 | Step::MeasureTicks { .. }
                 | Step::MeasureCalls
+                | Step::Op { .. }
         )
     }
 
@@ -313,6 +363,9 @@ pub enum Invariant {
     /// Each app's live port bindings are those of its manifest (and nothing is published
     /// under host networking).
     PortsMatch,
+    /// The node, observed from outside the agent, is what the history of `op` and `catalog`
+    /// steps implies (`scenario::history`), reached on the agent's own schedule.
+    Model,
 }
 
 impl Invariant {
@@ -366,6 +419,11 @@ impl Scenario {
             }
         }
         out
+    }
+
+    /// A history (`explore`'s, or one it found): checked by the model of its requests.
+    pub fn is_history(&self) -> bool {
+        self.invariants.contains(&Invariant::Model)
     }
 
     /// Parses a scenario file; every error names the file (and line, where serde knows it).

@@ -11,7 +11,8 @@ use serde_json::json;
 use sha2::Digest;
 
 use super::engine::StepCtx;
-use super::model::{kpi, LifecycleOp, Step};
+use super::history::{self, Entry, History, Outcome};
+use super::model::{kpi, CatalogChange, LifecycleOp, Step};
 use crate::evidence::Evidence;
 use crate::node::{FileFault, PODMAN_FAIL_FLAG};
 
@@ -73,6 +74,7 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         Step::KillAgentAt { point } => kill_agent_at(ctx, point),
         Step::KillAgentDuring { op, within } => kill_agent_during(ctx, *op, within.0),
         Step::PodmanFail { duration } => podman_fail(ctx, duration.0),
+        Step::DiskFault { .. } => anyhow::bail!("MERGE: disk faults come from the disk branch"),
         Step::MeasureInstall => {
             super::measure::install(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, timeout, ctx.n)
         }
@@ -89,6 +91,15 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         }
         Step::Exec { argv, expect } => exec(ctx, argv, expect.as_deref()),
         Step::Reachable => reachable(ctx),
+        Step::Op { op, app } => {
+            let index = ctx.memory.history.entries().len();
+            let e = history::request(ctx.agent, &ctx.memory.history, index, 0, *op, app.as_deref(), timeout);
+            Ok(Evidence::default().with("outcome", e.outcome).with("message", e.message))
+        }
+        Step::Catalog { change, app } => {
+            let index = ctx.memory.history.entries().len();
+            catalog_change(ctx.node, &ctx.memory.history, index, 0, *change, app)
+        }
         Step::WriteFile { path, content } => {
             let before = ctx.node.hash(path)?;
             ctx.node.write(path, content.as_bytes())?;
@@ -241,4 +252,79 @@ fn reachable(ctx: &StepCtx) -> Result<Evidence> {
         answered.push(url);
     }
     Ok(Evidence::default().with("answered", answered))
+}
+
+/// Where `catalog` steps keep what they took out of the catalog, under the node's root.
+const ASIDE: &str = "catalog-aside";
+
+/// Changes the node's catalog as a platform update would, and records the change in the
+/// history (ok, or fail with why: repairing a manifest that is not broken, say).
+pub fn catalog_change(
+    node: &dyn crate::node::Node,
+    history: &History,
+    index: usize,
+    client: usize,
+    change: CatalogChange,
+    app: &str,
+) -> Result<Evidence> {
+    let invoked = history.now();
+    let result = change_catalog(node, change, app);
+    let (outcome, message) = match &result {
+        Ok(()) => (Outcome::Ok, String::new()),
+        Err(e) => (Outcome::Fail, format!("{e:#}")),
+    };
+    let step = Step::Catalog { change, app: app.to_string() };
+    history.record(Entry { index, client, step, invoked, completed: history.now(), outcome, message: message.clone() });
+    Ok(Evidence::default().with("outcome", outcome).with("message", message))
+}
+
+fn change_catalog(node: &dyn crate::node::Node, change: CatalogChange, app: &str) -> Result<()> {
+    let manifest = format!("catalog/{app}/manifest.yml");
+    let good = format!("{ASIDE}/{app}.good.yml");
+    let removed = format!("{ASIDE}/{app}");
+    let present = node.stat(&manifest)?.is_some();
+    let broken = node.stat(&good)?.is_some();
+    match change {
+        CatalogChange::Upgrade => {
+            ensure!(present && !broken, "{app} is not in the catalog or its manifest is broken");
+            let text = node.read(&manifest)?.context("manifest vanished")?;
+            let mut m: serde_yaml::Value = serde_yaml::from_slice(&text).context("parsing the manifest")?;
+            let rev = m.get("version").and_then(|v| v.as_str()).unwrap_or("0").to_string();
+            let n = rev.rsplit_once("+u").and_then(|(_, n)| n.parse::<u32>().ok()).unwrap_or(0) + 1;
+            let base = rev.rsplit_once("+u").map_or(rev.as_str(), |(b, _)| b).to_string();
+            m["version"] = format!("{base}+u{n}").into();
+            let env = m.as_mapping_mut().context("a manifest is a mapping")?;
+            let environment = env
+                .entry("environment".into())
+                .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+            environment["ARCHY_UPGRADE"] = n.to_string().into();
+            node.write(&manifest, serde_yaml::to_string(&m)?.as_bytes())
+        }
+        CatalogChange::Break => {
+            ensure!(present && !broken, "{app} is not in the catalog or already broken");
+            node.write(&good, &node.read(&manifest)?.context("manifest vanished")?)?;
+            node.write(&manifest, b"id: [this manifest was broken by archy-chaos\n")
+        }
+        CatalogChange::Repair => {
+            ensure!(broken, "{app}'s manifest is not broken");
+            node.write(&manifest, &node.read(&good)?.context("the good manifest vanished")?)?;
+            node.remove(&good).map(drop)
+        }
+        CatalogChange::Remove => {
+            ensure!(present && !broken, "{app} is not in the catalog or its manifest is broken");
+            for f in node.list(&format!("catalog/{app}"))? {
+                let bytes = node.read(&format!("catalog/{app}/{f}"))?.context("a catalog file vanished")?;
+                node.write(&format!("{removed}/{f}"), &bytes)?;
+            }
+            node.remove(&format!("catalog/{app}")).map(drop)
+        }
+        CatalogChange::Restore => {
+            ensure!(!present && node.stat(&removed)?.is_some(), "{app} was not removed from the catalog");
+            for f in node.list(&removed)? {
+                let bytes = node.read(&format!("{removed}/{f}"))?.context("a removed file vanished")?;
+                node.write(&format!("catalog/{app}/{f}"), &bytes)?;
+            }
+            node.remove(&removed).map(drop)
+        }
+    }
 }

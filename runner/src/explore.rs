@@ -1,0 +1,623 @@
+//! `archy-chaos explore`: generated histories of concurrent requests, catalog changes and
+//! faults on one node, checked against a model at every quiet point, and a failure shrunk to
+//! an ordinary scenario (`scenarios/found/<id>.yml`) that `archy-chaos run` replays.
+//!
+//! The generator ([`generate`]) writes scenario steps; C clients take them in order from one
+//! queue, so requests overlap each other and the faults; the history records each with its
+//! invocation, completion and outcome (`scenario::history`). Every `--quiet-every` steps the
+//! clients drain, the checker (`scenario::checker`) waits for the node to match the model on
+//! the agent's own schedule, and a sampler watches for what must never be seen even briefly.
+
+pub mod generate;
+pub mod shrink;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use archy_agent::manifest::{Catalog, Dur};
+use rand::{Rng, SeedableRng};
+
+use crate::node::local::UpOptions;
+use crate::node::ssh::{SshNode, SshOptions};
+use crate::node::{Backend, LocalNode, Node};
+use crate::report::model::{ExploreReport, Found};
+use crate::report::{exit, NodeReport, Report, ScenarioReport};
+use crate::scenario::checker::{self, Seen, NEVER_HEALTHY};
+use crate::scenario::engine::{Iteration, Memory, StepCtx, StepRecord};
+use crate::scenario::history::{self, Entry, History};
+use crate::scenario::{steps, Scenario, Step, Verdict};
+pub use generate::Fault;
+
+#[derive(clap::Args)]
+pub struct ExploreArgs {
+    /// Where: `local` (a fresh node-in-a-box, and one per shrinking replay), `local:NAME`, or
+    /// `ssh://user@host[:port]` (a provisioned host; shrinking replays on it after removing
+    /// every app but the protected ones).
+    #[arg(long, default_value = "local")]
+    pub node: String,
+    /// Seed of the generator and every random choice [default: random; the report prints it].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Steps to generate (requests, catalog changes and faults).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub ops: u32,
+    /// Concurrent clients taking the steps in order.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub clients: u32,
+    /// Kinds of fault to interleave, comma separated [default: all].
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub faults: Option<Vec<Fault>>,
+    /// Longest exploration (steps not run by then are left out; shrinking has its own).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub budget: Duration,
+    /// Longest pause of a client between two steps (each pause is uniform from zero), so
+    /// requests and faults meet the reconciler at work rather than all at once.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub stagger: Duration,
+    /// Steps between quiet points, where the clients drain and the checker runs.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..))]
+    pub quiet_every: u32,
+    /// Longest wait for the node to match the model at a quiet point.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub converge_timeout: Duration,
+    /// Longest shrinking of a failure; 0 does not shrink.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    pub shrink_budget: Duration,
+    /// The apps the clients use [default: every fixture, the crash-looping one included].
+    #[arg(long, value_delimiter = ',')]
+    pub apps: Vec<String>,
+    /// Where a shrunk failure is written as a scenario.
+    #[arg(long, default_value = "scenarios/found")]
+    pub found_dir: PathBuf,
+    #[arg(long, default_value = "apps")]
+    pub catalog: PathBuf,
+    #[arg(long, default_value = "reports/out")]
+    pub report_dir: PathBuf,
+    /// Backend of local nodes' agents.
+    #[arg(long, value_enum, default_value = "quadlet")]
+    pub backend: Backend,
+    /// Deliberately broken agent behaviour, for proving that explore catches it.
+    #[arg(long = "break", value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(archy_agent::failpoint::BREAKAGES))]
+    pub breakages: Vec<String>,
+    #[command(flatten)]
+    pub ssh: SshOptions,
+    /// Apps an SSH host keeps (never touched).
+    #[arg(long, value_delimiter = ',')]
+    pub protected: Vec<String>,
+    /// Keep the exploring local node afterwards.
+    #[arg(long)]
+    pub keep_node: bool,
+    #[arg(long, default_value = "archy")]
+    pub user: String,
+    /// Print the JSON report on stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<Dur>().map(|d| d.0).map_err(|e| format!("`{s}` is not a duration such as 90s or 10m: {e}"))
+}
+
+/// Where explore runs.
+enum Where {
+    Local(String),
+    Ssh(Box<SshNode>),
+}
+
+pub fn explore(args: ExploreArgs) -> ExitCode {
+    let usage = |e: anyhow::Error| {
+        eprintln!("archy-chaos: {e:#}");
+        ExitCode::from(exit::USAGE)
+    };
+    let catalog = match Catalog::load(&args.catalog) {
+        Ok(c) => c,
+        Err(e) => return usage(anyhow::anyhow!("--catalog {}: {e}", args.catalog.display())),
+    };
+    let apps: Vec<String> = if args.apps.is_empty() {
+        catalog.apps.values().filter(|m| m.fixture && m.network != archy_agent::manifest::Network::Host).map(|m| m.id.clone()).collect()
+    } else {
+        args.apps.clone()
+    };
+    if let Some(bad) = apps.iter().find(|a| catalog.get(a).is_none()) {
+        return usage(anyhow::anyhow!("--apps: `{bad}` is not in the catalog {}", args.catalog.display()));
+    }
+    let place = match args.node.as_str() {
+        "local" => Where::Local(format!("x{}", std::process::id())),
+        n if n.starts_with("local:") => Where::Local(n["local:".len()..].to_string()),
+        n if n.starts_with("ssh://") => match args.ssh.node(n) {
+            Ok(s) => Where::Ssh(Box::new(s)),
+            Err(e) => return usage(e.context("--node")),
+        },
+        n => return usage(anyhow::anyhow!("--node: `{n}` is neither local, local:NAME nor ssh://user@host")),
+    };
+    let faults: BTreeSet<Fault> = match &args.faults {
+        Some(f) => f.iter().copied().collect(),
+        None => <Fault as clap::ValueEnum>::value_variants().iter().copied().collect(),
+    };
+    if let (Where::Ssh(_), true) = (&place, faults.contains(&Fault::Disk)) {
+        return usage(anyhow::anyhow!("--faults disk needs a local node (its data root is a filesystem of its own); leave it out over SSH"));
+    }
+    if let Err(e) = crate::interrupt::install() {
+        return usage(anyhow::anyhow!("installing the signal handlers: {e}"));
+    }
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let started = SystemTime::now();
+    let plan = generate::generate(seed, args.ops as usize, &faults, &catalog, &apps);
+    eprintln!(
+        "archy-chaos: exploring {} steps with {} clients on {} (faults: {}), seed {seed}",
+        plan.len(),
+        args.clients,
+        args.node,
+        faults.iter().map(|f| f.name()).collect::<Vec<_>>().join(",")
+    );
+    let ex = Explorer { args: &args, catalog: &catalog, apps: &apps, seed };
+    let result = match &place {
+        Where::Local(name) => ex.on_local(name, &plan),
+        Where::Ssh(n) => ex.on_host(n.as_ref(), &plan),
+    };
+    let (explored, found) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("archy-chaos: explore could not run (verdict: unknown): {e:#}");
+            return ExitCode::from(exit::UNKNOWN);
+        }
+    };
+    let interrupted = crate::interrupt::signal();
+    let mut verdict = if found.is_some() { Verdict::Fail } else { explored.verdict() };
+    if interrupted.is_some() {
+        verdict = verdict.max(Verdict::Unknown);
+    }
+    let scenario = ScenarioReport {
+        scenario: format!("explore-{seed}"),
+        description: format!("{} generated steps, {} clients", plan.len(), args.clients),
+        layer: crate::scenario::Layer::L5,
+        destructive: true,
+        verdict,
+        iterations: explored.checks.clone(),
+        kpis: Vec::new(),
+    };
+    let node_report = NodeReport::new(args.node.clone(), format!("{:?}", args.backend).to_lowercase(), explored.environment.clone(), vec![scenario]);
+    let mut r = Report {
+        schema: crate::report::SCHEMA,
+        verdict,
+        seed,
+        replay: replay(&args, seed),
+        nondeterminism: "the seed fixes the generated steps and every random choice of the runner; which client takes which step when, podman's and systemd's timing and the kernel's scheduling are not fixed by it".into(),
+        started_unix: started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        duration_seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+        nodes: vec![node_report],
+        explore: None,
+    };
+    r.explore = Some(ExploreReport {
+        seed,
+        ops: args.ops,
+        clients: args.clients,
+        faults: faults.iter().map(|f| f.name()).collect(),
+        steps_run: explored.steps_run,
+        history: explored.history,
+        found,
+    });
+    let path = match r.write(&args.report_dir, &format!("explore-{seed}")) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("archy-chaos: cannot write the report: {e:#}");
+            return ExitCode::from(exit::UNKNOWN);
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        println!("{}", crate::report::markdown::explore_summary(&r));
+        println!("verdict: {:?}; report: {}; replay: {}", r.verdict, path.display(), r.replay);
+    }
+    match interrupted {
+        Some(sig) => ExitCode::from(crate::interrupt::exit_code(sig)),
+        None => ExitCode::from(r.exit_code()),
+    }
+}
+
+fn replay(args: &ExploreArgs, seed: u64) -> String {
+    let mut r = format!(
+        "archy-chaos explore --node {} --seed {seed} --ops {} --clients {} --quiet-every {} --stagger {}ms --backend {}",
+        args.node,
+        args.ops,
+        args.clients,
+        args.quiet_every,
+        args.stagger.as_millis(),
+        format!("{:?}", args.backend).to_lowercase()
+    );
+    if let Some(f) = &args.faults {
+        r.push_str(&format!(" --faults {}", f.iter().map(|f| f.name()).collect::<Vec<_>>().join(",")));
+    }
+    if !args.apps.is_empty() {
+        r.push_str(&format!(" --apps {}", args.apps.join(",")));
+    }
+    if !args.breakages.is_empty() {
+        r.push_str(&format!(" --break {}", args.breakages.join(",")));
+    }
+    r
+}
+
+/// What exploring one node gave.
+struct Explored {
+    history: Vec<Entry>,
+    /// One per quiet point: the steps since the last one, and what the checker found.
+    checks: Vec<Iteration>,
+    steps_run: usize,
+    /// The first failure: its message and how many steps led to it.
+    failure: Option<(String, usize)>,
+    environment: Option<crate::report::model::Environment>,
+}
+
+impl Explored {
+    fn verdict(&self) -> Verdict {
+        self.checks.iter().map(|c| c.verdict).max().unwrap_or(Verdict::Unknown)
+    }
+}
+
+struct Explorer<'a> {
+    args: &'a ExploreArgs,
+    catalog: &'a Catalog,
+    apps: &'a [String],
+    seed: u64,
+}
+
+impl Explorer<'_> {
+    fn up(&self, name: &str) -> Result<LocalNode> {
+        let opts = UpOptions {
+            name: name.to_string(),
+            user: self.args.user.clone(),
+            backend: self.args.backend,
+            netns: true,
+            fm3: false,
+            breakages: self.args.breakages.clone(),
+        };
+        let bin = std::env::current_exe()?.with_file_name("archy-agent");
+        LocalNode::up(&opts, &bin, &self.args.catalog).context("cannot bring up a local node")
+    }
+
+    fn on_local(&self, name: &str, plan: &[Step]) -> Result<(Explored, Option<Found>)> {
+        let node = self.up(name)?;
+        let explored = self.run(&node, plan);
+        if !self.args.keep_node {
+            node.down().with_context(|| format!("removing node {name}"))?;
+        }
+        let explored = explored?;
+        let found = self.found(&explored, plan, &|steps: &[Step]| {
+            let node = self.up(&format!("{name}s"))?;
+            let it = self.replay_on(&node, steps);
+            node.down()?;
+            it
+        });
+        Ok((explored, found))
+    }
+
+    fn on_host(&self, node: &SshNode, plan: &[Step]) -> Result<(Explored, Option<Found>)> {
+        node.root().context("the host")?;
+        self.clean(node)?;
+        let explored = self.run(node, plan)?;
+        let found = self.found(&explored, plan, &|steps: &[Step]| {
+            self.clean(node)?;
+            self.replay_on(node, steps)
+        });
+        Ok((explored, found))
+    }
+
+    /// Every app but the protected ones removed, the catalog as it was.
+    fn clean(&self, node: &dyn Node) -> Result<()> {
+        let agent = crate::node::agent(node);
+        agent.wait_ready(self.args.converge_timeout)?;
+        for app in node.list("catalog-aside")? {
+            let change = if app.ends_with(".good.yml") { crate::scenario::CatalogChange::Repair } else { crate::scenario::CatalogChange::Restore };
+            let app = app.trim_end_matches(".good.yml").to_string();
+            steps::catalog_change(node, &History::default(), 0, 0, change, &app)?;
+        }
+        let installed: Vec<String> = agent.list()?.into_iter().map(|a| a.id).filter(|a| !self.args.protected.contains(a)).collect();
+        crate::scenario::engine::clean(&agent, &installed, self.args.converge_timeout)
+    }
+
+    /// The scenario a sequence of steps is, as `scenarios/found/<id>.yml` holds it.
+    fn scenario_text(&self, id: &str, description: &str, steps: &[Step]) -> Result<String> {
+        let skip = |why: &str| serde_json::json!(why);
+        let why = "explore's model decides from the history, observed from outside the agent";
+        let doc = serde_json::json!({
+            "version": crate::scenario::FORMAT_VERSION,
+            "id": id,
+            "layer": "L5",
+            "description": description,
+            "apps": self.apps,
+            "destructive": true,
+            "converge_timeout": format!("{}s", self.args.converge_timeout.as_secs()),
+            "steps": steps,
+            "invariants": ["model"],
+            "skip": {
+                "converged": skip("it forces ticks; the model waits on the agent's own schedule"),
+                "apps-up": skip(why),
+                "secrets-valid": skip("the model checks the secrets of every app installed, and their rotation"),
+                "ports-match": skip(why),
+                "no-orphans": skip(why),
+                "state-valid": skip("the history damages the state file on purpose"),
+            },
+        });
+        Ok(serde_yaml::to_string(&doc)?)
+    }
+
+    /// One replay of `steps` as a scenario on `node`: its iteration.
+    fn replay_on(&self, node: &dyn Node, steps: &[Step]) -> Result<Iteration> {
+        let text = self.scenario_text("replay", "a shrinking candidate", steps)?;
+        let s: Scenario = serde_yaml::from_str(&text).context("a candidate scenario")?;
+        let agent = crate::node::agent(node);
+        Ok(crate::scenario::engine::iterate(&s, node, &agent, self.apps, 1, self.seed))
+    }
+
+    /// Replays the failing prefix one step at a time; if it fails the same way, shrinks it
+    /// and writes the scenario.
+    fn found(
+        &self,
+        explored: &Explored,
+        plan: &[Step],
+        replay: &dyn Fn(&[Step]) -> Result<Iteration>,
+    ) -> Option<Found> {
+        let (failure, n) = explored.failure.clone()?;
+        let want = signatures(&failure);
+        let fails = |steps: &[Step]| match replay(steps) {
+            Ok(it) => it.verdict == Verdict::Fail && it.failures.iter().any(|f| signatures(f).iter().any(|s| want.contains(s))),
+            Err(e) => {
+                eprintln!("archy-chaos: a replay could not run: {e:#}");
+                false
+            }
+        };
+        let prefix = plan[..n].to_vec();
+        let mut found = Found { failure: failure.clone(), steps: n, reproduced: false, shrunk: None, scenario: None };
+        if self.args.shrink_budget.is_zero() {
+            return Some(found);
+        }
+        eprintln!("archy-chaos: found after {n} steps: {failure}\narchy-chaos: replaying the {n} steps one at a time");
+        found.reproduced = fails(&prefix);
+        if !found.reproduced {
+            eprintln!("archy-chaos: the failure did not reproduce sequentially; the report keeps the concurrent history");
+            return Some(found);
+        }
+        let (min, shrunk) = shrink::ddmin(prefix, self.args.shrink_budget, fails);
+        eprintln!("archy-chaos: shrunk {} -> {} steps in {} replays", shrunk.original_len, shrunk.minimal_len, shrunk.replays);
+        let id = format!("found-{}-{}", self.seed, n);
+        let description = format!(
+            "Found by `{}`: {failure}. Shrunk from {} to {} steps in {} replays.",
+            replay_hint(self.args, self.seed),
+            shrunk.original_len,
+            shrunk.minimal_len,
+            shrunk.replays
+        );
+        match self.write_found(&id, &description, &min) {
+            Ok(p) => found.scenario = Some(p.display().to_string()),
+            Err(e) => eprintln!("archy-chaos: cannot write the found scenario: {e:#}"),
+        }
+        found.shrunk = Some(shrunk);
+        Some(found)
+    }
+
+    fn write_found(&self, id: &str, description: &str, steps: &[Step]) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.args.found_dir)
+            .with_context(|| format!("creating {}", self.args.found_dir.display()))?;
+        let path = self.args.found_dir.join(format!("{id}.yml"));
+        let text = self.scenario_text(id, description, steps)?;
+        std::fs::write(&path, format!("# Written by archy-chaos explore; replay: archy-chaos run found/{id}\n{text}"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Scenario::load(&path)?; // what was written replays
+        Ok(path)
+    }
+
+    /// Explores `plan` on `node` until its end, the budget or the first failure.
+    fn run(&self, node: &dyn Node, plan: &[Step]) -> Result<Explored> {
+        let history = Arc::new(History::default());
+        let text = self.scenario_text("explore", "explore", &[Step::WaitReady])?;
+        let s: Scenario = serde_yaml::from_str(&text)?;
+        let agent = crate::node::agent(node);
+        let backend = agent.status().context("asking the agent")?.backend;
+        let start = Instant::now();
+        let mut seen = Seen::default();
+        let mut checks = Vec::new();
+        let mut steps_run = 0;
+        let bar = indicatif::ProgressBar::new(plan.len() as u64);
+        for (k, segment) in plan.chunks(self.args.quiet_every as usize).enumerate() {
+            if start.elapsed() >= self.args.budget || crate::interrupt::signal().is_some() {
+                break;
+            }
+            let offset = steps_run;
+            let violations = Mutex::new(Vec::new());
+            let done = AtomicBool::new(false);
+            let queue = Mutex::new(segment.iter().cloned().enumerate().map(|(i, s)| (offset + i, s)).collect::<VecDeque<_>>());
+            std::thread::scope(|sc| {
+                let sampler = sc.spawn(|| sample(node, self.apps, &done, &violations));
+                let clients: Vec<_> = (0..self.args.clients as usize)
+                    .map(|c| {
+                        let (queue, history, s, bar) = (&queue, &history, &s, &bar);
+                        sc.spawn(move || {
+                            let agent = crate::node::agent(node);
+                            let mut ctx = StepCtx {
+                                s,
+                                node,
+                                agent: &agent,
+                                catalog: self.catalog.clone(),
+                                backend,
+                                apps: self.apps,
+                                n: (k * 64 + c) as u32 + 1,
+                                rng: rand::rngs::StdRng::seed_from_u64(self.seed ^ ((k as u64) << 16) ^ c as u64),
+                                memory: Memory { history: history.clone(), ..Memory::default() },
+                            };
+                            loop {
+                                let pause = ctx.rng.random_range(0.0..=self.args.stagger.as_secs_f64());
+                                std::thread::sleep(Duration::from_secs_f64(pause));
+                                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                                let Some((i, step)) = next else { break };
+                                perform(&mut ctx, history, i, c, &step, self.args.converge_timeout);
+                                bar.inc(1);
+                            }
+                        })
+                    })
+                    .collect();
+                for c in clients {
+                    let _ = c.join();
+                }
+                done.store(true, Ordering::SeqCst);
+                let _ = sampler.join();
+            });
+            steps_run += segment.len();
+            // A kill point armed but never reached dies at the next install otherwise.
+            let _ = node.remove(&steps::failpoint_file());
+            let entries = history.entries();
+            let mut failures: Vec<String> = violations.into_inner().unwrap_or_default();
+            let check = agent
+                .wait_ready(self.args.converge_timeout)
+                .map(drop)
+                .and_then(|_| checker::check(node, &agent, self.catalog, self.apps, &entries, &mut seen, self.args.converge_timeout));
+            if let Err(e) = check {
+                failures.push(format!("{e:#}"));
+            }
+            let records: Vec<StepRecord> = entries
+                .iter()
+                .filter(|e| e.index >= offset)
+                .map(|e| StepRecord {
+                    step: serde_json::to_value(&e.step).unwrap_or_default(),
+                    seconds: Some(e.completed - e.invoked),
+                    evidence: Some(crate::evidence::Evidence::default().with("outcome", e.outcome).with("client", e.client).with("message", &e.message)),
+                    error: None,
+                })
+                .collect();
+            let verdict = if failures.is_empty() { Verdict::Pass } else { Verdict::Fail };
+            let log = if failures.is_empty() { String::new() } else { node.log(30).unwrap_or_default() };
+            checks.push(Iteration {
+                n: k as u32 + 1,
+                apps: self.apps.to_vec(),
+                subject: None,
+                verdict,
+                steps: records,
+                failures: failures.clone(),
+                unknowns: Vec::new(),
+                measures: Default::default(),
+                log,
+            });
+            if !failures.is_empty() {
+                bar.finish_and_clear();
+                return Ok(Explored {
+                    history: history.entries(),
+                    checks,
+                    steps_run,
+                    failure: Some((failures.join("; "), steps_run)),
+                    environment: Some(crate::environment::environment(node, crate::environment::cpu_times())),
+                });
+            }
+        }
+        bar.finish_and_clear();
+        Ok(Explored {
+            history: history.entries(),
+            checks,
+            steps_run,
+            failure: None,
+            environment: Some(crate::environment::environment(node, crate::environment::cpu_times())),
+        })
+    }
+}
+
+fn replay_hint(args: &ExploreArgs, seed: u64) -> String {
+    replay(args, seed)
+}
+
+/// One step by client `c`, recorded in the history whatever happens.
+fn perform(ctx: &mut StepCtx, history: &History, i: usize, c: usize, step: &Step, patience: Duration) {
+    match step {
+        Step::Op { op, app } => {
+            history::request(ctx.agent, history, i, c, *op, app.as_deref(), patience);
+        }
+        Step::Catalog { change, app } => {
+            let _ = steps::catalog_change(ctx.node, history, i, c, *change, app);
+        }
+        _ => {
+            let invoked = history.now();
+            let result = steps::run(ctx, step);
+            history.record(Entry::of_step(i, c, step, invoked, history, &result));
+        }
+    }
+}
+
+/// Until `done`: what must never be seen even for a moment. Two containers for one app; a
+/// secret readable by others still so after a tick that began after it was first seen so
+/// (the agent had its chance and did not heal it).
+fn sample(node: &dyn Node, apps: &[String], done: &AtomicBool, violations: &Mutex<Vec<String>>) {
+    let agent = crate::node::agent(node);
+    let mut exposed: std::collections::BTreeMap<String, f64> = Default::default();
+    let now = || SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    while !done.load(Ordering::SeqCst) && crate::interrupt::signal().is_none() {
+        std::thread::sleep(Duration::from_secs(2));
+        let mut found = Vec::new();
+        if let Ok(cs) = checker::containers(node) {
+            for app in apps {
+                let n = cs.iter().filter(|c| &c.app == app).count();
+                if n > 1 {
+                    found.push(format!("sampled: {app} had {n} containers at once"));
+                }
+            }
+        }
+        let last_tick = agent.status().ok().and_then(|s| s.last_tick_at);
+        for app in apps.iter().filter(|a| !NEVER_HEALTHY.contains(&a.as_str())) {
+            for f in node.list(&format!("data/secrets/{app}")).unwrap_or_default() {
+                if f.starts_with('.') {
+                    continue;
+                }
+                let key = format!("{app}/{f}");
+                let open = node.stat(&format!("data/secrets/{key}")).ok().flatten().is_some_and(|st| st.mode & 0o077 != 0);
+                match (open, exposed.get(&key)) {
+                    (false, _) => {
+                        exposed.remove(&key);
+                    }
+                    (true, None) => {
+                        exposed.insert(key, now());
+                    }
+                    (true, Some(&since)) => {
+                        // A tick that began after we saw it (ticks take < 2 s) and left it.
+                        if last_tick.is_some_and(|t| t > since + 2.0) {
+                            found.push(format!("sampled: secret {key} stayed readable by others across a tick"));
+                        }
+                    }
+                }
+            }
+        }
+        if !found.is_empty() {
+            let mut v = violations.lock().unwrap_or_else(|e| e.into_inner());
+            for f in found {
+                if !v.contains(&f) {
+                    v.push(f);
+                }
+            }
+        }
+    }
+}
+
+/// A failure's kind, to tell whether a replay fails the same way: each `; `-separated part
+/// up to its first comma, digits dropped (`fx-web: desired running`).
+fn signatures(failure: &str) -> BTreeSet<String> {
+    failure
+        .trim_start_matches("model: ")
+        .split("; ")
+        .map(|p| p.split(',').next().unwrap_or(p).chars().filter(|c| !c.is_ascii_digit()).collect::<String>().trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_and_its_replay_have_the_same_signature() {
+        let a = signatures("model: fx-web: desired running, but its container is None; liveness: the agent completed no reconcile tick in the 61 s of this check (last at unix 1764.5)");
+        let b = signatures("fx-web: desired running, but its container is Some(..); liveness: the agent completed no reconcile tick in the 45 s of this check (last at unix 1799.1)");
+        assert_eq!(a, b);
+        assert!(!signatures("fx-client: desired running, but ...").iter().any(|s| a.contains(s)));
+    }
+}

@@ -1,0 +1,181 @@
+//! The model checker: is the node, observed from outside the agent, what the history
+//! implies? It believes nothing the agent says about its apps: containers are podman's
+//! answer on the node, "up" is the app answering its own endpoint, secrets are read from the
+//! node's disk. It waits on the agent's own schedule and never forces a tick, so an agent that
+//! stopped ticking cannot be prodded into passing.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{ensure, Result};
+use archy_agent::manifest::Catalog;
+
+use super::history::{self, AppModel, Desired, Entry, InCatalog};
+use crate::agent_client::AgentClient;
+use crate::node::Node;
+
+/// Fixtures that never become healthy, by design.
+pub const NEVER_HEALTHY: &[&str] = &["fx-crashloop"];
+
+/// What the last check saw, for the next one: secret values by `app/file` (sha256).
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// History time of the last check.
+    pub at: f64,
+    pub secrets: BTreeMap<String, String>,
+}
+
+/// A managed container as podman on the node lists it.
+#[derive(Debug, Clone)]
+pub struct Container {
+    pub name: String,
+    pub app: String,
+    pub running: bool,
+    /// `healthy`, `unhealthy`, `starting`; none without a health check.
+    pub health: Option<String>,
+}
+
+pub fn containers(node: &dyn Node) -> Result<Vec<Container>> {
+    let out = node.exec(&[
+        "podman",
+        "ps",
+        "-a",
+        "--filter",
+        "label=io.archy.app",
+        "--format",
+        "{{.Names}}|{{.State}}|{{.Status}}|{{index .Labels \"io.archy.app\"}}",
+    ])?;
+    ensure!(out.status.success(), "podman ps on the node: {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            let [name, state, status, app] = f[..] else { return None };
+            let health = ["healthy", "unhealthy", "starting"]
+                .into_iter()
+                .find(|h| status.contains(&format!("({h})")))
+                .map(str::to_string);
+            Some(Container { name: name.into(), app: app.into(), running: state == "running" || status.starts_with("Up"), health })
+        })
+        .collect())
+}
+
+/// Whether the app answers HTTP on its first published port, from inside the node.
+fn answers(node: &dyn Node, catalog: &Catalog, app: &str) -> Result<bool> {
+    let Some(port) = catalog.get(app).and_then(|m| m.ports.first()) else { return Ok(true) };
+    let url = format!("http://127.0.0.1:{}/", port.host);
+    Ok(node.exec(&["wget", "-q", "-T", "3", "-O", "/dev/null", &url])?.status.success())
+}
+
+/// What does not match the model now (empty: the node is as the history implies).
+fn mismatches(
+    node: &dyn Node,
+    catalog: &Catalog,
+    models: &BTreeMap<String, AppModel>,
+) -> Result<Vec<String>> {
+    let observed = containers(node)?;
+    let mut out = Vec::new();
+    for (app, m) in models {
+        let mine: Vec<&Container> = observed.iter().filter(|c| &c.app == app).collect();
+        if mine.len() > 1 {
+            out.push(format!("{app}: {} containers for one app", mine.len()));
+        }
+        let c = mine.first();
+        let deps_up = catalog.get(app).is_some_and(|man| {
+            man.depends_on.iter().all(|d| {
+                models.get(d).is_some_and(|dm| dm.certain() == Some(Desired::Running) && dm.manifest == InCatalog::Valid)
+            })
+        });
+        match m.certain() {
+            Some(Desired::Running) if m.manifest == InCatalog::Valid && deps_up => {
+                // A crash loop is between a death and systemd's restart as often as not.
+                if NEVER_HEALTHY.contains(&app.as_str()) {
+                } else if !c.is_some_and(|c| c.running && c.health.as_deref().is_none_or(|h| h == "healthy")) {
+                    out.push(format!("{app}: desired running, but its container is {c:?}"));
+                } else if !answers(node, catalog, app)? {
+                    out.push(format!("{app}: its container runs, but it does not answer on its port"));
+                }
+            }
+            Some(Desired::Stopped) if c.is_some_and(|c| c.running) => {
+                out.push(format!("{app}: desired stopped, but its container runs"));
+            }
+            Some(Desired::Absent) => {
+                if let Some(c) = c {
+                    out.push(format!("{app}: uninstalled, but container {} is still there", c.name));
+                }
+                if m.purged {
+                    for dir in [format!("data/secrets/{app}"), format!("data/apps/{app}")] {
+                        if node.stat(&dir)?.is_some() {
+                            out.push(format!("{app}: purged, but {dir} is still there"));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Waits (up to `timeout`, on the agent's own schedule) for the node to match the history's
+/// model, then checks liveness (a tick completed since the check began) and the secrets of
+/// every installed app: valid, 0600, owned by the service user, and not rotated since the
+/// last check unless the history allows it.
+pub fn check(
+    node: &dyn Node,
+    agent: &AgentClient,
+    catalog: &Catalog,
+    apps: &[String],
+    entries: &[Entry],
+    seen: &mut Seen,
+    timeout: Duration,
+) -> Result<()> {
+    let models = history::model(entries, apps);
+    let began = Instant::now();
+    let began_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let mut wrong = mismatches(node, catalog, &models)?;
+    while !wrong.is_empty() && began.elapsed() < timeout {
+        crate::interrupt::check()?;
+        std::thread::sleep(Duration::from_secs(1));
+        wrong = mismatches(node, catalog, &models)?;
+    }
+    let mut failures = wrong;
+    // Liveness: the reconciler ticks by itself (three intervals, and time for one tick).
+    let st = agent.status()?;
+    let window = Duration::from_secs_f64(3.0 * st.tick_interval_seconds.max(1.0) + 10.0);
+    let mut last = st.last_tick_at.unwrap_or(0.0);
+    while last < began_unix && began.elapsed() < timeout.max(window) {
+        crate::interrupt::check()?;
+        std::thread::sleep(Duration::from_secs(1));
+        last = agent.status()?.last_tick_at.unwrap_or(0.0);
+    }
+    if last < began_unix {
+        failures.push(format!(
+            "liveness: the agent completed no reconcile tick in the {:.0} s of this check (last at unix {last:.0})",
+            began.elapsed().as_secs_f64()
+        ));
+    }
+    let uid = node.service_uid()?;
+    let now = seen.at.max(entries.iter().map(|e| e.completed).fold(0.0, f64::max));
+    for (app, m) in &models {
+        let installed = matches!(m.certain(), Some(Desired::Running | Desired::Stopped));
+        let Some(manifest) = catalog.get(app).filter(|_| installed && m.manifest == InCatalog::Valid) else {
+            continue;
+        };
+        match super::invariants::secrets_of(node, manifest, uid) {
+            Err(e) => failures.push(format!("{e:#}")),
+            Ok(values) => {
+                for (file, sum) in values {
+                    let key = format!("{app}/{file}");
+                    let before = seen.secrets.insert(key.clone(), sum.clone());
+                    if before.is_some_and(|b| b != sum) && !history::may_rotate(entries, app, seen.at) {
+                        failures.push(format!("{key}: rotated, though the app was neither purged nor changed and the secret was not damaged"));
+                    }
+                }
+            }
+        }
+    }
+    seen.at = now;
+    ensure!(failures.is_empty(), "{}", failures.join("; "));
+    Ok(())
+}
