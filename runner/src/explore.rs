@@ -323,27 +323,34 @@ impl Explorer<'_> {
 
     /// The scenario a sequence of steps is, as `scenarios/found/<id>.yml` holds it.
     fn scenario_text(&self, id: &str, description: &str, steps: &[Step]) -> Result<String> {
-        let skip = |why: &str| serde_json::json!(why);
+        use serde_yaml::Value;
         let why = "explore's model decides from the history, observed from outside the agent";
-        let doc = serde_json::json!({
-            "version": crate::scenario::FORMAT_VERSION,
-            "id": id,
-            "layer": "L5",
-            "description": description,
-            "apps": self.apps,
-            "destructive": true,
-            "converge_timeout": format!("{}s", self.args.converge_timeout.as_secs()),
-            "steps": steps,
-            "invariants": ["model"],
-            "skip": {
-                "converged": skip("it forces ticks; the model waits on the agent's own schedule"),
-                "apps-up": skip(why),
-                "secrets-valid": skip("the model checks the secrets of every app installed, and their rotation"),
-                "ports-match": skip(why),
-                "no-orphans": skip(why),
-                "state-valid": skip("the history damages the state file on purpose"),
-            },
-        });
+        let skip: serde_yaml::Mapping = [
+            ("converged", "it forces ticks; the model waits on the agent's own schedule"),
+            ("apps-up", why),
+            ("secrets-valid", "the model checks the secrets of every app installed, and their rotation"),
+            ("ports-match", why),
+            ("no-orphans", why),
+            ("state-valid", "the history damages the state file on purpose"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (Value::from(k), Value::from(v)))
+        .collect();
+        let doc: serde_yaml::Mapping = [
+            ("version", Value::from(crate::scenario::FORMAT_VERSION)),
+            ("id", id.into()),
+            ("layer", "L5".into()),
+            ("description", description.into()),
+            ("apps", serde_yaml::to_value(self.apps)?),
+            ("destructive", true.into()),
+            ("converge_timeout", format!("{}s", self.args.converge_timeout.as_secs()).into()),
+            ("steps", serde_yaml::to_value(serde_json::to_value(steps)?)?),
+            ("invariants", serde_yaml::to_value(["model"])?),
+            ("skip", Value::Mapping(skip)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (Value::from(k), v))
+        .collect();
         Ok(serde_yaml::to_string(&doc)?)
     }
 
@@ -386,8 +393,9 @@ impl Explorer<'_> {
         let (min, shrunk) = shrink::ddmin(prefix, self.args.shrink_budget, fails);
         eprintln!("archy-chaos: shrunk {} -> {} steps in {} replays", shrunk.original_len, shrunk.minimal_len, shrunk.replays);
         let id = format!("found-{}-{}", self.seed, n);
+        let short: String = failure.chars().take(300).collect();
         let description = format!(
-            "Found by `{}`: {failure}. Shrunk from {} to {} steps in {} replays.",
+            "Found by `{}`: {short}. Shrunk from {} to {} steps in {} replays.",
             replay_hint(self.args, self.seed),
             shrunk.original_len,
             shrunk.minimal_len,

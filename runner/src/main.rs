@@ -194,6 +194,14 @@ enum NodeCommand {
         #[arg(value_enum)]
         fault: node::FileFault,
     },
+    /// Make the node's data root full or read-only (`--off`: as before), with the evidence.
+    DiskFault {
+        name: String,
+        #[arg(value_enum)]
+        fault: node::DiskFault,
+        #[arg(long)]
+        off: bool,
+    },
     /// Run a command inside the node as its service user (e.g. `podman ps`), with this
     /// command's stdin and output; exits with its status.
     Exec {
@@ -419,6 +427,7 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
         NodeCommand::Partition { name } => show(LocalNode::open(&name)?.partition()?),
         NodeCommand::Heal { name } => show(LocalNode::open(&name)?.heal()?),
         NodeCommand::Fault { name, path, fault } => show(LocalNode::open(&name)?.file_fault(&path, fault)?),
+        NodeCommand::DiskFault { name, fault, off } => show(LocalNode::open(&name)?.disk_fault(fault, !off)?),
         NodeCommand::Exec { name, argv } => {
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
             // Streams (a test host's SSH login pipes uploads through here) and keeps the status.

@@ -70,6 +70,9 @@ pub trait Node: Send + Sync {
     fn log(&self, lines: usize) -> Result<String>;
     /// The catalog the node's agent runs: its own copy under `catalog/`.
     fn catalog(&self) -> Result<Catalog>;
+    /// Turns a fault of the disk under the agent's data root on or off; the evidence says
+    /// whether the data root is then really full or read-only (or no longer).
+    fn disk_fault(&self, fault: DiskFault, on: bool) -> Result<Evidence>;
 
     /// A file fault with its evidence: the file's checksum, owner and mode before and after.
     fn file_fault(&self, rel: &str, fault: FileFault) -> Result<Evidence> {

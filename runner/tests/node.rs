@@ -342,3 +342,88 @@ fn nodes_of_two_node_directories_never_share_an_address() {
     a.down();
     assert_ne!(x.split(':').next(), y.split(':').next(), "both nodes on one address");
 }
+
+/// The data root is a small filesystem of its own, so a full or read-only disk is real for
+/// the agent's service user inside the node; it outlives power cuts and a lost mount (this
+/// machine rebooted), and `down` leaves neither its mount nor its loop device.
+#[test]
+fn the_data_root_is_its_own_filesystem_and_disk_faults_are_real_inside_the_node() {
+    use std::os::unix::fs::MetadataExt;
+    let _g = serial();
+    let n = TestNode::up("tdisk", &[]);
+    let (root, data) = (n.root(), n.root().join("data"));
+    let img = root.join("data.img");
+
+    // (a) Its own ext4 of about 128 MiB, owned by the service user as the rest of the node.
+    let meta = std::fs::metadata(&data).unwrap();
+    assert_ne!(meta.dev(), std::fs::metadata(&root).unwrap().dev(), "data is not a filesystem of its own");
+    assert_eq!(meta.uid(), std::fs::metadata(root.join("home")).unwrap().uid());
+    assert_eq!(meta.mode() & 0o7777, 0o755);
+    let st = nix::sys::statvfs::statvfs(&data).unwrap();
+    let size = st.blocks() * st.fragment_size();
+    assert!((100 << 20..=128 << 20).contains(&size), "data root of {size} bytes");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mounts.lines().any(|l| l.contains(&format!(" {} ", data.display())) && l.contains(" - ext4 ")),
+        "{mounts}"
+    );
+
+    // A write of 1 MiB as the service user inside the node: (success, stderr).
+    let write = |file: &str| {
+        let script = format!("head -c 1048576 /dev/zero > {}/{file}", data.display());
+        let (ok, _, err) = chaos(&["node", "exec", "tdisk", "sh", "-c", &script]);
+        (ok, err)
+    };
+    assert!(write("before").0, "{}", n.log());
+
+    // (b) Read-only: the filesystem's flag holds in the node's own mount namespace.
+    let ro = n.json(&["node", "disk-fault", "tdisk", "read-only"]);
+    assert_eq!(
+        (ro["took_effect"].as_bool(), ro["writable_in_node"].as_bool()),
+        (Some(true), Some(false)),
+        "{ro}"
+    );
+    let (ok, err) = write("while-ro");
+    assert!(!ok && err.contains("Read-only file system"), "{err}");
+    let rw = n.json(&["node", "disk-fault", "tdisk", "read-only", "--off"]);
+    assert_eq!(
+        (rw["took_effect"].as_bool(), rw["writable_in_node"].as_bool()),
+        (Some(true), Some(true)),
+        "{rw}"
+    );
+    assert!(write("after-ro").0);
+
+    // (c) Full: no space for the service user either (no root reserve).
+    let full = n.json(&["node", "disk-fault", "tdisk", "full"]);
+    assert_eq!(full["took_effect"], true, "{full}");
+    assert!(full["free_bytes"].as_u64().unwrap() < 64 << 10, "{full}");
+    let (ok, err) = write("while-full");
+    assert!(!ok && err.contains("No space left on device"), "{err}");
+    let freed = n.json(&["node", "disk-fault", "tdisk", "full", "--off"]);
+    assert_eq!(freed["took_effect"], true, "{freed}");
+    assert!(freed["free_bytes"].as_u64().unwrap() > 100 << 20, "{freed}");
+    assert!(write("after-full").0);
+    assert_eq!(n.rpc("node.status", Value::Null)["ready"], true);
+
+    // (d) Data written inside the node survives a power cut, and a boot mounts the image again
+    // when the mount is gone (as after a reboot of this machine).
+    n.exec(&["sh", "-c", &format!("echo kept > {}/marker", data.display())]);
+    n.ok(&["node", "power-cut", "tdisk"]);
+    let umount = std::process::Command::new("umount").arg(&data).output().unwrap();
+    assert!(umount.status.success(), "{}", String::from_utf8_lossy(&umount.stderr));
+    assert!(!data.join("marker").exists());
+    n.ok(&["node", "boot", "tdisk"]);
+    assert_eq!(std::fs::read_to_string(data.join("marker")).unwrap(), "kept\n");
+    assert_eq!(n.exec(&["cat", &data.join("marker").to_string_lossy()]), "kept\n");
+
+    let loops = |args: &[&str]| {
+        let out = std::process::Command::new("losetup").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!loops(&["-j", &img.to_string_lossy()]).is_empty(), "no loop device behind the data root");
+    n.down();
+    // The image went with the node's files: no loop device may still name it.
+    let root_text = root.to_string_lossy().into_owned();
+    assert!(!std::fs::read_to_string("/proc/mounts").unwrap().contains(&root_text), "a mount left behind");
+    assert!(!loops(&["-a"]).contains(&root_text), "a loop device left behind: {}", loops(&["-a"]));
+}

@@ -13,13 +13,19 @@ use anyhow::{bail, ensure, Context, Result};
 use archy_agent::manifest::Catalog;
 use serde_json::json;
 
-use super::{checked, Backend, Evidence, FileFault, FileKind, Node, Stat, PODMAN_FAIL_FLAG};
+use super::{checked, Backend, DiskFault, Evidence, FileFault, FileKind, Node, Stat, PODMAN_FAIL_FLAG};
 
 const INIT: &str = include_str!("node-init.sh");
 /// The range of node addresses: 10.213.<index>.0/30 per node, host side .1, node side .2.
 const NODE_NET: &str = "10.213.0.0/16";
 /// Port the agent listens on inside a node with its own network namespace.
 const NETNS_AGENT_PORT: u16 = 8719;
+/// Size of the filesystem under a node's data root: quick to fill, ample for the fixtures.
+const DATA_SIZE: u64 = 128 << 20;
+/// The file a `full` disk fault fills the data root with.
+const FILL_FILE: &str = "data/.archy-chaos-fill";
+/// Free space under which the data root counts as full: less than one small write.
+const FULL_BELOW: u64 = 64 << 10;
 
 fn yes() -> bool {
     true
@@ -121,6 +127,91 @@ fn write_home(root: &Path) -> Result<()> {
         home.join(".config/systemd/user.conf"),
         "[Manager]\nDefaultStandardOutput=inherit\nDefaultStandardError=inherit\n",
     )?;
+    Ok(())
+}
+
+/// Makes `<root>/data` a filesystem of its own (created once, mounted if it is not): a sparse
+/// ext4 image loop-mounted in this machine's mount namespace, where the runner reads the
+/// node's files and from which every boot's namespace copies its mounts. Its own filesystem
+/// makes disk faults real for every process of the node: full is ENOSPC, read-only EROFS.
+/// No root reserve (`-m 0`), so full is full for the service user too.
+fn mount_data(root: &Path) -> Result<()> {
+    let (img, data) = (root.join("data.img"), root.join("data"));
+    if mount_at(&data)?.is_some() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    if !img.exists() {
+        ensure!(
+            std::fs::read_dir(&data)?.next().is_none(),
+            "{} holds files but there is no {}: the node was made by an older archy-chaos; take it down (`archy-chaos node down NAME`) and up again",
+            data.display(),
+            img.display()
+        );
+        // Formatted under another name first: an image that exists is a whole filesystem.
+        let new = root.join("data.img.new");
+        std::fs::File::create(&new)
+            .and_then(|f| f.set_len(DATA_SIZE))
+            .with_context(|| format!("creating {}", new.display()))?;
+        run(Command::new("mkfs.ext4").args(["-q", "-m", "0"]).arg(&new).stdin(Stdio::null()))?;
+        std::fs::rename(&new, &img)?;
+    }
+    run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&data))?;
+    Ok(())
+}
+
+/// What is mounted at `path` in this process's mount namespace: (the mount's options, the
+/// filesystem's options) of the topmost mount there, `None` if nothing is.
+fn mount_at(path: &Path) -> Result<Option<(String, String)>> {
+    let Ok(path) = std::fs::canonicalize(path) else { return Ok(None) };
+    let table = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    // Mount points are written with octal escapes for space, tab, newline and backslash.
+    let unescape = |p: &str| {
+        p.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    };
+    Ok(table
+        .lines()
+        .filter_map(|l| {
+            let (mine, fs) = l.split_once(" - ")?;
+            let f: Vec<&str> = mine.split(' ').collect();
+            if Path::new(&unescape(f.get(4)?)) != path {
+                return None;
+            }
+            Some((f.get(5)?.to_string(), fs.split(' ').nth(2)?.to_string()))
+        })
+        .next_back())
+}
+
+/// Free bytes of the filesystem holding `path`, as an unprivileged writer sees them.
+fn free_bytes(path: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path).with_context(|| format!("statvfs {}", path.display()))?;
+    Ok(st.blocks_available() * st.fragment_size())
+}
+
+/// Fills the filesystem of `path` with that one file, as root (the agent can neither remove
+/// nor shrink it): fallocate what is free, then write until ENOSPC what fallocate left (its
+/// extents' own blocks come out of the same free space, so it fails short of the end).
+fn fill(path: &Path) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().context("the fill file has no directory")?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let (start, free) = (f.metadata()?.len(), free_bytes(dir)?);
+    match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), start as i64, free as i64) {
+        Ok(()) | Err(nix::errno::Errno::ENOSPC) => {}
+        Err(e) => return Err(e).with_context(|| format!("fallocate {}", path.display())),
+    }
+    let chunk = vec![0u8; 64 << 10];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+            Err(e) => return Err(e).with_context(|| format!("writing {}", path.display())),
+        }
+    }
     Ok(())
 }
 
@@ -287,6 +378,7 @@ impl LocalNode {
 
         let home = root.join("home");
         write_home(&root)?;
+        mount_data(&root)?; // before the chown below, which then owns the filesystem's root
         let cat = root.join("catalog");
         if let Some((agent_bin, catalog)) = agent {
             install_agent(&root, &spec, opts, agent_bin, catalog, u.uid.as_raw())?;
@@ -406,6 +498,8 @@ impl LocalNode {
     pub fn boot(&self) -> Result<Duration> {
         ensure!(self.init_pid().is_none(), "node `{}` is already up", self.spec.name);
         let start = Instant::now();
+        // After this machine rebooted the image is there but no longer mounted.
+        mount_data(&self.root)?;
         let cg = self.cgroup();
         std::fs::create_dir_all(&cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
         let log = std::fs::File::create(self.root.join("node.log"))?;
@@ -668,6 +762,72 @@ impl LocalNode {
             .with_context(|| format!("no user `{}`: run scripts/setup-host", self.spec.user))
     }
 
+    /// Unmounts the data root (lazily if something still holds it) and frees its loop device.
+    fn unmount_data(&self) -> Result<()> {
+        let (img, data) = (self.root.join("data.img"), self.root.join("data"));
+        if mount_at(&data)?.is_some()
+            && !crate::exec::output(Command::new("umount").arg(&data))?.status.success()
+        {
+            run(Command::new("umount").arg("-l").arg(&data))?;
+        }
+        if img.exists() {
+            let out = run(Command::new("losetup").arg("-j").arg(&img))?;
+            for dev in String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split(':').next()) {
+                // Best effort: `mount -o loop` devices free themselves with their last user
+                // (perhaps in between), and -d only marks one still held by a lazy unmount.
+                let _ = crate::exec::output(Command::new("losetup").arg("-d").arg(dev));
+            }
+        }
+        Ok(())
+    }
+
+    /// A disk fault on the data root's filesystem, with what the runner and the node then see.
+    pub fn disk_fault(&self, fault: DiskFault, on: bool) -> Result<Evidence> {
+        let data = self.root.join("data");
+        ensure!(
+            mount_at(&data)?.is_some(),
+            "node `{}`: {} is not mounted (boot the node: it mounts its data root)",
+            self.spec.name,
+            data.display()
+        );
+        let ev = match fault {
+            DiskFault::ReadOnly => {
+                // The filesystem's own flag: it holds in the node's mount namespace too.
+                let opts = if on { "remount,ro" } else { "remount,rw" };
+                run(Command::new("mount").args(["-o", opts]).arg(&data)).with_context(|| {
+                    format!(
+                        "node `{}`: {opts} of {} (refused while a process holds a file there open for writing)",
+                        self.spec.name,
+                        data.display()
+                    )
+                })?;
+                let ro = mount_at(&data)?.is_some_and(|(_, fs)| fs.split(',').any(|o| o == "ro"));
+                // A write as the service user inside the node, when it is up.
+                let probe = data.join(".archy-chaos-probe");
+                let writable = match self.init_pid() {
+                    Some(_) => {
+                        let script = format!("touch {0} && rm -f {0}", probe.display());
+                        Some(self.exec(&["sh", "-c", &script])?.status.success())
+                    }
+                    None => None,
+                };
+                Evidence::of(json!({"fault": "disk_read_only", "writable_in_node": writable}))
+                    .effect(ro == on && writable != Some(on))
+            }
+            DiskFault::Full => {
+                let path = self.root.join(FILL_FILE);
+                if on {
+                    fill(&path)?;
+                } else if path.exists() {
+                    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                }
+                let full = free_bytes(&data)? < FULL_BELOW;
+                Evidence::of(json!({"fault": "disk_full"})).effect(full == on)
+            }
+        };
+        Ok(ev.with("on", on).with("free_bytes", free_bytes(&data)?))
+    }
+
     /// Stops the node and removes every process, mount, namespace, cgroup, veth and file.
     pub fn down(&self) -> Result<()> {
         if self.init_pid().is_some() {
@@ -688,6 +848,7 @@ impl LocalNode {
             let _ = crate::exec::output(Command::new("ip").args(["link", "del", &self.veth()]));
             let _ = crate::exec::output(Command::new("ip").args(["netns", "del", &self.netns_name()]));
         }
+        self.unmount_data()?;
         // Podman's storage holds files owned by the user's subordinate ids: root removes all.
         std::fs::remove_dir_all(&self.root).with_context(|| format!("removing {}", self.root.display()))?;
         Ok(())
@@ -841,6 +1002,9 @@ impl Node for LocalNode {
     }
     fn catalog(&self) -> Result<Catalog> {
         Catalog::load(&self.root.join("catalog")).map_err(|e| anyhow::anyhow!("node {}: {e}", self.spec.name))
+    }
+    fn disk_fault(&self, fault: DiskFault, on: bool) -> Result<Evidence> {
+        LocalNode::disk_fault(self, fault, on)
     }
 }
 

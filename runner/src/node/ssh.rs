@@ -18,7 +18,7 @@ use archy_agent::manifest::Catalog;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{checked, Evidence, FileFault, FileKind, Node, Stat};
+use super::{checked, DiskFault, Evidence, FileFault, FileKind, Node, Stat};
 
 /// The command run on the node for each primitive. `{signal}`, `{app}`, `{path}` and
 /// `{lines}` are substituted.
@@ -846,5 +846,12 @@ impl Node for SshNode {
         })();
         let _ = std::fs::remove_dir_all(&dir);
         loaded
+    }
+
+    fn disk_fault(&self, _fault: DiskFault, _on: bool) -> Result<Evidence> {
+        bail!(
+            "disk faults need a local node: {} is a host over SSH, whose disks the runner does not own (run the scenario on a local node: `--node local`)",
+            self.host()
+        )
     }
 }

@@ -132,27 +132,28 @@ pub fn check(
 ) -> Result<()> {
     let models = history::model(entries, apps);
     let began = Instant::now();
-    let began_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-    let mut wrong = mismatches(node, catalog, &models)?;
-    while !wrong.is_empty() && began.elapsed() < timeout {
-        crate::interrupt::check()?;
-        std::thread::sleep(Duration::from_secs(1));
-        wrong = mismatches(node, catalog, &models)?;
-    }
-    let mut failures = wrong;
-    // Liveness: the reconciler ticks by itself (three intervals, and time for one tick).
+    let unix = || SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let began_unix = unix();
+    // Liveness: the reconciler ticks by itself, at least every three intervals (and the time
+    // of one tick). A dead one is reported as soon as that is certain, not at the timeout.
     let st = agent.status()?;
-    let window = Duration::from_secs_f64(3.0 * st.tick_interval_seconds.max(1.0) + 10.0);
+    let window = 3.0 * st.tick_interval_seconds.max(1.0) + 10.0;
     let mut last = st.last_tick_at.unwrap_or(0.0);
-    while last < began_unix && began.elapsed() < timeout.max(window) {
+    let mut wrong = mismatches(node, catalog, &models)?;
+    while (!wrong.is_empty() || last < began_unix) && began.elapsed() < timeout && unix() - last < window {
         crate::interrupt::check()?;
         std::thread::sleep(Duration::from_secs(1));
         last = agent.status()?.last_tick_at.unwrap_or(0.0);
+        if !wrong.is_empty() {
+            wrong = mismatches(node, catalog, &models)?;
+        }
     }
+    let mut failures = wrong;
     if last < began_unix {
         failures.push(format!(
-            "liveness: the agent completed no reconcile tick in the {:.0} s of this check (last at unix {last:.0})",
-            began.elapsed().as_secs_f64()
+            "liveness: the agent completed no reconcile tick for {:.0} s (its interval: {} s)",
+            unix() - last,
+            st.tick_interval_seconds
         ));
     }
     let uid = node.service_uid()?;

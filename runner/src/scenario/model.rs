@@ -663,4 +663,24 @@ mod tests {
         let reboot = plan.iter().find(|(_, s, _)| s.id == "reboot-survive").unwrap();
         assert_eq!(reboot.2, 120);
     }
+
+    #[test]
+    fn disk_fault_steps_parse_as_faults_and_unknown_faults_are_refused() {
+        let scenario = |fault: &str| {
+            serde_yaml::from_str::<Scenario>(&format!(
+                "version: 1\nid: x\nlayer: L3\ndescription: x\napps: fixtures\nsteps:\n  - disk-fault: {{ fault: {fault}, for: 10s }}\n"
+            ))
+        };
+        let s = scenario("read-only").unwrap();
+        assert!(
+            matches!(s.steps[0], Step::DiskFault { fault: DiskFault::ReadOnly, duration } if duration.0 == Duration::from_secs(10)),
+            "{:?}",
+            s.steps
+        );
+        assert!(s.steps[0].is_fault());
+        assert_eq!(s.steps[0].name(), "disk-fault");
+        assert!(matches!(scenario("full").unwrap().steps[0], Step::DiskFault { fault: DiskFault::Full, .. }));
+        let err = scenario("melted").unwrap_err().to_string();
+        assert!(err.contains("steps[0]") && err.contains("melted"), "{err}");
+    }
 }

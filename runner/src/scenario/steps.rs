@@ -14,7 +14,7 @@ use super::engine::StepCtx;
 use super::history::{self, Entry, History, Outcome};
 use super::model::{kpi, CatalogChange, LifecycleOp, Step};
 use crate::evidence::Evidence;
-use crate::node::{FileFault, PODMAN_FAIL_FLAG};
+use crate::node::{DiskFault, FileFault, PODMAN_FAIL_FLAG};
 
 /// Where the agent looks for an armed kill point, under the node's root.
 pub fn failpoint_file() -> String {
@@ -74,7 +74,7 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         Step::KillAgentAt { point } => kill_agent_at(ctx, point),
         Step::KillAgentDuring { op, within } => kill_agent_during(ctx, *op, within.0),
         Step::PodmanFail { duration } => podman_fail(ctx, duration.0),
-        Step::DiskFault { .. } => anyhow::bail!("MERGE: disk faults come from the disk branch"),
+        Step::DiskFault { fault, duration } => disk_fault(ctx, *fault, duration.0),
         Step::MeasureInstall => {
             super::measure::install(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, timeout, ctx.n)
         }
@@ -222,6 +222,33 @@ fn podman_fail(ctx: &StepCtx, duration: Duration) -> Result<Evidence> {
     ctx.node.remove(PODMAN_FAIL_FLAG)?;
     let failed = after? - before;
     Ok(Evidence::default().with("failed_podman_calls", failed).with("tick_during", tick).effect(failed > 0.0))
+}
+
+/// The data root full or read-only for `duration`, met by one agent tick, then off: always,
+/// even when turning it on failed halfway, since a node left so would fail every later step.
+fn disk_fault(ctx: &StepCtx, fault: DiskFault, duration: Duration) -> Result<Evidence> {
+    let start = Instant::now();
+    let on = ctx.node.disk_fault(fault, true);
+    let mut tick = None;
+    if on.is_ok() {
+        // A tick now, so the fault meets the agent whatever its tick interval.
+        tick = Some(ctx.agent.reconcile().map(|r| r.failed).map_err(|e| e.to_string()));
+        std::thread::sleep(duration.saturating_sub(start.elapsed()));
+    }
+    let off = ctx.node.disk_fault(fault, false);
+    let on = match (on, &off) {
+        (Ok(on), _) => on,
+        (Err(e), Ok(_)) => return Err(e),
+        (Err(e), Err(o)) => return Err(e.context(format!("and turning it off failed too: {o:#}"))),
+    };
+    let off = off.context("turning the disk fault off")?;
+    // Left on, it would fail the invariants after this step for no fault of the agent.
+    ensure!(
+        off.took_effect == Some(true),
+        "the disk fault {fault:?} is still on after turning it off: {off:?}"
+    );
+    let effect = on.took_effect == Some(true);
+    Ok(Evidence::default().with("on", on).with("off", off).with("tick_during", tick).effect(effect))
 }
 
 /// Runs a command inside the node as its service user; with `expect`, its output must
