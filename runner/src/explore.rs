@@ -147,7 +147,11 @@ pub fn explore(args: ExploreArgs) -> ExitCode {
     }
     let seed = args.seed.unwrap_or_else(rand::random);
     let started = SystemTime::now();
-    let plan = generate::generate(seed, args.ops as usize, &faults, &catalog, &apps);
+    // The quiet points are steps of the plan, so a replay checks where the exploration did.
+    let plan: Vec<Step> = generate::generate(seed, args.ops as usize, &faults, &catalog, &apps)
+        .chunks(args.quiet_every as usize)
+        .flat_map(|c| c.iter().cloned().chain([Step::Check]))
+        .collect();
     eprintln!(
         "archy-chaos: exploring {} steps with {} clients on {} (faults: {}), seed {seed}",
         plan.len(),
@@ -432,7 +436,12 @@ impl Explorer<'_> {
         let mut checks = Vec::new();
         let mut steps_run = 0;
         let bar = indicatif::ProgressBar::new(plan.len() as u64);
-        for (k, segment) in plan.chunks(self.args.quiet_every as usize).enumerate() {
+        // Segments end at the plan's `check` steps, the quiet points.
+        for (k, with_check) in plan.split_inclusive(|s| matches!(s, Step::Check)).enumerate() {
+            let segment = match with_check.split_last() {
+                Some((Step::Check, rest)) => rest,
+                _ => with_check,
+            };
             if start.elapsed() >= self.args.budget || crate::interrupt::signal().is_some() {
                 break;
             }
@@ -475,7 +484,7 @@ impl Explorer<'_> {
                 done.store(true, Ordering::SeqCst);
                 let _ = sampler.join();
             });
-            steps_run += segment.len();
+            steps_run += with_check.len();
             // A kill point armed but never reached dies at the next install otherwise.
             let _ = node.remove(&steps::failpoint_file());
             let entries = history.entries();
@@ -489,7 +498,7 @@ impl Explorer<'_> {
             }
             let records: Vec<StepRecord> = entries
                 .iter()
-                .filter(|e| e.index >= offset)
+                .filter(|e| e.index >= offset && e.index < steps_run)
                 .map(|e| StepRecord {
                     step: serde_json::to_value(&e.step).unwrap_or_default(),
                     seconds: Some(e.completed - e.invoked),
@@ -611,6 +620,7 @@ fn sample(node: &dyn Node, apps: &[String], done: &AtomicBool, violations: &Mute
 fn signatures(failure: &str) -> BTreeSet<String> {
     failure
         .trim_start_matches("model: ")
+        .trim_start_matches("check: ")
         .split("; ")
         .map(|p| p.split(',').next().unwrap_or(p).chars().filter(|c| !c.is_ascii_digit()).collect::<String>().trim().to_string())
         .filter(|p| !p.is_empty())

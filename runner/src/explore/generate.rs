@@ -134,9 +134,9 @@ fn fault(
         }
         Fault::State => {
             let fault = if rng.random_bool(0.5) { FileFault::Delete } else { FileFault::Corrupt };
-            let mut v = vec![Step::FileFault { path: format!("data/{STATE_FILE}"), fault }];
+            let mut v = vec![Step::FileFault { path: STATE_FILE.to_string(), fault }];
             if rng.random_bool(0.5) {
-                v.push(Step::FileFault { path: format!("data/{PREVIOUS_FILE}"), fault });
+                v.push(Step::FileFault { path: PREVIOUS_FILE.to_string(), fault });
             }
             // The agent reads its state at start: the loss matters from its next life.
             v.push(if rng.random_bool(0.5) { Step::RestartAgent } else { Step::KillAgent { signal: "KILL".into() } });
@@ -150,7 +150,7 @@ fn fault(
             let fault = *[FileFault::Delete, FileFault::Corrupt, FileFault::Chmod, FileFault::ChownRoot, FileFault::Truncate]
                 .choose(rng)
                 .expect("faults");
-            vec![Step::FileFault { path: format!("data/secrets/{app}/{}", secret.target), fault }]
+            vec![Step::FileFault { path: format!("secrets/{app}/{}", secret.target), fault }]
         }
         Fault::Catalog => {
             // Repair what is broken and restore what was removed, more often than not.

@@ -4,7 +4,7 @@
 //! node's disk. It waits on the agent's own schedule and never forces a tick, so an agent that
 //! stopped ticking cannot be prodded into passing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Result};
@@ -17,12 +17,15 @@ use crate::node::Node;
 /// Fixtures that never become healthy, by design.
 pub const NEVER_HEALTHY: &[&str] = &["fx-crashloop"];
 
-/// What the last check saw, for the next one: secret values by `app/file` (sha256).
+/// What the checks so far saw, for the next one.
 #[derive(Debug, Default, Clone)]
 pub struct Seen {
     /// History time of the last check.
     pub at: f64,
+    /// Secret values by `app/file` (sha256).
     pub secrets: BTreeMap<String, String>,
+    /// Each check's history time and the apps it saw up.
+    pub ups: Vec<(f64, BTreeSet<String>)>,
 }
 
 /// A managed container as podman on the node lists it.
@@ -67,14 +70,16 @@ fn answers(node: &dyn Node, catalog: &Catalog, app: &str) -> Result<bool> {
     Ok(node.exec(&["wget", "-q", "-T", "3", "-O", "/dev/null", &url])?.status.success())
 }
 
-/// What does not match the model now (empty: the node is as the history implies).
+/// What does not match the model now (empty: the node is as the history implies), and the
+/// apps seen up.
 fn mismatches(
     node: &dyn Node,
     catalog: &Catalog,
     models: &BTreeMap<String, AppModel>,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, BTreeSet<String>)> {
     let observed = containers(node)?;
     let mut out = Vec::new();
+    let mut up = BTreeSet::new();
     for (app, m) in models {
         let mine: Vec<&Container> = observed.iter().filter(|c| &c.app == app).collect();
         if mine.len() > 1 {
@@ -94,6 +99,8 @@ fn mismatches(
                     out.push(format!("{app}: desired running, but its container is {c:?}"));
                 } else if !answers(node, catalog, app)? {
                     out.push(format!("{app}: its container runs, but it does not answer on its port"));
+                } else {
+                    up.insert(app.clone());
                 }
             }
             Some(Desired::Stopped) if c.is_some_and(|c| c.running) => {
@@ -114,7 +121,7 @@ fn mismatches(
             _ => {}
         }
     }
-    Ok(out)
+    Ok((out, up))
 }
 
 /// Waits (up to `timeout`, on the agent's own schedule) for the node to match the history's
@@ -130,7 +137,7 @@ pub fn check(
     seen: &mut Seen,
     timeout: Duration,
 ) -> Result<()> {
-    let models = history::model(entries, apps);
+    let models = history::model(entries, apps, &seen.ups);
     let began = Instant::now();
     let unix = || SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let began_unix = unix();
@@ -139,13 +146,13 @@ pub fn check(
     let st = agent.status()?;
     let window = 3.0 * st.tick_interval_seconds.max(1.0) + 10.0;
     let mut last = st.last_tick_at.unwrap_or(0.0);
-    let mut wrong = mismatches(node, catalog, &models)?;
+    let (mut wrong, mut up) = mismatches(node, catalog, &models)?;
     while (!wrong.is_empty() || last < began_unix) && began.elapsed() < timeout && unix() - last < window {
         crate::interrupt::check()?;
         std::thread::sleep(Duration::from_secs(1));
         last = agent.status()?.last_tick_at.unwrap_or(0.0);
         if !wrong.is_empty() {
-            wrong = mismatches(node, catalog, &models)?;
+            (wrong, up) = mismatches(node, catalog, &models)?;
         }
     }
     let mut failures = wrong;
@@ -177,6 +184,7 @@ pub fn check(
         }
     }
     seen.at = now;
+    seen.ups.push((now, up));
     ensure!(failures.is_empty(), "{}", failures.join("; "));
     Ok(())
 }

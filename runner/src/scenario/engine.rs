@@ -184,7 +184,7 @@ fn run_steps(ctx: &mut StepCtx, it: &mut Iteration) {
         let record = serde_json::to_value(step).unwrap_or(Value::Null);
         let invoked = ctx.memory.history.now();
         let result = steps::run(ctx, step);
-        if !matches!(step, Step::Op { .. } | Step::Catalog { .. }) {
+        if !matches!(step, Step::Op { .. } | Step::Catalog { .. } | Step::Check) {
             ctx.memory.history.record(Entry::of_step(ctx.memory.history.entries().len(), 0, step, invoked, &ctx.memory.history, &result));
         }
         match result {
@@ -264,6 +264,7 @@ impl Step {
         match self {
             Step::WaitConverged => Some("converged"),
             Step::WaitReady => Some("agent-ready"),
+            Step::Check => Some("model"),
             Step::Exec { expect: Some(_), .. } | Step::Reachable => Some("check"),
             _ => None,
         }

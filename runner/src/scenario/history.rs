@@ -125,7 +125,15 @@ fn implies(op: ApiOp) -> Option<Desired> {
 /// be the last applied unless an acknowledged one was invoked after it completed (the agent
 /// applies a request before answering it); a failed one was never applied. With no
 /// acknowledged operation the app may also still be as it began: absent.
-pub fn model(entries: &[Entry], apps: &[String]) -> BTreeMap<String, AppModel> {
+///
+/// A fault that destroys the state file and its copy may make the agent forget what it was
+/// asked before (if it restarts before it saves again): from then on, until an acknowledged
+/// request, an app may also be stopped or absent, unless it was seen up at the check before
+/// the loss and nothing asked anything of it since. Such an app's container runs, and an
+/// agent that lost its state must adopt it, never remove it. `ups` holds each check's time
+/// and the apps it saw up.
+pub fn model(entries: &[Entry], apps: &[String], ups: &[(f64, BTreeSet<String>)]) -> BTreeMap<String, AppModel> {
+    let loss = last_state_loss(entries);
     let mut out = BTreeMap::new();
     for app in apps {
         let ops: Vec<(&Entry, ApiOp, Desired)> = entries
@@ -142,7 +150,17 @@ pub fn model(entries: &[Entry], apps: &[String]) -> BTreeMap<String, AppModel> {
         if !ops.iter().any(|(e, _, _)| e.outcome == Outcome::Ok) {
             possible.insert(Desired::Absent);
         }
-        let purged = last.iter().any(|(_, op, _)| *op == ApiOp::Purge);
+        let mut purged = last.iter().any(|(_, op, _)| *op == ApiOp::Purge);
+        if let Some(at) = loss.filter(|at| !acked(*at)) {
+            let before = ups.iter().rev().find(|(t, _)| *t <= at);
+            let untouched = before.is_some_and(|(t, up)| {
+                up.contains(app) && !ops.iter().any(|(e, _, _)| e.completed >= *t && e.invoked <= at)
+            });
+            if !untouched {
+                possible.extend([Desired::Stopped, Desired::Absent]);
+            }
+            purged &= last.iter().all(|(e, op, _)| *op == ApiOp::Purge && e.invoked > at);
+        }
         let mut manifest = InCatalog::Valid;
         for e in entries.iter().filter(|e| e.outcome == Outcome::Ok) {
             if let Step::Catalog { change, app: a } = &e.step {
@@ -162,13 +180,30 @@ pub fn model(entries: &[Entry], apps: &[String]) -> BTreeMap<String, AppModel> {
     out
 }
 
+/// When the last fault that destroyed both the state file and its copy completed: a damage
+/// of the copy that took effect, after one of the state file.
+fn last_state_loss(entries: &[Entry]) -> Option<f64> {
+    let hit = |e: &Entry, file: &str| {
+        e.outcome == Outcome::Ok && matches!(&e.step, Step::FileFault { path, .. } if path == file)
+    };
+    entries
+        .iter()
+        .filter(|e| hit(e, archy_agent::store::PREVIOUS_FILE))
+        .filter(|p| entries.iter().any(|s| hit(s, archy_agent::store::STATE_FILE) && s.invoked <= p.invoked))
+        .map(|p| p.completed)
+        .reduce(f64::max)
+}
+
 /// Whether anything in `entries` from `since` on may legitimately have changed `app`'s secret
 /// values or data: a purge (acknowledged or not), an upgrade, or a fault aimed at its secrets.
 pub fn may_rotate(entries: &[Entry], app: &str, since: f64) -> bool {
     entries.iter().filter(|e| e.completed >= since && e.outcome != Outcome::Fail).any(|e| match &e.step {
         Step::Op { op: ApiOp::Purge, app: Some(a) } => a == app,
         Step::Catalog { change: CatalogChange::Upgrade, app: a } => a == app,
-        Step::FileFault { path, .. } => path.starts_with(&format!("data/secrets/{app}/")),
+        // Paths are under the data root; `{app}` stands for every app.
+        Step::FileFault { path, .. } => {
+            path.starts_with(&format!("secrets/{app}/")) || path.starts_with("secrets/{app}/")
+        }
         _ => false,
     })
 }
@@ -223,6 +258,31 @@ pub fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::FileFault;
+
+    fn fault(path: &str, at: f64) -> Entry {
+        let step = Step::FileFault { path: path.into(), fault: FileFault::Delete };
+        Entry { index: 0, client: 0, step, invoked: at, completed: at, outcome: Outcome::Ok, message: String::new() }
+    }
+
+    /// A lost state may forget an app, unless it was up and untouched: that one the agent must
+    /// adopt (bug 2 of the explore issue removed it as an orphan).
+    #[test]
+    fn a_lost_state_may_forget_only_what_was_not_seen_running() {
+        use Desired::*;
+        let mut h = vec![op(ApiOp::Install, 0.0, 1.0, Outcome::Ok)];
+        h.push(fault("state.json", 5.0));
+        h.push(fault("state.json.prev", 5.1));
+        let seen_up = [(2.0, BTreeSet::from(["a".to_string()]))];
+        assert_eq!(model(&h, &["a".into()], &seen_up)["a"].possible, BTreeSet::from([Running]));
+        assert_eq!(model(&h, &["a".into()], &[])["a"].possible, BTreeSet::from([Running, Stopped, Absent]));
+        // Only the copy destroyed: the state file was there to read.
+        let h2 = [op(ApiOp::Install, 0.0, 1.0, Outcome::Ok), fault("state.json.prev", 5.1)];
+        assert_eq!(possible(&h2), [Running]);
+        // A request acknowledged after the loss decides again.
+        h.push(op(ApiOp::Stop, 6.0, 7.0, Outcome::Ok));
+        assert_eq!(possible(&h), [Stopped]);
+    }
 
     fn op(op: ApiOp, invoked: f64, completed: f64, outcome: Outcome) -> Entry {
         Entry {
@@ -237,7 +297,7 @@ mod tests {
     }
 
     fn possible(entries: &[Entry]) -> Vec<Desired> {
-        model(entries, &["a".into()])["a"].possible.iter().copied().collect()
+        model(entries, &["a".into()], &[])["a"].possible.iter().copied().collect()
     }
 
     #[test]
@@ -269,7 +329,7 @@ mod tests {
         use Desired::*;
         let h = [op(ApiOp::Install, 0.0, 2.0, Outcome::Ok), op(ApiOp::Stop, 1.0, 3.0, Outcome::Ok)];
         assert_eq!(possible(&h), [Running, Stopped]);
-        let m = &model(&h, &["a".into()])["a"];
+        let m = &model(&h, &["a".into()], &[])["a"];
         assert_eq!(m.certain(), None);
         assert!(!m.purged);
     }

@@ -262,6 +262,9 @@ pub enum Step {
         change: CatalogChange,
         app: String,
     },
+    /// A quiet point of a history: waits, on the agent's own schedule, for the node to be
+    /// what the history's requests imply, then checks it (`scenario::checker`).
+    Check,
 }
 
 /// A request of the package API (`op` steps, `archy-chaos explore`).
@@ -316,6 +319,7 @@ impl Step {
                 | Step::MeasureTicks { .. }
                 | Step::MeasureCalls
                 | Step::Op { .. }
+                | Step::Check
         )
     }
 

@@ -96,6 +96,12 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
             let e = history::request(ctx.agent, &ctx.memory.history, index, 0, *op, app.as_deref(), timeout);
             Ok(Evidence::default().with("outcome", e.outcome).with("message", e.message))
         }
+        Step::Check => {
+            let entries = ctx.memory.history.entries();
+            let seen = &mut ctx.memory.seen;
+            super::checker::check(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, &entries, seen, timeout)?;
+            Ok(Evidence::default().with("up", seen.ups.last().map(|(_, up)| up.clone()).unwrap_or_default()))
+        }
         Step::Catalog { change, app } => {
             let index = ctx.memory.history.entries().len();
             catalog_change(ctx.node, &ctx.memory.history, index, 0, *change, app)
