@@ -119,7 +119,12 @@ pub fn explore(args: ExploreArgs) -> ExitCode {
         Err(e) => return usage(anyhow::anyhow!("--catalog {}: {e}", args.catalog.display())),
     };
     let apps: Vec<String> = if args.apps.is_empty() {
-        catalog.apps.values().filter(|m| m.fixture && m.network != archy_agent::manifest::Network::Host).map(|m| m.id.clone()).collect()
+        catalog
+            .apps
+            .values()
+            .filter(|m| m.fixture && m.network != archy_agent::manifest::Network::Host)
+            .map(|m| m.id.clone())
+            .collect()
     } else {
         args.apps.clone()
     };
@@ -185,7 +190,12 @@ pub fn explore(args: ExploreArgs) -> ExitCode {
         iterations: explored.checks.clone(),
         kpis: Vec::new(),
     };
-    let node_report = NodeReport::new(args.node.clone(), format!("{:?}", args.backend).to_lowercase(), explored.environment.clone(), vec![scenario]);
+    let node_report = NodeReport::new(
+        args.node.clone(),
+        format!("{:?}", args.backend).to_lowercase(),
+        explored.environment.clone(),
+        vec![scenario],
+    );
     let mut r = Report {
         schema: crate::report::SCHEMA,
         verdict,
@@ -317,11 +327,16 @@ impl Explorer<'_> {
         let agent = crate::node::agent(node);
         agent.wait_ready(self.args.converge_timeout)?;
         for app in node.list("catalog-aside")? {
-            let change = if app.ends_with(".good.yml") { crate::scenario::CatalogChange::Repair } else { crate::scenario::CatalogChange::Restore };
+            let change = if app.ends_with(".good.yml") {
+                crate::scenario::CatalogChange::Repair
+            } else {
+                crate::scenario::CatalogChange::Restore
+            };
             let app = app.trim_end_matches(".good.yml").to_string();
             steps::catalog_change(node, &History::default(), 0, 0, change, &app)?;
         }
-        let installed: Vec<String> = agent.list()?.into_iter().map(|a| a.id).filter(|a| !self.args.protected.contains(a)).collect();
+        let installed: Vec<String> =
+            agent.list()?.into_iter().map(|a| a.id).filter(|a| !self.args.protected.contains(a)).collect();
         crate::scenario::engine::clean(&agent, &installed, self.args.converge_timeout)
     }
 
@@ -377,14 +392,18 @@ impl Explorer<'_> {
         let (failure, n) = explored.failure.clone()?;
         let want = signatures(&failure);
         let fails = |steps: &[Step]| match replay(steps) {
-            Ok(it) => it.verdict == Verdict::Fail && it.failures.iter().any(|f| signatures(f).iter().any(|s| want.contains(s))),
+            Ok(it) => {
+                it.verdict == Verdict::Fail
+                    && it.failures.iter().any(|f| signatures(f).iter().any(|s| want.contains(s)))
+            }
             Err(e) => {
                 eprintln!("archy-chaos: a replay could not run: {e:#}");
                 false
             }
         };
         let prefix = plan[..n].to_vec();
-        let mut found = Found { failure: failure.clone(), steps: n, reproduced: false, shrunk: None, scenario: None };
+        let mut found =
+            Found { failure: failure.clone(), steps: n, reproduced: false, shrunk: None, scenario: None };
         if self.args.shrink_budget.is_zero() {
             return Some(found);
         }
@@ -395,7 +414,10 @@ impl Explorer<'_> {
             return Some(found);
         }
         let (min, shrunk) = shrink::ddmin(prefix, self.args.shrink_budget, fails);
-        eprintln!("archy-chaos: shrunk {} -> {} steps in {} replays", shrunk.original_len, shrunk.minimal_len, shrunk.replays);
+        eprintln!(
+            "archy-chaos: shrunk {} -> {} steps in {} replays",
+            shrunk.original_len, shrunk.minimal_len, shrunk.replays
+        );
         let id = format!("found-{}-{}", self.seed, n);
         let short: String = failure.chars().take(300).collect();
         let description = format!(
@@ -418,8 +440,11 @@ impl Explorer<'_> {
             .with_context(|| format!("creating {}", self.args.found_dir.display()))?;
         let path = self.args.found_dir.join(format!("{id}.yml"));
         let text = self.scenario_text(id, description, steps)?;
-        std::fs::write(&path, format!("# Written by archy-chaos explore; replay: archy-chaos run found/{id}\n{text}"))
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(
+            &path,
+            format!("# Written by archy-chaos explore; replay: archy-chaos run found/{id}\n{text}"),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
         Scenario::load(&path)?; // what was written replays
         Ok(path)
     }
@@ -448,7 +473,9 @@ impl Explorer<'_> {
             let offset = steps_run;
             let violations = Mutex::new(Vec::new());
             let done = AtomicBool::new(false);
-            let queue = Mutex::new(segment.iter().cloned().enumerate().map(|(i, s)| (offset + i, s)).collect::<VecDeque<_>>());
+            let queue = Mutex::new(
+                segment.iter().cloned().enumerate().map(|(i, s)| (offset + i, s)).collect::<VecDeque<_>>(),
+            );
             std::thread::scope(|sc| {
                 let sampler = sc.spawn(|| sample(node, self.apps, &done, &violations));
                 let clients: Vec<_> = (0..self.args.clients as usize)
@@ -464,7 +491,9 @@ impl Explorer<'_> {
                                 backend,
                                 apps: self.apps,
                                 n: (k * 64 + c) as u32 + 1,
-                                rng: rand::rngs::StdRng::seed_from_u64(self.seed ^ ((k as u64) << 16) ^ c as u64),
+                                rng: rand::rngs::StdRng::seed_from_u64(
+                                    self.seed ^ ((k as u64) << 16) ^ c as u64,
+                                ),
                                 memory: Memory { history: history.clone(), ..Memory::default() },
                             };
                             loop {
@@ -489,10 +518,17 @@ impl Explorer<'_> {
             let _ = node.remove(&steps::failpoint_file());
             let entries = history.entries();
             let mut failures: Vec<String> = violations.into_inner().unwrap_or_default();
-            let check = agent
-                .wait_ready(self.args.converge_timeout)
-                .map(drop)
-                .and_then(|_| checker::check(node, &agent, self.catalog, self.apps, &entries, &mut seen, self.args.converge_timeout));
+            let check = agent.wait_ready(self.args.converge_timeout).map(drop).and_then(|_| {
+                checker::check(
+                    node,
+                    &agent,
+                    self.catalog,
+                    self.apps,
+                    &entries,
+                    &mut seen,
+                    self.args.converge_timeout,
+                )
+            });
             if let Err(e) = check {
                 failures.push(format!("{e:#}"));
             }
@@ -502,7 +538,12 @@ impl Explorer<'_> {
                 .map(|e| StepRecord {
                     step: serde_json::to_value(&e.step).unwrap_or_default(),
                     seconds: Some(e.completed - e.invoked),
-                    evidence: Some(crate::evidence::Evidence::default().with("outcome", e.outcome).with("client", e.client).with("message", &e.message)),
+                    evidence: Some(
+                        crate::evidence::Evidence::default()
+                            .with("outcome", e.outcome)
+                            .with("client", e.client)
+                            .with("message", &e.message),
+                    ),
                     error: None,
                 })
                 .collect();
@@ -587,7 +628,11 @@ fn sample(node: &dyn Node, apps: &[String], done: &AtomicBool, violations: &Mute
                     continue;
                 }
                 let key = format!("{app}/{f}");
-                let open = node.stat(&format!("data/secrets/{key}")).ok().flatten().is_some_and(|st| st.mode & 0o077 != 0);
+                let open = node
+                    .stat(&format!("data/secrets/{key}"))
+                    .ok()
+                    .flatten()
+                    .is_some_and(|st| st.mode & 0o077 != 0);
                 match (open, exposed.get(&key)) {
                     (false, _) => {
                         exposed.remove(&key);
@@ -598,7 +643,9 @@ fn sample(node: &dyn Node, apps: &[String], done: &AtomicBool, violations: &Mute
                     (true, Some(&since)) => {
                         // A tick that began after we saw it (ticks take < 2 s) and left it.
                         if last_tick.is_some_and(|t| t > since + 2.0) {
-                            found.push(format!("sampled: secret {key} stayed readable by others across a tick"));
+                            found.push(format!(
+                                "sampled: secret {key} stayed readable by others across a tick"
+                            ));
                         }
                     }
                 }
@@ -622,7 +669,16 @@ fn signatures(failure: &str) -> BTreeSet<String> {
         .trim_start_matches("model: ")
         .trim_start_matches("check: ")
         .split("; ")
-        .map(|p| p.split(',').next().unwrap_or(p).chars().filter(|c| !c.is_ascii_digit()).collect::<String>().trim().to_string())
+        .map(|p| {
+            p.split(',')
+                .next()
+                .unwrap_or(p)
+                .chars()
+                .filter(|c| !c.is_ascii_digit())
+                .collect::<String>()
+                .trim()
+                .to_string()
+        })
         .filter(|p| !p.is_empty())
         .collect()
 }

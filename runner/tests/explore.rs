@@ -77,7 +77,8 @@ fn explore_finds_the_dead_reconciler_and_shrinks_it_to_a_scenario_run_replays() 
     let f = &x["found"];
     assert!(f["failure"].as_str().unwrap().contains("liveness"), "{text}");
     assert_eq!(f["reproduced"], true, "{text}");
-    let (orig, min) = (f["shrunk"]["original_len"].as_u64().unwrap(), f["shrunk"]["minimal_len"].as_u64().unwrap());
+    let (orig, min) =
+        (f["shrunk"]["original_len"].as_u64().unwrap(), f["shrunk"]["minimal_len"].as_u64().unwrap());
     assert!(min < orig && min >= 2, "{orig} -> {min}: {text}");
     // Every step is in the history with its outcome and times.
     let history = x["history"].as_array().unwrap();

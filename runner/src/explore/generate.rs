@@ -16,7 +16,9 @@ use crate::node::{DiskFault, FileFault};
 use crate::scenario::{ApiOp, CatalogChange, Step};
 
 /// The kinds of fault `--faults` can ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fault {
     /// kill -9 of the agent, at a random instant or at a kill point.
@@ -50,7 +52,13 @@ impl Fault {
 /// `n` steps from `seed`: about one in four a fault or catalog change when `faults` allows.
 /// The generator keeps a rough idea of what is installed so that most requests mean
 /// something (a start of an installed app), and installs an app's dependencies first.
-pub fn generate(seed: u64, n: usize, faults: &BTreeSet<Fault>, catalog: &Catalog, apps: &[String]) -> Vec<Step> {
+pub fn generate(
+    seed: u64,
+    n: usize,
+    faults: &BTreeSet<Fault>,
+    catalog: &Catalog,
+    apps: &[String],
+) -> Vec<Step> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Vec::with_capacity(n);
     let mut installed: BTreeSet<String> = BTreeSet::new();
@@ -128,6 +136,14 @@ fn fault(
         Fault::Power => vec![Step::Reboot],
         Fault::Reboot => vec![Step::GracefulReboot],
         Fault::Podman => vec![Step::PodmanFail { duration: secs(rng, 2, 6) }],
+        // A third of the time the data root turns read-only as the agent restarts after losing
+        // its state (a disk error does both): what it learns then it cannot save.
+        Fault::Disk if rng.random_bool(0.33) => vec![
+            Step::FileFault { path: STATE_FILE.to_string(), fault: FileFault::Delete },
+            Step::FileFault { path: PREVIOUS_FILE.to_string(), fault: FileFault::Delete },
+            Step::DiskFault { fault: DiskFault::ReadOnly, duration: secs(rng, 6, 10) },
+            Step::RestartAgent,
+        ],
         Fault::Disk => {
             let fault = if rng.random_bool(0.5) { DiskFault::Full } else { DiskFault::ReadOnly };
             vec![Step::DiskFault { fault, duration: secs(rng, 3, 10) }]
@@ -139,7 +155,11 @@ fn fault(
                 v.push(Step::FileFault { path: PREVIOUS_FILE.to_string(), fault });
             }
             // The agent reads its state at start: the loss matters from its next life.
-            v.push(if rng.random_bool(0.5) { Step::RestartAgent } else { Step::KillAgent { signal: "KILL".into() } });
+            v.push(if rng.random_bool(0.5) {
+                Step::RestartAgent
+            } else {
+                Step::KillAgent { signal: "KILL".into() }
+            });
             v
         }
         Fault::Secrets => {
@@ -147,9 +167,15 @@ fn fault(
             let Some(secret) = catalog.get(&app).and_then(|m| m.generated_secrets.choose(rng)) else {
                 return vec![Step::Op { op: ApiOp::Reconcile, app: None }];
             };
-            let fault = *[FileFault::Delete, FileFault::Corrupt, FileFault::Chmod, FileFault::ChownRoot, FileFault::Truncate]
-                .choose(rng)
-                .expect("faults");
+            let fault = *[
+                FileFault::Delete,
+                FileFault::Corrupt,
+                FileFault::Chmod,
+                FileFault::ChownRoot,
+                FileFault::Truncate,
+            ]
+            .choose(rng)
+            .expect("faults");
             vec![Step::FileFault { path: format!("secrets/{app}/{}", secret.target), fault }]
         }
         Fault::Catalog => {
@@ -209,7 +235,10 @@ mod tests {
         let b = generate(7, 80, &all, &c, &apps);
         assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
         assert_eq!(a.len(), 80);
-        assert_ne!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&generate(8, 80, &all, &c, &apps)).unwrap());
+        assert_ne!(
+            serde_json::to_string(&a).unwrap(),
+            serde_json::to_string(&generate(8, 80, &all, &c, &apps)).unwrap()
+        );
         // Faults of every kind asked for, and none of the others.
         let names: BTreeSet<String> = a.iter().filter(|s| s.is_fault()).map(Step::name).collect();
         for want in ["kill-agent", "file-fault", "catalog"] {
@@ -217,8 +246,12 @@ mod tests {
         }
         assert!(!names.contains("reboot") && !names.contains("podman-fail"), "{names:?}");
         // The client installs a dependency before the app that needs it.
-        let first_client = a.iter().position(|s| matches!(s, Step::Op { op: ApiOp::Install, app: Some(x) } if x == "fx-client"));
-        let first_web = a.iter().position(|s| matches!(s, Step::Op { op: ApiOp::Install, app: Some(x) } if x == "fx-web"));
+        let first_client = a
+            .iter()
+            .position(|s| matches!(s, Step::Op { op: ApiOp::Install, app: Some(x) } if x == "fx-client"));
+        let first_web = a
+            .iter()
+            .position(|s| matches!(s, Step::Op { op: ApiOp::Install, app: Some(x) } if x == "fx-web"));
         if let Some(c) = first_client {
             assert!(first_web.is_some_and(|w| w < c), "{a:?}");
         }

@@ -13,7 +13,11 @@ use crate::scenario::Step;
 
 /// The smallest sub-sequence of `steps` for which `fails` holds (`fails(steps)` is assumed),
 /// within `budget`: removes chunks of halving size, then single steps, while the rest fails.
-pub fn ddmin(steps: Vec<Step>, budget: Duration, mut fails: impl FnMut(&[Step]) -> bool) -> (Vec<Step>, Shrunk) {
+pub fn ddmin(
+    steps: Vec<Step>,
+    budget: Duration,
+    mut fails: impl FnMut(&[Step]) -> bool,
+) -> (Vec<Step>, Shrunk) {
     let start = Instant::now();
     let original_len = steps.len();
     let mut cur = steps;
@@ -22,7 +26,7 @@ pub fn ddmin(steps: Vec<Step>, budget: Duration, mut fails: impl FnMut(&[Step]) 
     let mut exhausted = false;
     'outer: while cur.len() >= 2 {
         let chunk = cur.len().div_ceil(n);
-        let mut reduced = false;
+        let mut reduced = None;
         for i in 0..n {
             if start.elapsed() >= budget || crate::interrupt::signal().is_some() {
                 exhausted = true;
@@ -35,17 +39,17 @@ pub fn ddmin(steps: Vec<Step>, budget: Duration, mut fails: impl FnMut(&[Step]) 
             let candidate: Vec<Step> = cur[..lo].iter().chain(&cur[hi..]).cloned().collect();
             replays += 1;
             if fails(&candidate) {
-                cur = candidate;
-                n = (n - 1).max(2);
-                reduced = true;
+                reduced = Some(candidate);
                 break;
             }
         }
-        if !reduced {
-            if n >= cur.len() {
-                break;
+        match reduced {
+            Some(smaller) => {
+                cur = smaller;
+                n = (n - 1).max(2);
             }
-            n = (2 * n).min(cur.len());
+            None if n >= cur.len() => break,
+            None => n = (2 * n).min(cur.len()),
         }
     }
     let minimal_len = cur.len();

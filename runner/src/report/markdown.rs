@@ -81,7 +81,12 @@ fn explore(x: &ExploreReport) -> String {
     match &x.found {
         None => out.push_str("| found | nothing |\n"),
         Some(f) => {
-            out.push_str(&format!("| found | {} |\n| after | {} steps |\n| reproduced one step at a time | {} |\n", cell(&f.failure), f.steps, f.reproduced));
+            out.push_str(&format!(
+                "| found | {} |\n| after | {} steps |\n| reproduced one step at a time | {} |\n",
+                cell(&f.failure),
+                f.steps,
+                f.reproduced
+            ));
             if let Some(s) = &f.shrunk {
                 out.push_str(&format!(
                     "| shrunk | {} → {} steps in {} replays, {:.0} s{} |\n",
@@ -103,7 +108,9 @@ fn explore(x: &ExploreReport) -> String {
 
 /// The history as a Mermaid Gantt chart: a lane per client, a bar per step (seconds).
 fn timeline(x: &ExploreReport) -> String {
-    let mut out = String::from("\n```mermaid\ngantt\n  title history (s since start)\n  dateFormat X\n  axisFormat %S\n");
+    let mut out = String::from(
+        "\n```mermaid\ngantt\n  title history (s since start)\n  dateFormat X\n  axisFormat %S\n",
+    );
     let clients: BTreeSet<usize> = x.history.iter().map(|e| e.client).collect();
     for c in clients {
         out.push_str(&format!("  section client {c}\n"));
@@ -120,7 +127,8 @@ fn timeline(x: &ExploreReport) -> String {
                 s => s.name(),
             };
             // Mermaid's X format counts whole seconds; a bar is at least one long.
-            let (a, b) = (e.invoked.floor() as u64, (e.completed.ceil() as u64).max(e.invoked.floor() as u64 + 1));
+            let (a, b) =
+                (e.invoked.floor() as u64, (e.completed.ceil() as u64).max(e.invoked.floor() as u64 + 1));
             out.push_str(&format!("  {} :{tag}{a}, {b}\n", name.replace([':', '#', ';'], " ")));
         }
     }

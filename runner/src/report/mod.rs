@@ -147,7 +147,8 @@ impl Report {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         // `run found/<id>` names a scenario in a subdirectory: one file name all the same.
         let path = dir.join(format!("{}-{}.json", name.replace('/', "-"), self.started_unix));
-        std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }
 

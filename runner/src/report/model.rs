@@ -151,4 +151,3 @@ pub struct Shrunk {
     /// The budget ran out before no single step could be removed.
     pub budget_exhausted: bool,
 }
-

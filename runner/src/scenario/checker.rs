@@ -58,7 +58,12 @@ pub fn containers(node: &dyn Node) -> Result<Vec<Container>> {
                 .into_iter()
                 .find(|h| status.contains(&format!("({h})")))
                 .map(str::to_string);
-            Some(Container { name: name.into(), app: app.into(), running: state == "running" || status.starts_with("Up"), health })
+            Some(Container {
+                name: name.into(),
+                app: app.into(),
+                running: state == "running" || status.starts_with("Up"),
+                health,
+            })
         })
         .collect())
 }
@@ -88,14 +93,17 @@ fn mismatches(
         let c = mine.first();
         let deps_up = catalog.get(app).is_some_and(|man| {
             man.depends_on.iter().all(|d| {
-                models.get(d).is_some_and(|dm| dm.certain() == Some(Desired::Running) && dm.manifest == InCatalog::Valid)
+                models.get(d).is_some_and(|dm| {
+                    dm.certain() == Some(Desired::Running) && dm.manifest == InCatalog::Valid
+                })
             })
         });
         match m.certain() {
             Some(Desired::Running) if m.manifest == InCatalog::Valid && deps_up => {
                 // A crash loop is between a death and systemd's restart as often as not.
                 if NEVER_HEALTHY.contains(&app.as_str()) {
-                } else if !c.is_some_and(|c| c.running && c.health.as_deref().is_none_or(|h| h == "healthy")) {
+                } else if !c.is_some_and(|c| c.running && c.health.as_deref().is_none_or(|h| h == "healthy"))
+                {
                     out.push(format!("{app}: desired running, but its container is {c:?}"));
                 } else if !answers(node, catalog, app)? {
                     out.push(format!("{app}: its container runs, but it does not answer on its port"));

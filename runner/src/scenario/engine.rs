@@ -11,8 +11,8 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::model::{kpi, Invariant, Scenario, Step};
 use super::history::Entry;
+use super::model::{kpi, Invariant, Scenario, Step};
 use super::{invariants, steps};
 use crate::agent_client::AgentClient;
 use crate::evidence::Evidence;
@@ -185,7 +185,14 @@ fn run_steps(ctx: &mut StepCtx, it: &mut Iteration) {
         let invoked = ctx.memory.history.now();
         let result = steps::run(ctx, step);
         if !matches!(step, Step::Op { .. } | Step::Catalog { .. } | Step::Check) {
-            ctx.memory.history.record(Entry::of_step(ctx.memory.history.entries().len(), 0, step, invoked, &ctx.memory.history, &result));
+            ctx.memory.history.record(Entry::of_step(
+                ctx.memory.history.entries().len(),
+                0,
+                step,
+                invoked,
+                &ctx.memory.history,
+                &result,
+            ));
         }
         match result {
             Ok(evidence) => {

@@ -132,7 +132,11 @@ fn implies(op: ApiOp) -> Option<Desired> {
 /// the loss and nothing asked anything of it since. Such an app's container runs, and an
 /// agent that lost its state must adopt it, never remove it. `ups` holds each check's time
 /// and the apps it saw up.
-pub fn model(entries: &[Entry], apps: &[String], ups: &[(f64, BTreeSet<String>)]) -> BTreeMap<String, AppModel> {
+pub fn model(
+    entries: &[Entry],
+    apps: &[String],
+    ups: &[(f64, BTreeSet<String>)],
+) -> BTreeMap<String, AppModel> {
     let loss = last_state_loss(entries);
     let mut out = BTreeMap::new();
     for app in apps {
@@ -145,7 +149,8 @@ pub fn model(entries: &[Entry], apps: &[String], ups: &[(f64, BTreeSet<String>)]
             })
             .collect();
         let acked = |after: f64| ops.iter().any(|(e, _, _)| e.outcome == Outcome::Ok && e.invoked > after);
-        let last: Vec<&(&Entry, ApiOp, Desired)> = ops.iter().filter(|(e, _, _)| !acked(e.completed)).collect();
+        let last: Vec<&(&Entry, ApiOp, Desired)> =
+            ops.iter().filter(|(e, _, _)| !acked(e.completed)).collect();
         let mut possible: BTreeSet<Desired> = last.iter().map(|(_, _, d)| *d).collect();
         if !ops.iter().any(|(e, _, _)| e.outcome == Outcome::Ok) {
             possible.insert(Desired::Absent);
@@ -262,7 +267,15 @@ mod tests {
 
     fn fault(path: &str, at: f64) -> Entry {
         let step = Step::FileFault { path: path.into(), fault: FileFault::Delete };
-        Entry { index: 0, client: 0, step, invoked: at, completed: at, outcome: Outcome::Ok, message: String::new() }
+        Entry {
+            index: 0,
+            client: 0,
+            step,
+            invoked: at,
+            completed: at,
+            outcome: Outcome::Ok,
+            message: String::new(),
+        }
     }
 
     /// A lost state may forget an app, unless it was up and untouched: that one the agent must
@@ -314,7 +327,10 @@ mod tests {
     #[test]
     fn an_indeterminate_request_may_or_may_not_have_been_applied() {
         use Desired::*;
-        let h = [op(ApiOp::Install, 0.0, 1.0, Outcome::Ok), op(ApiOp::Uninstall, 2.0, 3.0, Outcome::Indeterminate)];
+        let h = [
+            op(ApiOp::Install, 0.0, 1.0, Outcome::Ok),
+            op(ApiOp::Uninstall, 2.0, 3.0, Outcome::Indeterminate),
+        ];
         assert_eq!(possible(&h), [Running, Absent]);
         // ... until an acknowledged request invoked after it.
         let mut h = h.to_vec();

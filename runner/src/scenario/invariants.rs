@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Context, Result};
 use archy_agent::manifest::{Manifest, Network};
-use sha2::Digest;
 use archy_agent::store::{Desired, State, PREVIOUS_FILE, STATE_FILE};
 use serde_json::{json, Value};
+use sha2::Digest;
 
 use super::engine::StepCtx;
 use super::model::Invariant;
@@ -38,7 +38,15 @@ pub fn check(ctx: &StepCtx, inv: Invariant) -> Result<()> {
         Invariant::Model => {
             let entries = ctx.memory.history.entries();
             let mut seen = ctx.memory.seen.clone();
-            super::checker::check(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, &entries, &mut seen, ctx.s.converge_timeout.0)
+            super::checker::check(
+                ctx.node,
+                ctx.agent,
+                &ctx.catalog,
+                ctx.apps,
+                &entries,
+                &mut seen,
+                ctx.s.converge_timeout.0,
+            )
         }
     }
 }

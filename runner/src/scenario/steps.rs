@@ -307,7 +307,15 @@ pub fn catalog_change(
         Err(e) => (Outcome::Fail, format!("{e:#}")),
     };
     let step = Step::Catalog { change, app: app.to_string() };
-    history.record(Entry { index, client, step, invoked, completed: history.now(), outcome, message: message.clone() });
+    history.record(Entry {
+        index,
+        client,
+        step,
+        invoked,
+        completed: history.now(),
+        outcome,
+        message: message.clone(),
+    });
     Ok(Evidence::default().with("outcome", outcome).with("message", message))
 }
 
