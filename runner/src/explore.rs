@@ -477,7 +477,7 @@ impl Explorer<'_> {
                 segment.iter().cloned().enumerate().map(|(i, s)| (offset + i, s)).collect::<VecDeque<_>>(),
             );
             std::thread::scope(|sc| {
-                let sampler = sc.spawn(|| sample(node, self.apps, &done, &violations));
+                let sampler = sc.spawn(|| sample(node, self.catalog, self.apps, &done, &violations));
                 let clients: Vec<_> = (0..self.args.clients as usize)
                     .map(|c| {
                         let (queue, history, s, bar) = (&queue, &history, &s, &bar);
@@ -529,8 +529,12 @@ impl Explorer<'_> {
                     self.args.converge_timeout,
                 )
             });
-            if let Err(e) = check {
-                failures.push(format!("{e:#}"));
+            let mut unknowns = Vec::new();
+            match check {
+                // A check cut short by Ctrl-C proves nothing either way.
+                Err(e) if crate::interrupt::signal().is_some() => unknowns.push(format!("{e:#}")),
+                Err(e) => failures.push(format!("{e:#}")),
+                Ok(()) => {}
             }
             let records: Vec<StepRecord> = entries
                 .iter()
@@ -547,7 +551,11 @@ impl Explorer<'_> {
                     error: None,
                 })
                 .collect();
-            let verdict = if failures.is_empty() { Verdict::Pass } else { Verdict::Fail };
+            let verdict = match (failures.is_empty(), unknowns.is_empty()) {
+                (false, _) => Verdict::Fail,
+                (true, false) => Verdict::Unknown,
+                (true, true) => Verdict::Pass,
+            };
             let log = if failures.is_empty() { String::new() } else { node.log(30).unwrap_or_default() };
             checks.push(Iteration {
                 n: k as u32 + 1,
@@ -556,7 +564,7 @@ impl Explorer<'_> {
                 verdict,
                 steps: records,
                 failures: failures.clone(),
-                unknowns: Vec::new(),
+                unknowns,
                 measures: Default::default(),
                 log,
             });
@@ -605,10 +613,13 @@ fn perform(ctx: &mut StepCtx, history: &History, i: usize, c: usize, step: &Step
 
 /// Until `done`: what must never be seen even for a moment. Two containers for one app; a
 /// secret readable by others still so after a tick that began after it was first seen so
-/// (the agent had its chance and did not heal it).
-fn sample(node: &dyn Node, apps: &[String], done: &AtomicBool, violations: &Mutex<Vec<String>>) {
+/// (the agent had its chance and did not heal it); an app the agent has just called up that
+/// does not answer while podman says its container runs unhealthy (up before its health check
+/// passed).
+fn sample(node: &dyn Node, catalog: &Catalog, apps: &[String], done: &AtomicBool, violations: &Mutex<Vec<String>>) {
     let agent = crate::node::agent(node);
     let mut exposed: std::collections::BTreeMap<String, f64> = Default::default();
+    let mut was_up: BTreeSet<String> = BTreeSet::new();
     let now = || SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     while !done.load(Ordering::SeqCst) && crate::interrupt::signal().is_none() {
         std::thread::sleep(Duration::from_secs(2));
@@ -621,6 +632,17 @@ fn sample(node: &dyn Node, apps: &[String], done: &AtomicBool, violations: &Mute
                 }
             }
         }
+        let up: BTreeSet<String> =
+            agent.list().map(|l| l.into_iter().filter(|a| a.up).map(|a| a.id).collect()).unwrap_or_default();
+        for app in up.difference(&was_up) {
+            if !checker::answers(node, catalog, app).unwrap_or(true) {
+                let cs = checker::containers(node).unwrap_or_default();
+                if cs.iter().any(|c| &c.app == app && c.running && c.health.as_deref() != Some("healthy")) {
+                    found.push(format!("sampled: the agent said {app} up while it did not answer and podman called it unhealthy"));
+                }
+            }
+        }
+        was_up = up;
         let last_tick = agent.status().ok().and_then(|s| s.last_tick_at);
         for app in apps.iter().filter(|a| !NEVER_HEALTHY.contains(&a.as_str())) {
             for f in node.list(&format!("data/secrets/{app}")).unwrap_or_default() {

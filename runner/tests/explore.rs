@@ -53,7 +53,7 @@ fn explore_finds_the_dead_reconciler_and_shrinks_it_to_a_scenario_run_replays() 
     let (code, text) = chaos(&[
         "explore",
         "--seed",
-        "5",
+        "8",
         "--ops",
         "8",
         "--clients",

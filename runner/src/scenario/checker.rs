@@ -69,7 +69,7 @@ pub fn containers(node: &dyn Node) -> Result<Vec<Container>> {
 }
 
 /// Whether the app answers HTTP on its first published port, from inside the node.
-fn answers(node: &dyn Node, catalog: &Catalog, app: &str) -> Result<bool> {
+pub fn answers(node: &dyn Node, catalog: &Catalog, app: &str) -> Result<bool> {
     let Some(port) = catalog.get(app).and_then(|m| m.ports.first()) else { return Ok(true) };
     let url = format!("http://127.0.0.1:{}/", port.host);
     Ok(node.exec(&["wget", "-q", "-T", "3", "-O", "/dev/null", &url])?.status.success())

@@ -243,7 +243,9 @@ pub fn request(
             Err(ClientError::Transport { message, .. })
                 if message.contains("refused") && start.elapsed() < patience =>
             {
-                std::thread::sleep(std::time::Duration::from_millis(100));
+                // Soon, as a client waiting on a restarting agent does: the request lands as
+                // the API opens, before or during the agent's first tick.
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
             r => break r,
         }

@@ -13,6 +13,9 @@ use crate::node::{DiskFault, FileFault};
 
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The fixture that answers errors for its first seconds (apps/fx-slow).
+pub const SLOW_FIXTURE: &str = "fx-slow";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Layer {
     L3,
@@ -517,7 +520,8 @@ impl Scenario {
             Apps::Named(n) if n == "fixtures" => catalog
                 .apps
                 .values()
-                .filter(|m| m.fixture && m.id != "fx-crashloop") // never healthy, by design
+                // Never healthy, or slow on purpose: explore's, not every scenario's.
+                .filter(|m| m.fixture && !super::checker::NEVER_HEALTHY.contains(&m.id.as_str()) && m.id != SLOW_FIXTURE)
                 .map(|m| m.id.clone())
                 .collect(),
             Apps::Named(n) if n == "all" => catalog.apps.keys().cloned().collect(),
