@@ -616,7 +616,13 @@ fn perform(ctx: &mut StepCtx, history: &History, i: usize, c: usize, step: &Step
 /// (the agent had its chance and did not heal it); an app the agent has just called up that
 /// does not answer while podman says its container runs unhealthy (up before its health check
 /// passed).
-fn sample(node: &dyn Node, catalog: &Catalog, apps: &[String], done: &AtomicBool, violations: &Mutex<Vec<String>>) {
+fn sample(
+    node: &dyn Node,
+    catalog: &Catalog,
+    apps: &[String],
+    done: &AtomicBool,
+    violations: &Mutex<Vec<String>>,
+) {
     let agent = crate::node::agent(node);
     let mut exposed: std::collections::BTreeMap<String, f64> = Default::default();
     let mut was_up: BTreeSet<String> = BTreeSet::new();

@@ -146,6 +146,12 @@ pub enum FileFault {
     ChownRoot,
     /// chmod 0644.
     Chmod,
+    /// Replaced by a symlink to /etc/hostname, as a planted link would be.
+    Symlink,
+    /// Replaced by an empty directory.
+    Directory,
+    /// Replaced by a FIFO: whoever opens it to read blocks until a writer comes.
+    Fifo,
 }
 
 /// Faults of the filesystem under the agent's data root, each real for every process.

@@ -173,6 +173,9 @@ fn fault(
                 FileFault::Chmod,
                 FileFault::ChownRoot,
                 FileFault::Truncate,
+                FileFault::Symlink,
+                FileFault::Directory,
+                FileFault::Fifo,
             ]
             .choose(rng)
             .expect("faults");

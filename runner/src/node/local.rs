@@ -992,6 +992,17 @@ impl Node for LocalNode {
             }
             FileFault::ChownRoot => nix::unistd::chown(&path, Some(0.into()), Some(0.into()))?,
             FileFault::Chmod => std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?,
+            FileFault::Symlink | FileFault::Directory | FileFault::Fifo => {
+                self.remove(rel)?;
+                match fault {
+                    FileFault::Symlink => std::os::unix::fs::symlink("/etc/hostname", &path)?,
+                    FileFault::Directory => std::fs::create_dir(&path)?,
+                    _ => nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))?,
+                }
+                // Planted by the service user, as a confused or hostile app would.
+                let u = self.user()?;
+                std::os::unix::fs::lchown(&path, Some(u.uid.as_raw()), Some(u.gid.as_raw()))?;
+            }
         }
         Ok(())
     }

@@ -799,6 +799,9 @@ impl Node for SshNode {
                 &chown
             }
             FileFault::Chmod => "chmod 0644 -- \"$p\"",
+            FileFault::Symlink => "rm -rf -- \"$p\" && ln -s /etc/hostname \"$p\"",
+            FileFault::Directory => "rm -rf -- \"$p\" && mkdir -- \"$p\"",
+            FileFault::Fifo => "rm -rf -- \"$p\" && mkfifo -m 600 -- \"$p\"",
         };
         let script = format!("inside \"$p\"; [ -e \"$p\" ] || exit 3; {action}");
         self.file("damaging", rel, &script, None)?.with_context(|| {

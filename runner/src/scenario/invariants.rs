@@ -63,10 +63,19 @@ fn converged(ctx: &StepCtx) -> Result<()> {
     Ok(())
 }
 
+/// Every app of the scenario up, as seen from outside the agent: its container runs and is
+/// healthy by podman on the node, and it answers on its port from inside the node.
 fn apps_up(ctx: &StepCtx) -> Result<()> {
-    let list = ctx.agent.list()?;
-    let down: Vec<&String> =
-        ctx.apps.iter().filter(|id| !list.iter().any(|a| a.id == **id && a.up)).collect();
+    let observed = super::checker::containers(ctx.node)?;
+    let mut down = Vec::new();
+    for app in ctx.apps {
+        let c = observed.iter().find(|c| &c.app == app);
+        if !c.is_some_and(|c| c.running && c.health.as_deref().is_none_or(|h| h == "healthy")) {
+            down.push(format!("{app} (container: {c:?})"));
+        } else if !super::checker::answers(ctx.node, &ctx.catalog, app)? {
+            down.push(format!("{app} (runs, but does not answer on its port)"));
+        }
+    }
     ensure!(down.is_empty(), "not up: {down:?}");
     Ok(())
 }

@@ -350,7 +350,8 @@ pub enum Invariant {
     /// Desired == observed within the timeout, and the next tick is a no-op with exactly one
     /// podman call (observation) and no systemctl call.
     Converged,
-    /// Every app of the scenario up and healthy.
+    /// Every app of the scenario up and healthy, seen from outside the agent (podman on the
+    /// node, and the app's own port).
     AppsUp,
     /// Generated secrets of every app: present, valid, 0600, owned by the service user.
     SecretsValid,
@@ -521,7 +522,11 @@ impl Scenario {
                 .apps
                 .values()
                 // Never healthy, or slow on purpose: explore's, not every scenario's.
-                .filter(|m| m.fixture && !super::checker::NEVER_HEALTHY.contains(&m.id.as_str()) && m.id != SLOW_FIXTURE)
+                .filter(|m| {
+                    m.fixture
+                        && !super::checker::NEVER_HEALTHY.contains(&m.id.as_str())
+                        && m.id != SLOW_FIXTURE
+                })
                 .map(|m| m.id.clone())
                 .collect(),
             Apps::Named(n) if n == "all" => catalog.apps.keys().cloned().collect(),

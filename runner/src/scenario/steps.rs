@@ -339,6 +339,18 @@ fn change_catalog(node: &dyn crate::node::Node, change: CatalogChange, app: &str
                 .entry("environment".into())
                 .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
             environment["ARCHY_UPGRADE"] = n.to_string().into();
+            // Every other upgrade brings a new secret, as new versions do.
+            if n.is_multiple_of(2) {
+                let secrets = env
+                    .entry("generated_secrets".into())
+                    .or_insert_with(|| serde_yaml::Value::Sequence(Vec::new()));
+                if let Some(list) = secrets.as_sequence_mut() {
+                    let mut s = serde_yaml::Mapping::new();
+                    s.insert("target".into(), format!("upgrade-{n}").into());
+                    s.insert("kind".into(), "hex32".into());
+                    list.push(serde_yaml::Value::Mapping(s));
+                }
+            }
             node.write(&manifest, serde_yaml::to_string(&m)?.as_bytes())
         }
         CatalogChange::Break => {
