@@ -393,22 +393,30 @@ impl Explorer<'_> {
         let want = signatures(&failure);
         let fails = |steps: &[Step]| match replay(steps) {
             Ok(it) => {
-                it.verdict == Verdict::Fail
-                    && it.failures.iter().any(|f| signatures(f).iter().any(|s| want.contains(s)))
+                let same = it.failures.iter().any(|f| signatures(f).iter().any(|s| want.contains(s)));
+                let what: String =
+                    it.failures.first().or(it.unknowns.first()).map_or("", |s| s).chars().take(160).collect();
+                eprintln!(
+                    "archy-chaos: replay of {} steps: {} {what}",
+                    steps.len(),
+                    if same { "fails the same way:" } else { it.verdict.name() }
+                );
+                it.verdict == Verdict::Fail && same
             }
             Err(e) => {
                 eprintln!("archy-chaos: a replay could not run: {e:#}");
                 false
             }
         };
-        let prefix = plan[..n].to_vec();
+        let prefix = as_happened(&plan[..n], &explored.history);
         let mut found =
             Found { failure: failure.clone(), steps: n, reproduced: false, shrunk: None, scenario: None };
         if self.args.shrink_budget.is_zero() {
             return Some(found);
         }
         eprintln!("archy-chaos: found after {n} steps: {failure}\narchy-chaos: replaying the {n} steps one at a time");
-        found.reproduced = fails(&prefix);
+        // Twice before giving up: what a race found may need a second chance to show.
+        found.reproduced = fails(&prefix) || fails(&prefix);
         if !found.reproduced {
             eprintln!("archy-chaos: the failure did not reproduce sequentially; the report keeps the concurrent history");
             return Some(found);
@@ -514,20 +522,11 @@ impl Explorer<'_> {
                 let _ = sampler.join();
             });
             steps_run += with_check.len();
-            // A kill point armed but never reached dies at the next install otherwise.
-            let _ = node.remove(&steps::failpoint_file());
             let entries = history.entries();
             let mut failures: Vec<String> = violations.into_inner().unwrap_or_default();
-            let check = agent.wait_ready(self.args.converge_timeout).map(drop).and_then(|_| {
-                checker::check(
-                    node,
-                    &agent,
-                    self.catalog,
-                    self.apps,
-                    &entries,
-                    &mut seen,
-                    self.args.converge_timeout,
-                )
+            let timeout = self.args.converge_timeout;
+            let check = checker::settle(node, &agent, timeout).and_then(|_| {
+                checker::check(node, &agent, self.catalog, self.apps, &entries, &mut seen, timeout)
             });
             let mut unknowns = Vec::new();
             match check {
@@ -592,6 +591,25 @@ impl Explorer<'_> {
 
 fn replay_hint(args: &ExploreArgs, seed: u64) -> String {
     replay(args, seed)
+}
+
+/// The steps in the order the clients invoked them (between two checks, a later step may
+/// have started first), so the sequential replay meets the agent as the exploration did.
+fn as_happened(steps: &[Step], history: &[Entry]) -> Vec<Step> {
+    let invoked = |i: usize| history.iter().find(|e| e.index == i).map_or(f64::MAX, |e| e.invoked);
+    let mut out = Vec::with_capacity(steps.len());
+    for segment in steps.split_inclusive(|s| matches!(s, Step::Check)) {
+        let base = out.len();
+        let (body, check) = match segment.split_last() {
+            Some((Step::Check, body)) => (body, Some(Step::Check)),
+            _ => (segment, None),
+        };
+        let mut order: Vec<usize> = (0..body.len()).collect();
+        order.sort_by(|a, b| invoked(base + a).total_cmp(&invoked(base + b)));
+        out.extend(order.into_iter().map(|j| body[j].clone()));
+        out.extend(check);
+    }
+    out
 }
 
 /// One step by client `c`, recorded in the history whatever happens.
@@ -690,22 +708,26 @@ fn sample(
     }
 }
 
-/// A failure's kind, to tell whether a replay fails the same way: each `; `-separated part
-/// up to its first comma, digits dropped (`fx-web: desired running`).
+/// A failure's kinds, to tell whether a replay fails the same way: each `; `-separated part
+/// up to its first comma, without the app or secret it names (a replay may hit another app
+/// the same way) and without digits (`desired running`, `liveness: the agent completed...`).
 fn signatures(failure: &str) -> BTreeSet<String> {
     failure
         .trim_start_matches("model: ")
         .trim_start_matches("check: ")
         .split("; ")
         .map(|p| {
-            p.split(',')
-                .next()
-                .unwrap_or(p)
-                .chars()
-                .filter(|c| !c.is_ascii_digit())
-                .collect::<String>()
-                .trim()
-                .to_string()
+            let p = p.split(',').next().unwrap_or(p);
+            let p = match p.split_once(": ") {
+                // An app or `app/secret`; `liveness:` and `sampled:` are kinds themselves.
+                Some((subject, rest))
+                    if !subject.contains(' ') && !["liveness", "sampled"].contains(&subject) =>
+                {
+                    rest
+                }
+                _ => p,
+            };
+            p.chars().filter(|c| !c.is_ascii_digit()).collect::<String>().trim().to_string()
         })
         .filter(|p| !p.is_empty())
         .collect()
@@ -716,10 +738,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_replay_takes_the_steps_in_the_order_they_were_invoked_between_checks() {
+        let op = |app: &str| Step::Op { op: crate::scenario::ApiOp::Install, app: Some(app.into()) };
+        let steps = [op("a"), op("b"), Step::Check, op("c"), Step::RestartAgent];
+        let at = |index: usize, invoked: f64| Entry {
+            index,
+            client: 0,
+            step: steps[index].clone(),
+            invoked,
+            completed: invoked,
+            outcome: crate::scenario::history::Outcome::Ok,
+            message: String::new(),
+        };
+        let history = [at(0, 2.0), at(1, 1.0), at(3, 5.0), at(4, 4.0)];
+        let names: Vec<String> = as_happened(&steps, &history)
+            .iter()
+            .map(|s| match s {
+                Step::Op { app, .. } => app.clone().unwrap_or_default(),
+                s => s.name(),
+            })
+            .collect();
+        assert_eq!(names, ["b", "a", "check", "restart-agent", "c"]);
+    }
+
+    #[test]
     fn a_failure_and_its_replay_have_the_same_signature() {
         let a = signatures("model: fx-web: desired running, but its container is None; liveness: the agent completed no reconcile tick in the 61 s of this check (last at unix 1764.5)");
         let b = signatures("fx-web: desired running, but its container is Some(..); liveness: the agent completed no reconcile tick in the 45 s of this check (last at unix 1799.1)");
         assert_eq!(a, b);
-        assert!(!signatures("fx-client: desired running, but ...").iter().any(|s| a.contains(s)));
+        // Another app failing the same way is the same failure; another way is not.
+        assert!(signatures("fx-client: desired running, but ...").iter().all(|s| a.contains(s)));
+        assert!(!signatures("fx-client: desired stopped, but its container runs")
+            .iter()
+            .any(|s| a.contains(s)));
     }
 }

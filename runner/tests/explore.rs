@@ -104,3 +104,32 @@ fn explore_finds_the_dead_reconciler_and_shrinks_it_to_a_scenario_run_replays() 
     assert!(it["failures"][0].as_str().unwrap().contains("liveness"), "{it}");
     assert!(it["log"].as_str().unwrap().contains("panicked"), "{it}");
 }
+
+/// What explore found and shrank on today's agent is committed under `scenarios/found/`, each
+/// file saying what it found; each replays through `run` and still fails the same way. (The
+/// hardening issue fixes the agent and turns this into "each passes".)
+#[test]
+fn the_found_scenarios_replay_and_fail_on_todays_agent() {
+    let dir = support::repo_root().join("scenarios/found");
+    let ids: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".yml").map(|s| format!("found/{s}")))
+        .collect();
+    assert!(ids.len() >= 3, "bugs 1, 2 and 3 of the explore issue each have a scenario: {ids:?}");
+    let reports = tempfile::tempdir().unwrap();
+    let mut argv = vec!["run"];
+    argv.extend(ids.iter().map(String::as_str));
+    argv.extend(["--report-dir", reports.path().to_str().unwrap()]);
+    let (code, text) = chaos(&argv);
+    assert_eq!(code, 1, "{text}");
+    let r = report(reports.path());
+    for s in r["nodes"][0]["scenarios"].as_array().unwrap() {
+        let failures = s["iterations"][0]["failures"].to_string();
+        let description = s["description"].as_str().unwrap();
+        assert_eq!(s["verdict"], "fail", "{}: {failures}", s["scenario"]);
+        // The kind of failure the file says it found (liveness, or a running app removed).
+        let kind = if description.contains("liveness") { "liveness" } else { "desired running" };
+        assert!(failures.contains(kind), "{}: {description}: {failures}", s["scenario"]);
+    }
+}

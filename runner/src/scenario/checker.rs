@@ -132,6 +132,13 @@ fn mismatches(
     Ok((out, up))
 }
 
+/// A quiet point begins: a kill point armed but never reached is disarmed (it would kill the
+/// agent at the next install), and the agent is back (a fault may just have killed it).
+pub fn settle(node: &dyn Node, agent: &AgentClient, timeout: Duration) -> Result<()> {
+    node.remove(&super::steps::failpoint_file())?;
+    agent.wait_ready(timeout).map(drop)
+}
+
 /// Waits (up to `timeout`, on the agent's own schedule) for the node to match the history's
 /// model, then checks liveness (a tick completed since the check began) and the secrets of
 /// every installed app: valid, 0600, owned by the service user, and not rotated since the

@@ -97,6 +97,7 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
             Ok(Evidence::default().with("outcome", e.outcome).with("message", e.message))
         }
         Step::Check => {
+            super::checker::settle(ctx.node, ctx.agent, timeout)?;
             let entries = ctx.memory.history.entries();
             let seen = &mut ctx.memory.seen;
             super::checker::check(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, &entries, seen, timeout)?;
