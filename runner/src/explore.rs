@@ -525,9 +525,7 @@ impl Explorer<'_> {
             let entries = history.entries();
             let mut failures: Vec<String> = violations.into_inner().unwrap_or_default();
             let timeout = self.args.converge_timeout;
-            let check = checker::settle(node, &agent, timeout).and_then(|_| {
-                checker::check(node, &agent, self.catalog, self.apps, &entries, &mut seen, timeout)
-            });
+            let check = checker::check(node, &agent, self.catalog, self.apps, &entries, &mut seen, timeout);
             let mut unknowns = Vec::new();
             match check {
                 // A check cut short by Ctrl-C proves nothing either way.

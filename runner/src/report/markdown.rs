@@ -122,7 +122,9 @@ fn timeline(x: &ExploreReport) -> String {
                 Outcome::Indeterminate => "active, ",
             };
             let name = match &e.step {
-                crate::scenario::Step::Op { op, app } => format!("{op:?} {}", app.as_deref().unwrap_or("")),
+                crate::scenario::Step::Op { op, app } => {
+                    format!("{} {}", op.name(), app.as_deref().unwrap_or(""))
+                }
                 crate::scenario::Step::Catalog { change, app } => format!("catalog {change:?} {app}"),
                 s => s.name(),
             };

@@ -134,7 +134,7 @@ fn mismatches(
 
 /// A quiet point begins: a kill point armed but never reached is disarmed (it would kill the
 /// agent at the next install), and the agent is back (a fault may just have killed it).
-pub fn settle(node: &dyn Node, agent: &AgentClient, timeout: Duration) -> Result<()> {
+fn settle(node: &dyn Node, agent: &AgentClient, timeout: Duration) -> Result<()> {
     node.remove(&super::steps::failpoint_file())?;
     agent.wait_ready(timeout).map(drop)
 }
@@ -152,6 +152,7 @@ pub fn check(
     seen: &mut Seen,
     timeout: Duration,
 ) -> Result<()> {
+    settle(node, agent, timeout)?;
     let models = history::model(entries, apps, &seen.ups);
     let began = Instant::now();
     let unix = || SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);

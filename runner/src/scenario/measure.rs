@@ -11,7 +11,7 @@ use archy_agent::quadlet;
 use crate::agent_client::AgentClient;
 use crate::evidence::Evidence;
 use crate::node::Node;
-use crate::scenario::{kpi, LifecycleOp};
+use crate::scenario::{kpi, ApiOp};
 
 /// Polls `done` every 20 ms until it holds.
 fn until(what: &str, timeout: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
@@ -180,7 +180,7 @@ pub fn calls(agent: &AgentClient, apps: &[String], timeout: Duration) -> Result<
         Ok((sum("podman"), sum("systemctl")))
     };
     let mut evidence = Evidence::default().with("app", app);
-    for op in LifecycleOp::ALL {
+    for op in ApiOp::LIFECYCLE {
         let before = count()?;
         agent.op(op.name(), app)?;
         agent.wait_converged(std::slice::from_ref(app), timeout)?;

@@ -95,37 +95,6 @@ impl Quantile {
     }
 }
 
-/// An operation of the package API, for steps that act during one.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LifecycleOp {
-    Install,
-    Uninstall,
-    Start,
-    Stop,
-    Restart,
-}
-
-impl LifecycleOp {
-    pub const ALL: [LifecycleOp; 5] = [
-        LifecycleOp::Install,
-        LifecycleOp::Stop,
-        LifecycleOp::Start,
-        LifecycleOp::Restart,
-        LifecycleOp::Uninstall,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            LifecycleOp::Install => "install",
-            LifecycleOp::Uninstall => "uninstall",
-            LifecycleOp::Start => "start",
-            LifecycleOp::Stop => "stop",
-            LifecycleOp::Restart => "restart",
-        }
-    }
-}
-
 /// Steps are written `- install` or `- file-fault: { ... }`; serde_yaml reads enum variants
 /// with data only as `!tags`, so single-key maps are turned into tags first.
 fn steps<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Step>, D::Error> {
@@ -209,7 +178,8 @@ pub enum Step {
     /// Starts `op` on the apps, then SIGKILLs the agent at a random instant (from the run's
     /// seeded RNG) within `within`.
     KillAgentDuring {
-        op: LifecycleOp,
+        /// install, uninstall, start, stop or restart.
+        op: ApiOp,
         within: archy_agent::manifest::Dur,
     },
     /// Every podman call of the agent fails (exit 125) for `for`, then podman works again.
@@ -283,6 +253,24 @@ pub enum ApiOp {
     Restart,
     /// A reconcile pass now (`node.reconcile`); changes no desired state.
     Reconcile,
+}
+
+impl ApiOp {
+    /// The operations of an app's lifecycle, in the order `measure-calls` takes them.
+    pub const LIFECYCLE: [ApiOp; 5] =
+        [ApiOp::Install, ApiOp::Stop, ApiOp::Start, ApiOp::Restart, ApiOp::Uninstall];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ApiOp::Install => "install",
+            ApiOp::Uninstall => "uninstall",
+            ApiOp::Purge => "purge",
+            ApiOp::Start => "start",
+            ApiOp::Stop => "stop",
+            ApiOp::Restart => "restart",
+            ApiOp::Reconcile => "reconcile",
+        }
+    }
 }
 
 /// How a catalog changes under a running node.
@@ -501,7 +489,7 @@ impl Scenario {
                     }
                 }
                 Step::MeasureCalls => {
-                    for op in LifecycleOp::ALL {
+                    for op in ApiOp::LIFECYCLE {
                         out.push(kpi::calls(op.name(), "podman"));
                         out.push(kpi::calls(op.name(), "systemctl"));
                     }

@@ -12,7 +12,7 @@ use sha2::Digest;
 
 use super::engine::StepCtx;
 use super::history::{self, Entry, History, Outcome};
-use super::model::{kpi, CatalogChange, LifecycleOp, Step};
+use super::model::{kpi, ApiOp, CatalogChange, Step};
 use crate::evidence::Evidence;
 use crate::node::{DiskFault, FileFault, PODMAN_FAIL_FLAG};
 
@@ -97,7 +97,6 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
             Ok(Evidence::default().with("outcome", e.outcome).with("message", e.message))
         }
         Step::Check => {
-            super::checker::settle(ctx.node, ctx.agent, timeout)?;
             let entries = ctx.memory.history.entries();
             let seen = &mut ctx.memory.seen;
             super::checker::check(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, &entries, seen, timeout)?;
@@ -207,7 +206,12 @@ fn kill_agent_at(ctx: &mut StepCtx, point: &str) -> Result<Evidence> {
 }
 
 /// Starts `op` on the apps, then SIGKILLs the agent at a seeded random instant within `within`.
-fn kill_agent_during(ctx: &mut StepCtx, op: LifecycleOp, within: Duration) -> Result<Evidence> {
+fn kill_agent_during(ctx: &mut StepCtx, op: ApiOp, within: Duration) -> Result<Evidence> {
+    ensure!(
+        ApiOp::LIFECYCLE.contains(&op),
+        "kill-agent-during: `{}` is not one of install, uninstall, start, stop, restart",
+        op.name()
+    );
     let delay = Duration::from_secs_f64(ctx.rng.random_range(0.0..within.as_secs_f64().max(0.001)));
     each(ctx, op.name())?;
     std::thread::sleep(delay);
