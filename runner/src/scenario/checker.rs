@@ -173,11 +173,14 @@ pub fn check(
     }
     let mut failures = wrong;
     if last < began_unix {
-        failures.push(format!(
-            "liveness: the agent completed no reconcile tick for {:.0} s (its interval: {} s)",
-            unix() - last,
-            st.tick_interval_seconds
-        ));
+        failures.push(match last {
+            0.0 => "liveness: the agent has completed no reconcile tick since it started".to_string(),
+            _ => format!(
+                "liveness: the agent completed no reconcile tick for {:.0} s (its interval: {} s)",
+                unix() - last,
+                st.tick_interval_seconds
+            ),
+        });
     }
     let uid = node.service_uid()?;
     let now = seen.at.max(entries.iter().map(|e| e.completed).fold(0.0, f64::max));
