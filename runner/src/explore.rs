@@ -298,8 +298,11 @@ impl Explorer<'_> {
     fn on_local(&self, name: &str, plan: &[Step]) -> Result<(Explored, Option<Found>)> {
         let node = self.up(name)?;
         let explored = self.run(&node, plan);
+        // A node that will not go down is worth a message, not the exploration's report.
         if !self.args.keep_node {
-            node.down().with_context(|| format!("removing node {name}"))?;
+            if let Err(e) = node.down() {
+                eprintln!("archy-chaos: removing node {name}: {e:#}");
+            }
         }
         let explored = explored?;
         let found = self.found(&explored, plan, &|steps: &[Step]| {
@@ -553,7 +556,8 @@ impl Explorer<'_> {
                 (true, false) => Verdict::Unknown,
                 (true, true) => Verdict::Pass,
             };
-            let log = if failures.is_empty() { String::new() } else { node.log(30).unwrap_or_default() };
+            // Enough of the node's log to tell which defect of the agent a failure is.
+            let log = if failures.is_empty() { String::new() } else { node.log(300).unwrap_or_default() };
             checks.push(Iteration {
                 n: k as u32 + 1,
                 apps: self.apps.to_vec(),

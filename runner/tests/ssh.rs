@@ -348,6 +348,24 @@ fn provisioned_hosts_are_driven_over_ssh() {
     let e = b.ok(&["restart-agent"]);
     assert!(e.contains("\"took_effect\": true"), "{e}");
 
+    // An exploration over SSH: the same clients, history and checks on a real host.
+    let reports = tempfile::tempdir().unwrap();
+    let mut args = vec!["explore".to_string(), "--node".into(), a.url()];
+    args.extend(a.ssh_args("id"));
+    args.extend(
+        ["--seed", "6", "--ops", "10", "--clients", "2", "--apps", "fx-web,fx-client", "--faults", "kill,secrets"]
+            .map(String::from),
+    );
+    args.extend(["--quiet-every".into(), "10".into(), "--shrink-budget".into(), "0s".into()]);
+    args.extend(["--report-dir".into(), reports.path().display().to_string()]);
+    let (ok, out, err) = chaos(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let path = std::fs::read_dir(reports.path()).unwrap().flatten().next().expect("a report").path();
+    let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    // Nothing known to the agent's bugs is asked here (no catalog or state faults): a pass.
+    assert!(ok && r["verdict"] == "pass", "{out}{err}");
+    assert_eq!(r["nodes"][0]["node"], a.url());
+    assert_eq!(r["explore"]["history"].as_array().unwrap().len(), 10, "{out}");
+
     // Failing fast, naming the host.
     let start = Instant::now();
     fails_fast(

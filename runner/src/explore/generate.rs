@@ -136,12 +136,12 @@ fn fault(
         Fault::Power => vec![Step::Reboot],
         Fault::Reboot => vec![Step::GracefulReboot],
         Fault::Podman => vec![Step::PodmanFail { duration: secs(rng, 2, 6) }],
-        // A third of the time the data root turns read-only as the agent restarts after losing
-        // its state (a disk error does both): what it learns then it cannot save.
+        // A third of the time the data root fills up as the agent restarts after losing its
+        // state: what it learns then it cannot save. (Read-only, the agent does not start.)
         Fault::Disk if rng.random_bool(0.33) => vec![
             Step::FileFault { path: STATE_FILE.to_string(), fault: FileFault::Delete },
             Step::FileFault { path: PREVIOUS_FILE.to_string(), fault: FileFault::Delete },
-            Step::DiskFault { fault: DiskFault::ReadOnly, duration: secs(rng, 6, 10) },
+            Step::DiskFault { fault: DiskFault::Full, duration: secs(rng, 6, 10) },
             Step::RestartAgent,
         ],
         Fault::Disk => {

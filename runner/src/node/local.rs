@@ -68,6 +68,9 @@ pub struct UpOptions {
 pub struct LocalNode {
     pub spec: NodeSpec,
     pub root: PathBuf,
+    /// Held while the node boots, is cut or shuts down: two boots at once from concurrent
+    /// clients (explore) would start two inits, one of them unknown to `launcher.pid`.
+    power: std::sync::Mutex<()>,
 }
 
 /// Where local nodes live.
@@ -325,7 +328,7 @@ impl LocalNode {
         let root = nodes_dir().join(name);
         let text = std::fs::read_to_string(root.join("node.json"))
             .with_context(|| format!("no node `{name}` (run `archy-chaos node up {name}` first)"))?;
-        Ok(LocalNode { spec: serde_json::from_str(&text)?, root })
+        Ok(LocalNode { spec: serde_json::from_str(&text)?, root, power: Default::default() })
     }
 
     /// Creates the node's files (idempotent) and boots it.
@@ -397,7 +400,7 @@ impl LocalNode {
         }
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
 
-        let node = LocalNode { spec, root };
+        let node = LocalNode { spec, root, power: Default::default() };
         if let Some(i) = index {
             node.create_netns(i)?;
         }
@@ -496,6 +499,7 @@ impl LocalNode {
     /// Starts the node: its manager starts the agent and every enabled unit. Returns the time
     /// from start to the agent's /readyz.
     pub fn boot(&self) -> Result<Duration> {
+        let _power = self.power.lock().unwrap_or_else(|e| e.into_inner());
         ensure!(self.init_pid().is_none(), "node `{}` is already up", self.spec.name);
         let start = Instant::now();
         // After this machine rebooted the image is there but no longer mounted.
@@ -573,6 +577,11 @@ impl LocalNode {
 
     /// Every process of the node dies at once; its tmpfs mounts vanish with its namespaces.
     pub fn power_cut(&self) -> Result<Evidence> {
+        let _power = self.power.lock().unwrap_or_else(|e| e.into_inner());
+        self.cut()
+    }
+
+    fn cut(&self) -> Result<Evidence> {
         let init = self.init_pid().context("node is not up")?;
         let before = self.processes().len();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), nix::sys::signal::SIGKILL)?;
@@ -590,6 +599,7 @@ impl LocalNode {
     /// Stops the agent and every app unit through the user manager, as a clean shutdown
     /// does, then the manager and the node.
     pub fn shutdown(&self) -> Result<Evidence> {
+        let _power = self.power.lock().unwrap_or_else(|e| e.into_inner());
         let init = self.init_pid().context("node is not up")?;
         // Units first, explicitly: under podman 4.3, a quadlet unit's `podman rm` and conmon's
         // cleanup can deadlock when the manager stops them while it exits itself.
@@ -605,7 +615,7 @@ impl LocalNode {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), nix::sys::signal::SIGTERM)?;
         let clean = self.wait_gone(Duration::from_secs(90)).is_ok();
         if !clean {
-            self.power_cut()?;
+            self.cut()?;
         }
         Ok(Evidence::of(json!({"fault": "graceful_shutdown", "units_stopped": stopped, "clean": clean}))
             .effect(clean))
