@@ -184,6 +184,9 @@ pub fn check(
     }
     let uid = node.service_uid()?;
     let now = seen.at.max(entries.iter().map(|e| e.completed).fold(0.0, f64::max));
+    // Compared with the last check only: an app not installed then may have been purged
+    // and installed again since, with new secrets.
+    let before = std::mem::take(&mut seen.secrets);
     for (app, m) in &models {
         let installed = matches!(m.certain(), Some(Desired::Running | Desired::Stopped));
         let Some(manifest) = catalog.get(app).filter(|_| installed && m.manifest == InCatalog::Valid) else {
@@ -194,8 +197,9 @@ pub fn check(
             Ok(values) => {
                 for (file, sum) in values {
                     let key = format!("{app}/{file}");
-                    let before = seen.secrets.insert(key.clone(), sum.clone());
-                    if before.is_some_and(|b| b != sum) && !history::may_rotate(entries, app, seen.at) {
+                    let was = before.get(&key).filter(|b| **b != sum);
+                    seen.secrets.insert(key.clone(), sum);
+                    if was.is_some() && !history::may_rotate(entries, app, seen.at) {
                         failures.push(format!("{key}: rotated, though the app was neither purged nor changed and the secret was not damaged"));
                     }
                 }
