@@ -353,8 +353,19 @@ fn provisioned_hosts_are_driven_over_ssh() {
     let mut args = vec!["explore".to_string(), "--node".into(), a.url()];
     args.extend(a.ssh_args("id"));
     args.extend(
-        ["--seed", "6", "--ops", "10", "--clients", "2", "--apps", "fx-web,fx-client", "--faults", "kill,secrets"]
-            .map(String::from),
+        [
+            "--seed",
+            "6",
+            "--ops",
+            "10",
+            "--clients",
+            "2",
+            "--apps",
+            "fx-web,fx-client",
+            "--faults",
+            "kill,secrets",
+        ]
+        .map(String::from),
     );
     args.extend(["--quiet-every".into(), "10".into(), "--shrink-budget".into(), "0s".into()]);
     args.extend(["--report-dir".into(), reports.path().display().to_string()]);
