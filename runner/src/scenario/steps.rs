@@ -238,6 +238,10 @@ fn podman_fail(ctx: &StepCtx, duration: Duration) -> Result<Evidence> {
 /// The data root full or read-only for `duration`, met by one agent tick, then off: always,
 /// even when turning it on failed halfway, since a node left so would fail every later step.
 fn disk_fault(ctx: &StepCtx, fault: DiskFault, duration: Duration) -> Result<Evidence> {
+    // One at a time: a full disk cannot be emptied while another client made it read-only,
+    // and a fault left on would be blamed on the agent.
+    static DISK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = DISK.lock().unwrap_or_else(|e| e.into_inner());
     let start = Instant::now();
     let on = ctx.node.disk_fault(fault, true);
     let mut tick = None;
