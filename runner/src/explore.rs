@@ -488,7 +488,7 @@ impl Explorer<'_> {
                 segment.iter().cloned().enumerate().map(|(i, s)| (offset + i, s)).collect::<VecDeque<_>>(),
             );
             std::thread::scope(|sc| {
-                let sampler = sc.spawn(|| sample(node, self.catalog, self.apps, &done, &violations));
+                let sampler = sc.spawn(|| sample(node, self.catalog, self.apps, &history, &done, &violations));
                 let clients: Vec<_> = (0..self.args.clients as usize)
                     .map(|c| {
                         let (queue, history, s, bar) = (&queue, &history, &s, &bar);
@@ -640,6 +640,7 @@ fn sample(
     node: &dyn Node,
     catalog: &Catalog,
     apps: &[String],
+    history: &History,
     done: &AtomicBool,
     violations: &Mutex<Vec<String>>,
 ) {
@@ -660,7 +661,11 @@ fn sample(
         }
         let up: BTreeSet<String> =
             agent.list().map(|l| l.into_iter().filter(|a| a.up).map(|a| a.id).collect()).unwrap_or_default();
-        for app in up.difference(&was_up) {
+        // The agent's list is its last tick's: a fault since (a container killed and restarted
+        // by systemd) can make a stale "up" look early. Judged in quiet moments only.
+        let at = history.now();
+        let quiet = !history.entries().iter().any(|e| e.step.is_fault() && at - e.completed < 10.0);
+        for app in up.difference(&was_up).filter(|_| quiet) {
             if !checker::answers(node, catalog, app).unwrap_or(true) {
                 let cs = checker::containers(node).unwrap_or_default();
                 if cs.iter().any(|c| &c.app == app && c.running && c.health.as_deref() != Some("healthy")) {
