@@ -556,8 +556,22 @@ impl Explorer<'_> {
                 (true, false) => Verdict::Unknown,
                 (true, true) => Verdict::Pass,
             };
-            // Enough of the node's log to tell which defect of the agent a failure is.
-            let log = if failures.is_empty() { String::new() } else { node.log(300).unwrap_or_default() };
+            // Enough to tell which defect of the agent a failure is: its log, what it says of
+            // its apps and what its state file holds (never used to judge, only to explain).
+            let log = match failures.is_empty() {
+                true => String::new(),
+                false => format!(
+                    "{}\n--- the agent's package.list: {}\n--- data/{}: {}",
+                    node.log(300).unwrap_or_default(),
+                    agent.list().map(|l| serde_json::to_string(&l).unwrap_or_default()).unwrap_or_else(|e| e.to_string()),
+                    archy_agent::store::STATE_FILE,
+                    node.read(&format!("data/{}", archy_agent::store::STATE_FILE))
+                        .ok()
+                        .flatten()
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default()
+                ),
+            };
             checks.push(Iteration {
                 n: k as u32 + 1,
                 apps: self.apps.to_vec(),

@@ -136,12 +136,14 @@ fn fault(
         Fault::Power => vec![Step::Reboot],
         Fault::Reboot => vec![Step::GracefulReboot],
         Fault::Podman => vec![Step::PodmanFail { duration: secs(rng, 2, 6) }],
-        // A third of the time the data root fills up as the agent restarts after losing its
-        // state: what it learns then it cannot save. (Read-only, the agent does not start.)
+        // A third of the time the data root fills up, the state is lost and the agent restarts
+        // (the disk-fault step holds its client; the next clients take the rest meanwhile):
+        // no save can undo the loss, and what the agent learns then it cannot save. (On a
+        // read-only data root the agent does not start at all.)
         Fault::Disk if rng.random_bool(0.33) => vec![
+            Step::DiskFault { fault: DiskFault::Full, duration: secs(rng, 8, 12) },
             Step::FileFault { path: STATE_FILE.to_string(), fault: FileFault::Delete },
             Step::FileFault { path: PREVIOUS_FILE.to_string(), fault: FileFault::Delete },
-            Step::DiskFault { fault: DiskFault::Full, duration: secs(rng, 6, 10) },
             Step::RestartAgent,
         ],
         Fault::Disk => {
