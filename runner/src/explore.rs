@@ -689,7 +689,12 @@ fn sample(
         }
         was_up = up;
         let last_tick = agent.status().ok().and_then(|s| s.last_tick_at);
-        for app in apps.iter().filter(|a| !NEVER_HEALTHY.contains(&a.as_str())) {
+        // Secrets are the agent's to heal while their app is installed (by the history).
+        let models = crate::scenario::history::model(&history.entries(), apps, &[]);
+        let installed = |app: &String| {
+            models.get(app).and_then(|m| m.certain()).is_some_and(|d| d != crate::scenario::history::Desired::Absent)
+        };
+        for app in apps.iter().filter(|a| !NEVER_HEALTHY.contains(&a.as_str()) && installed(a)) {
             for f in node.list(&format!("data/secrets/{app}")).unwrap_or_default() {
                 if f.starts_with('.') {
                     continue;
