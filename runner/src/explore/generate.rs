@@ -138,12 +138,13 @@ fn fault(
         Fault::Podman => vec![Step::PodmanFail { duration: secs(rng, 2, 6) }],
         // A third of the time the data root fills up, the state is lost and the agent restarts
         // (the disk-fault step holds its client; the next clients take the rest meanwhile):
-        // no save can undo the loss, and what the agent learns then it cannot save. (On a
+        // no save can undo the loss, and what the agent learns then it cannot save. Corrupted,
+        // not deleted: a deletion would free the blocks the agent's next save needs. (On a
         // read-only data root the agent does not start at all.)
         Fault::Disk if rng.random_bool(0.33) => vec![
             Step::DiskFault { fault: DiskFault::Full, duration: secs(rng, 8, 12) },
-            Step::FileFault { path: STATE_FILE.to_string(), fault: FileFault::Delete },
-            Step::FileFault { path: PREVIOUS_FILE.to_string(), fault: FileFault::Delete },
+            Step::FileFault { path: STATE_FILE.to_string(), fault: FileFault::Corrupt },
+            Step::FileFault { path: PREVIOUS_FILE.to_string(), fault: FileFault::Corrupt },
             Step::RestartAgent,
         ],
         Fault::Disk => {
