@@ -488,7 +488,8 @@ impl Explorer<'_> {
                 segment.iter().cloned().enumerate().map(|(i, s)| (offset + i, s)).collect::<VecDeque<_>>(),
             );
             std::thread::scope(|sc| {
-                let sampler = sc.spawn(|| sample(node, self.catalog, self.apps, &history, &done, &violations));
+                let sampler =
+                    sc.spawn(|| sample(node, self.catalog, self.apps, &history, &done, &violations));
                 let clients: Vec<_> = (0..self.args.clients as usize)
                     .map(|c| {
                         let (queue, history, s, bar) = (&queue, &history, &s, &bar);
@@ -563,7 +564,10 @@ impl Explorer<'_> {
                 false => format!(
                     "{}\n--- the agent's package.list: {}\n--- data/{}: {}",
                     node.log(300).unwrap_or_default(),
-                    agent.list().map(|l| serde_json::to_string(&l).unwrap_or_default()).unwrap_or_else(|e| e.to_string()),
+                    agent
+                        .list()
+                        .map(|l| serde_json::to_string(&l).unwrap_or_default())
+                        .unwrap_or_else(|e| e.to_string()),
                     archy_agent::store::STATE_FILE,
                     node.read(&format!("data/{}", archy_agent::store::STATE_FILE))
                         .ok()
@@ -610,20 +614,36 @@ fn replay_hint(args: &ExploreArgs, seed: u64) -> String {
 }
 
 /// The steps in the order the clients invoked them (between two checks, a later step may
-/// have started first), so the sequential replay meets the agent as the exploration did.
+/// have started first), each after the idle time the exploration had before it (a `sleep`
+/// step, when it was 100 ms or more: the agent may have acted in it), so the sequential
+/// replay meets the agent as the exploration did.
 fn as_happened(steps: &[Step], history: &[Entry]) -> Vec<Step> {
-    let invoked = |i: usize| history.iter().find(|e| e.index == i).map_or(f64::MAX, |e| e.invoked);
+    let entry = |i: usize| history.iter().find(|e| e.index == i);
+    let invoked = |i: usize| entry(i).map_or(f64::MAX, |e| e.invoked);
     let mut out = Vec::with_capacity(steps.len());
+    let mut base = 0;
     for segment in steps.split_inclusive(|s| matches!(s, Step::Check)) {
-        let base = out.len();
         let (body, check) = match segment.split_last() {
             Some((Step::Check, body)) => (body, Some(Step::Check)),
             _ => (segment, None),
         };
-        let mut order: Vec<usize> = (0..body.len()).collect();
-        order.sort_by(|a, b| invoked(base + a).total_cmp(&invoked(base + b)));
-        out.extend(order.into_iter().map(|j| body[j].clone()));
+        let mut order: Vec<usize> = (base..base + body.len()).collect();
+        order.sort_by(|a, b| invoked(*a).total_cmp(&invoked(*b)));
+        let mut idle_from: Option<f64> = None;
+        for i in order {
+            let e = entry(i);
+            if let (Some(from), Some(e)) = (idle_from, e) {
+                let idle = ((e.invoked - from) * 10.0).floor() / 10.0;
+                if idle >= 0.1 {
+                    let duration = archy_agent::manifest::Dur(Duration::from_secs_f64(idle));
+                    out.push(Step::Sleep { duration });
+                }
+            }
+            idle_from = e.map(|e| e.completed).or(idle_from);
+            out.push(steps[i].clone());
+        }
         out.extend(check);
+        base += segment.len();
     }
     out
 }
@@ -692,7 +712,10 @@ fn sample(
         // Secrets are the agent's to heal while their app is installed (by the history).
         let models = crate::scenario::history::model(&history.entries(), apps, &[]);
         let installed = |app: &String| {
-            models.get(app).and_then(|m| m.certain()).is_some_and(|d| d != crate::scenario::history::Desired::Absent)
+            models
+                .get(app)
+                .and_then(|m| m.certain())
+                .is_some_and(|d| d != crate::scenario::history::Desired::Absent)
         };
         for app in apps.iter().filter(|a| !NEVER_HEALTHY.contains(&a.as_str()) && installed(a)) {
             for f in node.list(&format!("data/secrets/{app}")).unwrap_or_default() {
@@ -781,10 +804,12 @@ mod tests {
             .iter()
             .map(|s| match s {
                 Step::Op { app, .. } => app.clone().unwrap_or_default(),
+                Step::Sleep { duration } => format!("sleep {:?}", duration.0),
                 s => s.name(),
             })
             .collect();
-        assert_eq!(names, ["b", "a", "check", "restart-agent", "c"]);
+        // With the idle time between them: b ended at 1.0, a began at 2.0.
+        assert_eq!(names, ["b", "sleep 1s", "a", "check", "restart-agent", "sleep 1s", "c"]);
     }
 
     #[test]

@@ -238,6 +238,12 @@ pub enum Step {
     /// A quiet point of a history: waits, on the agent's own schedule, for the node to be
     /// what the history's requests imply, then checks it (`scenario::checker`).
     Check,
+    /// Does nothing for a while: a history's replay keeps the idle time the exploration had
+    /// between two steps (the agent may have acted in it).
+    Sleep {
+        #[serde(rename = "for")]
+        duration: archy_agent::manifest::Dur,
+    },
 }
 
 /// A request of the package API (`op` steps, `archy-chaos explore`).
@@ -311,6 +317,7 @@ impl Step {
                 | Step::MeasureCalls
                 | Step::Op { .. }
                 | Step::Check
+                | Step::Sleep { .. }
         )
     }
 

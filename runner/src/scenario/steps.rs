@@ -96,6 +96,10 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
             let e = history::request(ctx.agent, &ctx.memory.history, index, 0, *op, app.as_deref(), timeout);
             Ok(Evidence::default().with("outcome", e.outcome).with("message", e.message))
         }
+        Step::Sleep { duration } => {
+            std::thread::sleep(duration.0);
+            Ok(Evidence::default())
+        }
         Step::Check => {
             let entries = ctx.memory.history.entries();
             let seen = &mut ctx.memory.seen;
