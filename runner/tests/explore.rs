@@ -136,7 +136,14 @@ fn the_found_scenarios_replay_and_fail_on_todays_agent() {
             Some((subject, rest)) if !subject.contains(' ') && subject != "liveness" => rest,
             _ => first,
         };
-        let kind = first.split([',', '(']).next().unwrap().split(|c: char| c.is_ascii_digit()).next().unwrap().trim();
+        let kind = first
+            .split([',', '('])
+            .next()
+            .unwrap()
+            .split(|c: char| c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .trim();
         assert!(kind.len() > 5 && failures.contains(kind), "{}: {kind:?} not in {failures}", s["scenario"]);
     }
 }
