@@ -229,7 +229,14 @@ pub fn request(
     let call = || -> Result<(), ClientError> {
         match (op, app) {
             (ApiOp::Reconcile, _) => agent.reconcile().map(drop),
-            (ApiOp::Uninstall | ApiOp::Purge, Some(a)) => agent.uninstall(a, op == ApiOp::Purge),
+            // Not through `AgentClient::uninstall`, which takes "not installed" for done: here
+            // it is a refusal, and the request had no effect.
+            (ApiOp::Uninstall | ApiOp::Purge, Some(a)) => agent
+                .rpc::<archy_agent::api::Accepted>(
+                    "package.uninstall",
+                    serde_json::json!({"id": a, "purge": op == ApiOp::Purge}),
+                )
+                .map(drop),
             (ApiOp::Install, Some(a)) => agent.op("install", a).map(drop),
             (ApiOp::Start, Some(a)) => agent.op("start", a).map(drop),
             (ApiOp::Stop, Some(a)) => agent.op("stop", a).map(drop),
