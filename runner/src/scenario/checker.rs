@@ -162,17 +162,24 @@ pub fn check(
     let st = agent.status()?;
     let window = 3.0 * st.tick_interval_seconds.max(1.0) + 10.0;
     let mut last = st.last_tick_at.unwrap_or(0.0);
+    // Two ticks completed since the check began: the second began after it (a tick in flight
+    // when the check began may be the last one a dying reconciler completes).
+    let mut ticks = 0;
     let (mut wrong, mut up) = mismatches(node, catalog, &models)?;
-    while (!wrong.is_empty() || last < began_unix) && began.elapsed() < timeout && unix() - last < window {
+    while (!wrong.is_empty() || ticks < 2) && began.elapsed() < timeout && unix() - last < window {
         crate::interrupt::check()?;
         std::thread::sleep(Duration::from_secs(1));
-        last = agent.status()?.last_tick_at.unwrap_or(0.0);
+        let now = agent.status()?.last_tick_at.unwrap_or(0.0);
+        if now > last && now >= began_unix {
+            ticks += 1;
+        }
+        last = now;
         if !wrong.is_empty() {
             (wrong, up) = mismatches(node, catalog, &models)?;
         }
     }
     let mut failures = wrong;
-    if last < began_unix {
+    if ticks < 2 {
         failures.push(match last {
             0.0 => "liveness: the agent has completed no reconcile tick since it started".to_string(),
             _ => format!(
