@@ -65,7 +65,7 @@ fn explore_finds_the_dead_reconciler_and_shrinks_it_to_a_scenario_run_replays() 
         "--quiet-every",
         "8",
         "--shrink-budget",
-        "4m",
+        "3m",
         "--report-dir",
         reports.path().to_str().unwrap(),
         "--found-dir",
