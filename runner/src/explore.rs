@@ -433,7 +433,7 @@ impl Explorer<'_> {
         let short: String = failure.chars().take(300).collect();
         let description = format!(
             "Found by `{}`: {short}. Shrunk from {} to {} steps in {} replays.",
-            replay_hint(self.args, self.seed),
+            self::replay(self.args, self.seed),
             shrunk.original_len,
             shrunk.minimal_len,
             shrunk.replays
@@ -607,10 +607,6 @@ impl Explorer<'_> {
             environment: Some(crate::environment::environment(node, crate::environment::cpu_times())),
         })
     }
-}
-
-fn replay_hint(args: &ExploreArgs, seed: u64) -> String {
-    replay(args, seed)
 }
 
 /// The steps in the order the clients invoked them (between two checks, a later step may
