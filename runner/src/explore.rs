@@ -468,6 +468,7 @@ impl Explorer<'_> {
         let agent = crate::node::agent(node);
         let backend = agent.status().context("asking the agent")?.backend;
         let start = Instant::now();
+        let cpu_before = crate::environment::cpu_times();
         let mut seen = Seen::default();
         let mut checks = Vec::new();
         let mut steps_run = 0;
@@ -594,7 +595,7 @@ impl Explorer<'_> {
                     checks,
                     steps_run,
                     failure: Some((failures.join("; "), steps_run)),
-                    environment: Some(crate::environment::environment(node, crate::environment::cpu_times())),
+                    environment: Some(crate::environment::environment(node, cpu_before)),
                 });
             }
         }
@@ -604,7 +605,7 @@ impl Explorer<'_> {
             checks,
             steps_run,
             failure: None,
-            environment: Some(crate::environment::environment(node, crate::environment::cpu_times())),
+            environment: Some(crate::environment::environment(node, cpu_before)),
         })
     }
 }
