@@ -186,7 +186,7 @@ fn run_steps(ctx: &mut StepCtx, it: &mut Iteration) {
         let result = steps::run(ctx, step);
         if !matches!(step, Step::Op { .. } | Step::Catalog { .. } | Step::Check) {
             ctx.memory.history.record(Entry::of_step(
-                ctx.memory.history.entries().len(),
+                ctx.memory.history.len(),
                 0,
                 step,
                 invoked,

@@ -80,6 +80,11 @@ impl History {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).push(e);
     }
 
+    /// How many entries so far (the next step's index in a sequential run).
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     pub fn entries(&self) -> Vec<Entry> {
         let mut v = self.entries.lock().unwrap_or_else(|e| e.into_inner()).clone();
         v.sort_by(|a, b| a.invoked.total_cmp(&b.invoked));

@@ -92,7 +92,7 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         Step::Exec { argv, expect } => exec(ctx, argv, expect.as_deref()),
         Step::Reachable => reachable(ctx),
         Step::Op { op, app } => {
-            let index = ctx.memory.history.entries().len();
+            let index = ctx.memory.history.len();
             let e = history::request(ctx.agent, &ctx.memory.history, index, 0, *op, app.as_deref(), timeout);
             Ok(Evidence::default().with("outcome", e.outcome).with("message", e.message))
         }
@@ -107,7 +107,7 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
             Ok(Evidence::default().with("up", seen.ups.last().map(|(_, up)| up.clone()).unwrap_or_default()))
         }
         Step::Catalog { change, app } => {
-            let index = ctx.memory.history.entries().len();
+            let index = ctx.memory.history.len();
             catalog_change(ctx.node, &ctx.memory.history, index, 0, *change, app)
         }
         Step::WriteFile { path, content } => {
