@@ -228,7 +228,7 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
             let purge = params.get("purge").and_then(Value::as_bool).unwrap_or(false);
             installed(api, &id)?;
             set(api, &id, |s| {
-                s.apps.insert(id.clone(), AppState { desired: Desired::Absent, purge, restart: false });
+                s.apps.insert(id.clone(), AppState { purge, ..AppState::new(Desired::Absent) });
             })?;
             reply(Accepted { id, desired: Some(Desired::Absent), purge: Some(purge) })
         }
@@ -320,7 +320,7 @@ fn installed(api: &Api, id: &str) -> Result<(), RpcError> {
 fn set<R>(api: &Api, id: &str, f: impl FnOnce(&mut crate::store::State) -> R) -> Result<R, RpcError> {
     let r = {
         let mut store = api.shared.store.lock().unwrap_or_else(|e| e.into_inner());
-        store.update(f).map_err(|e| {
+        store.request(id, f).map_err(|e| {
             RpcError::new(code::INTERNAL, format!("cannot save the desired state of `{id}`: {e}"))
         })?
     };

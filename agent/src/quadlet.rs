@@ -20,6 +20,8 @@ pub const RENDERER_VERSION: u32 = 1;
 pub const LABEL_APP: &str = "io.archy.app";
 /// Label carrying the hash of the rendered unit.
 pub const LABEL_SPEC_HASH: &str = "io.archy.spec-hash";
+/// Label carrying the identity of the store that made the container ([`Target::store`]).
+pub const LABEL_STORE: &str = "io.archy.store";
 /// Label carrying the content hash of a locally built image's build context.
 pub const LABEL_CONTEXT_HASH: &str = "io.archy.context-hash";
 /// First line of every unit the agent writes; units without it are never touched.
@@ -66,11 +68,18 @@ pub struct Target {
     /// Whether the node can enforce memory limits. On cgroup v2 without the memory
     /// controller delegated, runc fails every container that asks for one.
     pub memory_limits: bool,
+    /// Identity of the node's store, on every container it makes: a container of another
+    /// store (another agent, data root or test node of the same user) is never touched, and
+    /// one of this store that its state does not know was lost by it, not made by hand.
+    /// Derived from the data root's path, so it survives the loss of any file.
+    pub store: String,
 }
 
 impl Target {
     pub fn new(podman: PodmanVersion, data_root: PathBuf) -> Target {
-        Target { podman, data_root, memory_limits: true }
+        let digest = Sha256::digest(data_root.as_os_str().as_encoded_bytes());
+        let store = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+        Target { podman, data_root, memory_limits: true, store }
     }
 
     pub fn secrets_root(&self) -> PathBuf {
@@ -214,6 +223,7 @@ fn container_keys(m: &Manifest, target: &Target) -> Vec<(&'static str, String)> 
     }
     k.push(("StopTimeout", m.stop_timeout.0.as_secs().to_string()));
     k.push(("Label", format!("{LABEL_APP}={}", m.id)));
+    k.push(("Label", format!("{LABEL_STORE}={}", target.store)));
     // A changed build context changes the unit, so the container is recreated on the new image.
     if let Some(h) = &m.context_hash {
         k.push(("Label", format!("{LABEL_CONTEXT_HASH}={h}")));

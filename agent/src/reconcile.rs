@@ -39,15 +39,26 @@ pub enum Reason {
     UnitChanged,
 }
 
+/// What to do. The desired-state actions carry the generation of the app's entry they were
+/// planned for, and do nothing once a later request changed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Op(Op, Reason),
     /// Delete the app's data and secrets (uninstall with purge).
-    Purge(String),
+    Purge {
+        app: String,
+        generation: u64,
+    },
     /// Drop an uninstalled app from the desired state.
-    Forget(String),
+    Forget {
+        app: String,
+        generation: u64,
+    },
     /// A requested restart is done.
-    ClearRestart(String),
+    ClearRestart {
+        app: String,
+        generation: u64,
+    },
 }
 
 impl Action {
@@ -56,10 +67,39 @@ impl Action {
             Action::Op(op, reason) => {
                 format!("{} {} ({reason:?})", op.kind(), op.app().unwrap_or("-")).to_lowercase()
             }
-            Action::Purge(app) => format!("purge {app}"),
-            Action::Forget(app) => format!("forget {app}"),
-            Action::ClearRestart(app) => format!("clear_restart {app}"),
+            Action::Purge { app, .. } => format!("purge {app}"),
+            Action::Forget { app, .. } => format!("forget {app}"),
+            Action::ClearRestart { app, .. } => format!("clear_restart {app}"),
         }
+    }
+
+    /// Whether it destroys something of the app: a container, a unit file, data.
+    pub fn destroys(&self) -> bool {
+        matches!(self, Action::Purge { .. } | Action::Forget { .. })
+            || matches!(self, Action::Op(Op::Stop { .. } | Op::Remove { .. } | Op::RemoveUnit { .. }, _))
+    }
+}
+
+/// Whose a container carrying the app label is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Made by another store (another agent or data root of the same user): never touched.
+    Other,
+    /// Not the app's container: another name, or made by hand (no store identity) for an app
+    /// this node neither has nor knows. Removed.
+    Stray,
+    /// The app's container. If the state does not know the app, the state lost it: adopted.
+    App,
+}
+
+/// The one rule telling a stray container from one the store lost (ARCHITECTURE.md).
+pub fn owner(c: &Container, target: &Target, state: &State, catalog: &Catalog) -> Owner {
+    match c.store.as_deref() {
+        Some(s) if s != target.store => Owner::Other,
+        _ if c.name != format!("archy-{}", c.app) => Owner::Stray,
+        Some(_) => Owner::App,
+        None if state.apps.contains_key(&c.app) || catalog.get(&c.app).is_some() => Owner::App,
+        None => Owner::Stray,
     }
 }
 
@@ -135,72 +175,63 @@ fn order(catalog: &Catalog) -> Vec<&str> {
 pub fn plan(w: &World) -> Plan {
     let mut p = Plan::default();
     let quadlet = w.backend == BackendKind::Quadlet;
-    // A container with an app's label but not the app's name is a stray (made by hand, or
-    // left by an old agent): it is not the app's, whatever its state.
-    let stray = |c: &Container| w.catalog.get(&c.app).is_some_and(|m| m.container_name() != c.name);
+    let whose = |c: &Container| owner(c, w.target, w.state, w.catalog);
     let containers: BTreeMap<&str, &Container> =
-        w.observed.iter().filter(|c| !stray(c)).map(|c| (c.app.as_str(), c)).collect();
+        w.observed.iter().filter(|c| whose(c) == Owner::App).map(|c| (c.app.as_str(), c)).collect();
     let desired = |app: &str| w.state.apps.get(app).map(|a| a.desired);
     let mut stops = Vec::new();
     let mut units = Vec::new();
     let mut starts = Vec::new();
     let mut after = Vec::new();
 
-    // Containers and units of apps that should not run: stop, remove, forget.
+    // Containers and units of apps that should not run: stop, remove, forget. Only what the
+    // desired state says explicitly: an app it does not know is adopted, never removed.
     for c in w.observed {
         let timeout = w.catalog.get(&c.app).map_or(10, |m| m.stop_timeout.0.as_secs());
-        if stray(c) {
-            let (app, container) = (c.app.clone(), c.name.clone());
-            stops.push(Action::Op(Op::Remove { app, container, timeout }, Reason::Orphan));
-            continue;
-        }
-        match desired(&c.app) {
-            Some(Desired::Running) => {}
-            // A stopped app has no container under either backend (Quadlet runs `--rm`), so
-            // an exited container of an app that should run is always a crash.
-            d => {
-                let reason = match d {
-                    Some(Desired::Stopped) => Reason::Stop,
-                    Some(_) => Reason::Uninstall,
-                    None => Reason::Orphan,
-                };
-                let (app, container) = (c.app.clone(), c.name.clone());
-                if quadlet && w.unit_files.contains_key(&c.app) {
-                    stops.push(Action::Op(Op::Stop { app, timeout }, reason));
-                } else {
-                    stops.push(Action::Op(Op::Remove { app, container, timeout }, reason));
-                }
-            }
+        let (app, container) = (c.app.clone(), c.name.clone());
+        let reason = match (whose(c), desired(&c.app)) {
+            (Owner::Other, _) | (Owner::App, None | Some(Desired::Running)) => continue,
+            (Owner::Stray, _) => Reason::Orphan,
+            (Owner::App, Some(Desired::Stopped)) => Reason::Stop,
+            (Owner::App, Some(Desired::Absent)) => Reason::Uninstall,
+        };
+        // A stopped app has no container under either backend (Quadlet runs `--rm`), so an
+        // exited container of an app that should run is always a crash.
+        if reason != Reason::Orphan && quadlet && w.unit_files.contains_key(&c.app) {
+            stops.push(Action::Op(Op::Stop { app, timeout }, reason));
+        } else {
+            stops.push(Action::Op(Op::Remove { app, container, timeout }, reason));
         }
     }
     for app in w.unit_files.keys() {
-        if desired(app) != Some(Desired::Running) {
-            let reason = match desired(app) {
-                None => Reason::Orphan,
-                Some(Desired::Absent) => Reason::Uninstall,
-                _ => Reason::Stop,
-            };
-            units.push(Action::Op(Op::RemoveUnit { app: app.clone() }, reason));
-        }
+        let reason = match desired(app) {
+            None | Some(Desired::Running) => continue,
+            Some(Desired::Absent) => Reason::Uninstall,
+            Some(Desired::Stopped) => Reason::Stop,
+        };
+        units.push(Action::Op(Op::RemoveUnit { app: app.clone() }, reason));
     }
     for (app, s) in &w.state.apps {
         if s.desired == Desired::Absent
             && !containers.contains_key(app.as_str())
             && !w.unit_files.contains_key(app)
         {
+            let generation = s.generation;
             if s.purge {
-                after.push(Action::Purge(app.clone()));
+                after.push(Action::Purge { app: app.clone(), generation });
             }
-            after.push(Action::Forget(app.clone()));
+            after.push(Action::Forget { app: app.clone(), generation });
         }
     }
 
-    // Apps that should run, dependencies first.
+    // Apps that should run, dependencies first. One whose manifest does not load is left as
+    // it is: its error is its status.
     for app in order(w.catalog) {
-        let Some(AppState { desired: Desired::Running, restart, .. }) = w.state.apps.get(app) else {
+        let Some(AppState { desired: Desired::Running, restart, generation, .. }) = w.state.apps.get(app)
+        else {
             continue;
         };
-        let m = &w.catalog.apps[app];
+        let Some(m) = w.catalog.get(app) else { continue };
         let unit = quadlet::render(m, w.target);
         let c = containers.get(app).copied();
         let mut run: Option<Reason> = None;
@@ -233,7 +264,7 @@ pub fn plan(w: &World) -> Plan {
             }
             if *restart {
                 run = run.or(Some(Reason::Restart));
-                after.push(Action::ClearRestart(app.into()));
+                after.push(Action::ClearRestart { app: app.into(), generation: *generation });
             }
         }
         let build = m
@@ -419,6 +450,17 @@ pub fn backoff_delay(n: u32, rng: &mut impl Rng) -> Duration {
     base.mul_f64(rng.random_range(0.75..1.25))
 }
 
+fn bump(map: &mut HashMap<String, Backoff>, app: &str) {
+    let b = map.entry(app.to_string()).or_insert(Backoff { failures: 0, until: Instant::now() });
+    b.failures += 1;
+    b.until = Instant::now() + backoff_delay(b.failures, &mut rand::rng());
+}
+
+/// Starts back off through `held` in the plan; every other operation through `retry`.
+fn starts(op: &Op) -> bool {
+    matches!(op, Op::Run { .. } | Op::Start { .. } | Op::Build { .. } | Op::Probe { .. })
+}
+
 /// Next tick while an app is starting or becoming healthy.
 const FAST_REQUEUE: Duration = Duration::from_millis(100);
 /// Next tick while waiting on anything else (backoff, a dependency, an error).
@@ -435,6 +477,8 @@ pub struct Reconciler {
     pub target: Target,
     pub shared: Arc<Shared>,
     backoff: HashMap<String, Backoff>,
+    /// Failed stops, removals and unit writes: retried after a delay, not every tick.
+    retry: HashMap<String, Backoff>,
     /// When each app that is not up began coming up (started by the agent, or seen starting
     /// under systemd): ticks come fast for [`FAST_WINDOW`] of that, once per episode, so a
     /// unit that never gets healthy cannot keep the loop spinning.
@@ -467,6 +511,7 @@ impl Reconciler {
             target,
             shared,
             backoff: HashMap::new(),
+            retry: HashMap::new(),
             started: HashMap::new(),
             probed: HashMap::new(),
             healthy: BTreeSet::new(),
@@ -550,7 +595,8 @@ impl Reconciler {
         let (catalog, problems) = Catalog::load_lenient(&self.catalog_dir);
         let observed = self.runtime.observe().map_err(|e| e.to_string())?;
         let unit_files = self.runtime.unit_files().map_err(|e| e.to_string())?;
-        self.adopt(&observed, &catalog)?;
+        // Durable before any action: if the adoption cannot be saved, nothing is done.
+        self.adopt(&observed, &unit_files, &catalog)?;
         let state = self.shared.store.lock().unwrap_or_else(|e| e.into_inner()).state().clone();
 
         // Terminal errors: apps asked for that cannot be rendered. Not retried.
@@ -660,6 +706,7 @@ impl Reconciler {
         });
 
         let mut failed_apps = BTreeSet::new();
+        let mut deferred = BTreeMap::new();
         self.healthy.clear();
         for action in &plan.actions {
             // Health probes: often right after a start, then at the app's own interval.
@@ -676,27 +723,50 @@ impl Reconciler {
             if self.shared.shutdown.load(Ordering::SeqCst) {
                 break; // finish the current action only
             }
+            let mut plan_waiting = None;
             if let Action::Op(op, _) = action {
                 if op.app().is_some_and(|a| failed_apps.contains(a)) {
                     continue;
                 }
+                // Stops, removals and unit writes that keep failing back off like starts.
+                if let Some(app) =
+                    op.app().filter(|a| !starts(op) && self.retry.get(*a).is_some_and(|b| b.until > now))
+                {
+                    plan_waiting =
+                        Some((app.to_string(), format!("backing off after a failed {}", op.kind())));
+                }
+            }
+            if let Some((app, why)) = plan_waiting {
+                deferred.insert(app, why);
+                continue;
             }
             let desc = action.describe();
             match self.apply(action, &catalog) {
-                Ok(()) => report.actions.push(desc),
+                Ok(()) => {
+                    report.actions.push(desc);
+                    if let Action::Op(op, _) = action {
+                        if let Some(app) = op.app().filter(|_| !starts(op)) {
+                            self.retry.remove(app);
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(action = %desc, error = %e, "action failed; backing off");
                     report.failed.push(format!("{desc}: {e}"));
                     if let Action::Op(op, _) = action {
                         if let Some(app) = op.app() {
                             failed_apps.insert(app.to_string());
-                            self.bump(app);
+                            let map = if starts(op) { &mut self.backoff } else { &mut self.retry };
+                            bump(map, app);
                         }
                     }
                 }
             }
         }
         let mut plan = plan;
+        for (app, why) in deferred {
+            plan.waiting.entry(app).or_insert(why);
+        }
         for (app, why) in incomplete {
             if plan.waiting.contains_key(&app) {
                 plan.waiting.insert(app, why);
@@ -718,42 +788,38 @@ impl Reconciler {
         Ok(())
     }
 
-    fn bump(&mut self, app: &str) {
-        let b = self.backoff.entry(app.to_string()).or_insert(Backoff { failures: 0, until: Instant::now() });
-        b.failures += 1;
-        b.until = Instant::now() + backoff_delay(b.failures, &mut rand::rng());
-    }
-
-    /// After a state recovery, containers the recovered state does not know are adopted
-    /// from their labels rather than removed as orphans: an uncertain state never destroys.
-    fn adopt(&self, observed: &[Container], catalog: &Catalog) -> Result<(), String> {
+    /// Apps of this store that its state does not know, seen by their containers or unit
+    /// files, are adopted as running, never removed: only a lost state forgets an app whose
+    /// container or unit is still there (a stopped or uninstalled app has neither).
+    fn adopt(
+        &self,
+        observed: &[Container],
+        unit_files: &BTreeMap<String, String>,
+        catalog: &Catalog,
+    ) -> Result<(), String> {
         let mut store = self.shared.store.lock().unwrap_or_else(|e| e.into_inner());
-        if !store.needs_adoption {
-            return Ok(());
-        }
-        store.needs_adoption = false;
-        let known = &store.state().apps;
-        let adopted: Vec<&Container> = observed
+        let state = store.state();
+        let adopted: BTreeSet<String> = observed
             .iter()
-            .filter(|c| catalog.apps.contains_key(&c.app) && !known.contains_key(&c.app))
+            .filter(|c| owner(c, &self.target, state, catalog) == Owner::App)
+            .map(|c| &c.app)
+            .chain(unit_files.keys())
+            .filter(|app| !state.apps.contains_key(*app))
+            .cloned()
             .collect();
         if adopted.is_empty() {
             return Ok(());
         }
-        tracing::error!(
-            apps = adopted.len(),
-            "desired state was recovered: adopting containers it does not know"
-        );
-        self.shared.metrics.state_recoveries.with_label_values(&["adopted"]).inc();
+        tracing::error!(apps = ?adopted, "the desired state does not know apps of this node: adopting them");
         store
             .update(|s| {
-                for c in adopted {
-                    let d =
-                        if c.state == ContainerState::Running { Desired::Running } else { Desired::Stopped };
-                    s.apps.insert(c.app.clone(), AppState::new(d));
+                for app in &adopted {
+                    s.apps.insert(app.clone(), AppState::new(Desired::Running));
                 }
             })
-            .map_err(|e| e.to_string())
+            .map_err(|e| format!("cannot save the adoption of {adopted:?}, so nothing is done: {e}"))?;
+        self.shared.metrics.state_recoveries.with_label_values(&["adopted"]).inc();
+        Ok(())
     }
 
     fn apply(&mut self, action: &Action, catalog: &Catalog) -> Result<(), String> {
@@ -800,14 +866,19 @@ impl Reconciler {
                     self.started.entry(app.clone()).or_insert_with(Instant::now);
                     // A restart after a crash still counts as one; one the agent chose does not.
                     if *reason == Reason::Crashed {
-                        self.bump(app);
+                        bump(&mut self.backoff, app);
                     } else {
                         self.asked.insert(app.clone());
                     }
                 }
                 Ok(())
             }
-            Action::Purge(app) => {
+            Action::Purge { app, generation } => {
+                // Under the store's lock: an install landing now waits, and finds no half-purge.
+                let store = self.shared.store.lock().unwrap_or_else(|e| e.into_inner());
+                if store.state().apps.get(app).map(|a| a.generation) != Some(*generation) {
+                    return Ok(()); // a later request; the next tick plans for it
+                }
                 for dir in
                     [self.target.data_root.join("apps").join(app), self.target.secrets_root().join(app)]
                 {
@@ -820,16 +891,15 @@ impl Reconciler {
                 }
                 Ok(())
             }
-            Action::Forget(app) | Action::ClearRestart(app) => {
-                let forget = matches!(action, Action::Forget(_));
+            Action::Forget { app, generation } | Action::ClearRestart { app, generation } => {
+                let forget = matches!(action, Action::Forget { .. });
                 let mut store = self.shared.store.lock().unwrap_or_else(|e| e.into_inner());
                 store
-                    .update(|s| {
-                        if forget {
-                            s.apps.remove(app);
-                        } else if let Some(a) = s.apps.get_mut(app) {
-                            a.restart = false;
-                        }
+                    .update(|s| match s.apps.get_mut(app) {
+                        Some(a) if a.generation != *generation => {} // a later request
+                        Some(_) if forget => drop(s.apps.remove(app)),
+                        Some(a) => a.restart = false,
+                        None => {}
                     })
                     .map_err(|e| e.to_string())
             }
@@ -839,8 +909,21 @@ impl Reconciler {
     /// What a container needs on the host before it is created: data directories and the
     /// environment file with the values read from secrets.
     fn prepare(&self, m: &Manifest) -> Result<(), String> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        // The app's directory is the service user's alone: apps write files 0644 (LND's
+        // macaroons), and only the container, which sees its volumes mounted, reads them.
+        let own = self.target.data_root.join("apps").join(&m.id);
+        let private = std::fs::Permissions::from_mode(0o700);
+        for dir in [own.parent().unwrap_or(&own), &own] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .and_then(|()| std::fs::set_permissions(dir, private.clone()))
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
         for v in &m.volumes {
-            let dir = self.target.data_root.join("apps").join(&m.id).join(&v.name);
+            let dir = own.join(&v.name);
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         secrets::write_env_file(&self.target.secrets_root(), m).map_err(|e| e.to_string())?;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::exec::{self, Exec};
-use crate::quadlet::{Unit, LABEL_APP, LABEL_CONTEXT_HASH, LABEL_SPEC_HASH};
+use crate::quadlet::{Unit, LABEL_APP, LABEL_CONTEXT_HASH, LABEL_SPEC_HASH, LABEL_STORE};
 use crate::{atomic, quadlet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -71,6 +71,10 @@ pub struct Container {
     pub ports: Vec<Binding>,
     pub spec_hash: Option<String>,
     pub context_hash: Option<String>,
+    /// The store that made it ([`quadlet::Target::store`]); none on a container made by hand
+    /// or by an agent before stores had identities.
+    #[serde(default)]
+    pub store: Option<String>,
     pub started_at: i64,
     pub exit_code: i32,
 }
@@ -160,6 +164,7 @@ pub fn parse_ps(json: &str) -> Result<Vec<Container>, serde_json::Error> {
             ports,
             spec_hash: labels.get(LABEL_SPEC_HASH).cloned(),
             context_hash: labels.get(LABEL_CONTEXT_HASH).cloned(),
+            store: labels.get(LABEL_STORE).cloned(),
             started_at: e.started_at,
             exit_code: e.exit_code,
         });
