@@ -32,7 +32,7 @@ pub const FILE: &str = "agent/failpoint";
 
 /// The breakages there are: generated secrets are never checked after install; the state
 /// file is truncated and rewritten in place; ports are published under host networking.
-pub const BREAKAGES: &[&str] = &["no-secret-heal", "non-atomic-state", "publish-host-ports"];
+pub const BREAKAGES: &[&str] = &["no-secret-heal", "non-atomic-state", "publish-host-ports", "catalog-panic"];
 
 pub const BREAK_ENV: &str = "ARCHY_AGENT_BREAK";
 

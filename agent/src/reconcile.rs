@@ -598,6 +598,13 @@ impl Reconciler {
         // Durable before any action: if the adoption cannot be saved, nothing is done.
         self.adopt(&observed, &unit_files, &catalog)?;
         let state = self.shared.store.lock().unwrap_or_else(|e| e.into_inner()).state().clone();
+        if failpoint::broken("catalog-panic") {
+            // Explore's bug 1, kept so that explore's own tests have a real bug to find: an
+            // installed app whose manifest no longer loads panicked the reconciler thread.
+            if let Some(app) = state.apps.keys().find(|a| catalog.get(a).is_none()) {
+                panic!("no entry found for key `{app}` (deliberate breakage catalog-panic)");
+            }
+        }
 
         // Terminal errors: apps asked for that cannot be rendered. Not retried.
         let mut errors: BTreeMap<String, String> = BTreeMap::new();

@@ -193,7 +193,8 @@ fn free_bytes(path: &Path) -> Result<u64> {
 
 /// Fills the filesystem of `path` with that one file, as root (the agent can neither remove
 /// nor shrink it): fallocate what is free, then write until ENOSPC what fallocate left (its
-/// extents' own blocks come out of the same free space, so it fails short of the end).
+/// extents' own blocks come out of the same free space, so it fails short of the end), down
+/// to the last byte.
 fn fill(path: &Path) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().context("the fill file has no directory")?;
@@ -207,12 +208,15 @@ fn fill(path: &Path) -> Result<()> {
         Ok(()) | Err(nix::errno::Errno::ENOSPC) => {}
         Err(e) => return Err(e).with_context(|| format!("fallocate {}", path.display())),
     }
-    let chunk = vec![0u8; 64 << 10];
-    loop {
-        match f.write_all(&chunk) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
-            Err(e) => return Err(e).with_context(|| format!("writing {}", path.display())),
+    // Smaller and smaller writes down to one byte: not one block is left for the agent.
+    for size in [64 << 10, 4 << 10, 1] {
+        let chunk = vec![0u8; size];
+        loop {
+            match f.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(e) => return Err(e).with_context(|| format!("writing {}", path.display())),
+            }
         }
     }
     Ok(())
