@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -300,9 +301,17 @@ fn build(
     // Builds may take minutes; everything else keeps the short timeout.
     exec.podman_timeout(
         &["build", "-q", "-t", image, "-f", &format!("{context}/{containerfile}"), &label, &context],
-        std::time::Duration::from_secs(1800),
+        Duration::from_secs(1800),
     )?;
     Ok(())
+}
+
+/// `podman rm -f -t STOP`: bounded by the stop timeout it passes, not the usual one.
+fn remove(exec: &Exec, container: &str, stop: u64) -> Result<String, exec::Error> {
+    exec.podman_timeout(
+        &["rm", "-f", "-t", &stop.to_string(), container],
+        exec.stop_call_timeout(Duration::from_secs(stop)),
+    )
 }
 
 /// The podman backend: the agent runs containers itself.
@@ -339,12 +348,11 @@ impl Runtime for Podman {
                 e.podman(&args)?;
             }
             Op::Start { app } => drop(e.podman(&["start", &container_name(app)])?),
-            Op::Stop { app, timeout } => {
-                drop(e.podman(&["stop", "-t", &timeout.to_string(), &container_name(app)])?)
-            }
-            Op::Remove { container, timeout, .. } => {
-                drop(e.podman(&["rm", "-f", "-t", &timeout.to_string(), container])?)
-            }
+            Op::Stop { app, timeout } => drop(e.podman_timeout(
+                &["stop", "-t", &timeout.to_string(), &container_name(app)],
+                e.stop_call_timeout(Duration::from_secs(*timeout)),
+            )?),
+            Op::Remove { container, timeout, .. } => drop(remove(e, container, *timeout)?),
             Op::Probe { app } => drop(self.probe(app)?),
             Op::WriteUnit { .. } | Op::RemoveUnit { .. } | Op::DaemonReload => {}
         }
@@ -446,9 +454,7 @@ impl Runtime for Quadlet {
             Op::Start { app } => drop(e.systemctl(&["--no-block", "start", &service(app)])?),
             Op::Stop { app, .. } => drop(e.systemctl(&["--no-block", "stop", &service(app)])?),
             // A container no unit runs (an orphan, or one left behind): podman removes it.
-            Op::Remove { container, timeout, .. } => {
-                drop(e.podman(&["rm", "-f", "-t", &timeout.to_string(), container])?)
-            }
+            Op::Remove { container, timeout, .. } => drop(remove(e, container, *timeout)?),
             Op::Probe { app } => drop(probe(e, app)?),
         }
         Ok(())
