@@ -134,6 +134,7 @@ pub fn run(config: Config) -> Result<()> {
     tracing::info!(backend = backend.as_str(), %podman, listen = %config.listen, "starting");
 
     let (wake_tx, wake_rx) = mpsc::channel();
+    let exec_for_api = exec.clone();
     let reconciler = Reconciler::new(runtime, exec, catalog.clone(), target, shared.clone());
     let interval = config.tick_interval.0;
     let thread = std::thread::Builder::new()
@@ -149,6 +150,7 @@ pub fn run(config: Config) -> Result<()> {
         token_digest,
         instance: format!("{:016x}", rand::random::<u64>()),
         tick_interval: interval,
+        exec: exec_for_api,
     });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
@@ -163,7 +165,7 @@ pub fn run(config: Config) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
-        axum::serve(listener, api::router(api.clone())).with_graceful_shutdown(shutdown).await?;
+        api::serve(listener, api.clone(), shutdown).await;
         anyhow::Ok(())
     })?;
     // SIGTERM: the reconciler finishes its current action and stops; containers are left as
