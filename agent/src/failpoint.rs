@@ -31,8 +31,10 @@ pub const UNINSTALL_POINTS_PODMAN: &[&str] = &["state_write", "container_removed
 pub const FILE: &str = "agent/failpoint";
 
 /// The breakages there are: generated secrets are never checked after install; the state
-/// file is truncated and rewritten in place; ports are published under host networking.
-pub const BREAKAGES: &[&str] = &["no-secret-heal", "non-atomic-state", "publish-host-ports"];
+/// file is truncated and rewritten in place; ports are published under host networking;
+/// the reconciler thread panics in its second tick.
+pub const BREAKAGES: &[&str] =
+    &["no-secret-heal", "non-atomic-state", "publish-host-ports", "reconciler-panic"];
 
 pub const BREAK_ENV: &str = "ARCHY_AGENT_BREAK";
 

@@ -285,6 +285,13 @@ fn container_name(app: &str) -> String {
 }
 
 fn observe(exec: &Exec) -> Result<Vec<Container>, Error> {
+    if crate::failpoint::broken("reconciler-panic") {
+        // From the second tick: the agent first gets ready, then its reconciler dies.
+        static TICKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        if TICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1 {
+            panic!("deliberate panic in a tick (breakage reconciler-panic)");
+        }
+    }
     let out = exec.podman(&["ps", "-a", "--format", "json", "--filter", &format!("label={LABEL_APP}")])?;
     Ok(parse_ps(&out)?)
 }

@@ -237,3 +237,34 @@ fn healthz_fails_when_no_tick_completed_for_three_tick_intervals() {
     assert!(answer.starts_with("HTTP/1.1 200"), "a tick inside a slow podman call is alive: {answer}");
     call.join().unwrap().unwrap();
 }
+
+/// start/stop/restart/uninstall of an app that is not installed (never, or uninstalled and
+/// not yet forgotten by a tick) answer NOT_INSTALLED, checked in the store update itself.
+#[test]
+fn requests_on_an_app_not_installed_answer_not_installed() {
+    use archy_agent::store::{AppState, Desired};
+    let srv = default_server();
+    let auth = format!("Bearer {}", srv.token);
+    srv.api
+        .shared
+        .store
+        .lock()
+        .unwrap()
+        .update(|s| s.apps.insert("gone".into(), AppState::new(Desired::Absent)))
+        .unwrap();
+    for method in ["package.start", "package.stop", "package.restart", "package.uninstall"] {
+        for app in ["gone", "never"] {
+            let body = format!(
+                r#"{{"jsonrpc": "2.0", "id": 1, "method": "{method}", "params": {{"id": "{app}"}}}}"#
+            );
+            let answer = exchange(
+                srv.port,
+                &post_head(Some(&auth), body.len()),
+                body.as_bytes(),
+                Duration::from_secs(5),
+            );
+            assert!(answer.starts_with("HTTP/1.1 200"), "{method} {app}: {answer}");
+            assert!(answer.contains(&api::code::NOT_INSTALLED.to_string()), "{method} {app}: {answer}");
+        }
+    }
+}
