@@ -2,20 +2,25 @@
 //! `/readyz`. The API only changes desired state and wakes the reconciler; it never calls
 //! podman or systemctl itself.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::State as AxState;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State as AxState};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::exec::Exec;
 use crate::manifest::{Catalog, GeneratedSecret, SecretKind};
 use crate::reconcile::{AppStatus, Shared, TickReport, Wake};
 use crate::runtime::BackendKind;
@@ -84,6 +89,19 @@ impl RpcError {
     }
 }
 
+/// Largest request body `/rpc` reads: a request is a method name and an app id.
+pub const MAX_BODY: usize = 64 * 1024;
+/// How long a client may take to send a request's headers, and how long a kept-alive
+/// connection may stay idle: one that sends nothing, or trickles, is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's body once its headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a shutdown waits for requests in flight (a `node.reconcile` waits for a tick).
+const DRAIN: Duration = Duration::from_secs(30);
+/// `/healthz` fails after this many tick intervals without progress (the liveness rule
+/// the runner's checker applies from outside).
+const LIVENESS_INTERVALS: u32 = 3;
+
 /// Name of the API token file in the agent's own directory.
 pub const TOKEN_FILE: &str = "api-token";
 
@@ -106,16 +124,103 @@ pub struct Api {
     pub token_digest: [u8; 32],
     /// Random per agent process: a changed instance is evidence that the agent restarted.
     pub instance: String,
-    pub tick_interval: std::time::Duration,
+    pub tick_interval: Duration,
+    /// The reconciler's executor: a tick busy in a slow podman call is still alive.
+    pub exec: Arc<Exec>,
 }
 
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
         .route("/rpc", post(rpc))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(api)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves (its value is returned), then
+/// lets requests in flight finish, for at most [`DRAIN`]. Unlike `axum::serve`, every
+/// connection has [`HEADER_TIMEOUT`]: a client cannot hold one open by sending nothing.
+pub async fn serve<T>(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    shutdown: impl Future<Output = T>,
+) -> T {
+    let app = router(api);
+    let (closing, close) = tokio::sync::watch::channel(());
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    let reason = loop {
+        let stream = tokio::select! {
+            reason = &mut shutdown => break reason,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: let connections close first.
+                    tracing::warn!(error = %e, "cannot accept an API connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut close = close.clone();
+        connections.spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = close.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    };
+    drop(listener);
+    let _ = closing.send(());
+    let drained = tokio::time::timeout(DRAIN, async { while connections.join_next().await.is_some() {} });
+    if drained.await.is_err() {
+        tracing::warn!("API requests still in flight after {DRAIN:?}: dropped");
+    }
+    reason
+}
+
+/// Liveness of the reconciler: fails when no tick has completed for three tick intervals
+/// (since start before the first), unless the tick in progress is inside, or just out of,
+/// an external call still within its own timeout. A slow `podman build` or `stop -t 600`
+/// is progress; a tick that neither finishes nor calls anything is stuck.
+async fn healthz(AxState(api): AxState<Arc<Api>>) -> Response {
+    match stalled(&api) {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
+}
+
+/// Why the reconciler counts as stuck, if it does.
+pub fn stalled(api: &Api) -> Option<String> {
+    let allowed = api.tick_interval.saturating_mul(LIVENESS_INTERVALS);
+    let last = api.shared.status.lock().unwrap_or_else(|e| e.into_inner()).last_tick_at;
+    // Wall clock, as the status records it: a clock step back reads as a recent tick, one
+    // forward as a stall until the next tick (at most one interval on a live agent).
+    let (since, what) = match last {
+        Some(t) => (SystemTime::now().duration_since(t).unwrap_or_default(), "since the last one"),
+        None => (api.shared.started.elapsed(), "since the agent started"),
+    };
+    let idle = api.exec.idle_for();
+    if since <= allowed || idle <= allowed {
+        return None;
+    }
+    Some(format!(
+        "reconciler stuck: no tick completed for {:.1}s ({what}) and no podman or systemctl call for \
+         {:.1}s; allowed {:.1}s ({LIVENESS_INTERVALS} tick intervals)",
+        since.as_secs_f64(),
+        idle.as_secs_f64(),
+        allowed.as_secs_f64()
+    ))
 }
 
 async fn metrics(AxState(api): AxState<Arc<Api>>) -> Response {
@@ -131,14 +236,18 @@ async fn readyz(AxState(api): AxState<Arc<Api>>) -> Response {
 }
 
 /// Constant time in the length of the digest: no early exit on the first differing byte.
+/// The scheme is case-insensitive (RFC 7235): `bearer x` and `BEARER x` are `Bearer x`.
 fn authorized(headers: &HeaderMap, digest: &[u8; 32]) -> bool {
-    let Some(token) = headers
+    let Some((scheme, token)) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.trim_start().split_once(' '))
     else {
         return false;
     };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
     let got: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
     got.iter().zip(digest).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
@@ -147,12 +256,61 @@ fn error(id: Value, e: RpcError) -> Value {
     json!({ "jsonrpc": "2.0", "id": id, "error": e })
 }
 
-async fn rpc(AxState(api): AxState<Arc<Api>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if !authorized(&headers, &api.token_digest) {
+/// A JSON-RPC error as an HTTP answer with `status`.
+fn refuse(status: StatusCode, code: i64, message: impl Into<String>) -> Response {
+    (status, axum::Json(error(Value::Null, RpcError::new(code, message)))).into_response()
+}
+
+/// The body of an authorized request: at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`].
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+    let too_large = || {
+        refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            code::INVALID_REQUEST,
+            format!("request body over the limit of {MAX_BODY} bytes"),
+        )
+    };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    // Refused on the declared length, before any of it is read.
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let over =
+                std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(if over {
+                too_large()
+            } else {
+                refuse(
+                    StatusCode::BAD_REQUEST,
+                    code::INVALID_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                )
+            })
+        }
+        Err(_) => Err(refuse(
+            StatusCode::REQUEST_TIMEOUT,
+            code::INVALID_REQUEST,
+            format!("request body not received within {BODY_TIMEOUT:?}"),
+        )),
+    }
+}
+
+async fn rpc(AxState(api): AxState<Arc<Api>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    // The token before the body: an unauthenticated client gets none of it read.
+    if !authorized(&parts.headers, &api.token_digest) {
         let body = error(Value::Null, RpcError::new(code::INVALID_REQUEST, "missing or wrong bearer token"));
         return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], axum::Json(body))
             .into_response();
     }
+    let body = match read_body(&parts.headers, body).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -212,7 +370,7 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
             let fresh = set(api, &id, |s| {
                 let was = s.apps.get(&id).map(|a| a.desired);
                 s.apps.insert(id.clone(), AppState::new(Desired::Running));
-                !matches!(was, Some(Desired::Running))
+                Ok(!matches!(was, Some(Desired::Running)))
             })?;
             if fresh {
                 api.shared
@@ -226,22 +384,24 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
         "package.uninstall" => {
             let id = app()?;
             let purge = params.get("purge").and_then(Value::as_bool).unwrap_or(false);
-            installed(api, &id)?;
             set(api, &id, |s| {
+                installed(s, &id)?;
                 s.apps.insert(id.clone(), AppState { purge, ..AppState::new(Desired::Absent) });
+                Ok(())
             })?;
             reply(Accepted { id, desired: Some(Desired::Absent), purge: Some(purge) })
         }
         "package.start" | "package.stop" | "package.restart" => {
             let id = app()?;
-            installed(api, &id)?;
+            // Checked in the same update: the tick may forget an uninstalled app in between.
             set(api, &id, |s| {
-                let a = s.apps.get_mut(&id).expect("checked installed");
+                let a = installed(s, &id)?;
                 match method {
                     "package.start" => a.desired = Desired::Running,
                     "package.stop" => a.desired = Desired::Stopped,
                     _ => a.restart = true,
                 }
+                Ok(())
             })?;
             reply(Accepted { id, desired: None, purge: None })
         }
@@ -308,21 +468,30 @@ fn reply(v: impl Serialize) -> Result<Value, RpcError> {
     serde_json::to_value(v).map_err(|e| RpcError::new(code::INTERNAL, format!("encoding the answer: {e}")))
 }
 
-fn installed(api: &Api, id: &str) -> Result<(), RpcError> {
-    let store = api.shared.store.lock().unwrap_or_else(|e| e.into_inner());
-    match store.state().apps.get(id) {
-        Some(a) if a.desired != Desired::Absent => Ok(()),
+/// The app's desired state, if it is installed.
+fn installed<'a>(state: &'a mut crate::store::State, id: &str) -> Result<&'a mut AppState, RpcError> {
+    match state.apps.get_mut(id) {
+        Some(a) if a.desired != Desired::Absent => Ok(a),
         _ => Err(RpcError::new(code::NOT_INSTALLED, format!("`{id}` is not installed"))),
     }
 }
 
-/// Changes desired state, persists it, and wakes the reconciler.
-fn set<R>(api: &Api, id: &str, f: impl FnOnce(&mut crate::store::State) -> R) -> Result<R, RpcError> {
+/// Changes desired state, persists it, and wakes the reconciler; `f` refusing changes
+/// nothing and wakes nothing.
+fn set<R>(
+    api: &Api,
+    id: &str,
+    f: impl FnOnce(&mut crate::store::State) -> Result<R, RpcError>,
+) -> Result<R, RpcError> {
     let r = {
         let mut store = api.shared.store.lock().unwrap_or_else(|e| e.into_inner());
-        store.request(id, f).map_err(|e| {
+        // Decided on a copy under the lock: a refused request writes nothing.
+        let mut next = store.state().clone();
+        let r = f(&mut next)?;
+        store.request(id, |s| *s = next).map_err(|e| {
             RpcError::new(code::INTERNAL, format!("cannot save the desired state of `{id}`: {e}"))
-        })?
+        })?;
+        r
     };
     wake(api, None);
     Ok(r)

@@ -31,8 +31,11 @@ pub const UNINSTALL_POINTS_PODMAN: &[&str] = &["state_write", "container_removed
 pub const FILE: &str = "agent/failpoint";
 
 /// The breakages there are: generated secrets are never checked after install; the state
-/// file is truncated and rewritten in place; ports are published under host networking.
-pub const BREAKAGES: &[&str] = &["no-secret-heal", "non-atomic-state", "publish-host-ports", "catalog-panic"];
+/// file is truncated and rewritten in place; ports are published under host networking;
+/// the reconciler thread panics in its second tick; it panics on an installed app missing
+/// from the catalog (explore's bug 1).
+pub const BREAKAGES: &[&str] =
+    &["no-secret-heal", "non-atomic-state", "publish-host-ports", "reconciler-panic", "catalog-panic"];
 
 pub const BREAK_ENV: &str = "ARCHY_AGENT_BREAK";
 

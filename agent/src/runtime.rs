@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -289,6 +290,13 @@ fn container_name(app: &str) -> String {
 }
 
 fn observe(exec: &Exec) -> Result<Vec<Container>, Error> {
+    if crate::failpoint::broken("reconciler-panic") {
+        // From the second tick: the agent first gets ready, then its reconciler dies.
+        static TICKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        if TICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1 {
+            panic!("deliberate panic in a tick (breakage reconciler-panic)");
+        }
+    }
     let out = exec.podman(&["ps", "-a", "--format", "json", "--filter", &format!("label={LABEL_APP}")])?;
     Ok(parse_ps(&out)?)
 }
@@ -305,9 +313,17 @@ fn build(
     // Builds may take minutes; everything else keeps the short timeout.
     exec.podman_timeout(
         &["build", "-q", "-t", image, "-f", &format!("{context}/{containerfile}"), &label, &context],
-        std::time::Duration::from_secs(1800),
+        Duration::from_secs(1800),
     )?;
     Ok(())
+}
+
+/// `podman rm -f -t STOP`: bounded by the stop timeout it passes, not the usual one.
+fn remove(exec: &Exec, container: &str, stop: u64) -> Result<String, exec::Error> {
+    exec.podman_timeout(
+        &["rm", "-f", "-t", &stop.to_string(), container],
+        exec.stop_call_timeout(Duration::from_secs(stop)),
+    )
 }
 
 /// The podman backend: the agent runs containers itself.
@@ -344,12 +360,11 @@ impl Runtime for Podman {
                 e.podman(&args)?;
             }
             Op::Start { app } => drop(e.podman(&["start", &container_name(app)])?),
-            Op::Stop { app, timeout } => {
-                drop(e.podman(&["stop", "-t", &timeout.to_string(), &container_name(app)])?)
-            }
-            Op::Remove { container, timeout, .. } => {
-                drop(e.podman(&["rm", "-f", "-t", &timeout.to_string(), container])?)
-            }
+            Op::Stop { app, timeout } => drop(e.podman_timeout(
+                &["stop", "-t", &timeout.to_string(), &container_name(app)],
+                e.stop_call_timeout(Duration::from_secs(*timeout)),
+            )?),
+            Op::Remove { container, timeout, .. } => drop(remove(e, container, *timeout)?),
             Op::Probe { app } => drop(self.probe(app)?),
             Op::WriteUnit { .. } | Op::RemoveUnit { .. } | Op::DaemonReload => {}
         }
@@ -451,9 +466,7 @@ impl Runtime for Quadlet {
             Op::Start { app } => drop(e.systemctl(&["--no-block", "start", &service(app)])?),
             Op::Stop { app, .. } => drop(e.systemctl(&["--no-block", "stop", &service(app)])?),
             // A container no unit runs (an orphan, or one left behind): podman removes it.
-            Op::Remove { container, timeout, .. } => {
-                drop(e.podman(&["rm", "-f", "-t", &timeout.to_string(), container])?)
-            }
+            Op::Remove { container, timeout, .. } => drop(remove(e, container, *timeout)?),
             Op::Probe { app } => drop(probe(e, app)?),
         }
         Ok(())

@@ -216,6 +216,8 @@ pub struct TestAgent {
     pub podman: UserPodman,
     pub port: u16,
     pub extra: Vec<String>,
+    /// Environment of the agent process, e.g. `ARCHY_AGENT_BREAK`.
+    pub env: Vec<(String, String)>,
     /// The catalog the agent runs with: the repository's unless a test needs its own.
     pub catalog: PathBuf,
     child: Option<std::process::Child>,
@@ -240,6 +242,7 @@ impl TestAgent {
             podman,
             port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             catalog: repo_root().join("apps"),
             child: None,
             log,
@@ -250,9 +253,8 @@ impl TestAgent {
         self.podman.home.path().join("data")
     }
 
-    pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "agent already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+    /// `archy-agent run` as this agent runs, listening on `port`, output not redirected.
+    pub fn command(&self, port: u16) -> Command {
         let mut cmd = as_user(&self.podman.user, self.podman.home.path(), &agent_bin());
         cmd.arg("run")
             .arg("--catalog")
@@ -260,15 +262,22 @@ impl TestAgent {
             .arg("--data-root")
             .arg(self.data())
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("127.0.0.1:{port}"))
             .args(["--tick-interval", "2s"])
             .args(&self.extra)
             .env("ARCHY_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if !self.extra.iter().any(|a| a.starts_with("--backend")) {
             cmd.args(["--backend", "podman"]);
         }
+        cmd
+    }
+
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = self.command(self.port);
+        cmd.stdout(log.try_clone().unwrap()).stderr(log);
         self.child = Some(cmd.spawn().unwrap());
         self.wait_for("the agent to be ready", std::time::Duration::from_secs(30), |a| {
             a.get("/readyz").map(|(code, _)| code == 200).unwrap_or(false)
@@ -285,6 +294,20 @@ impl TestAgent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The exit status once the agent exits by itself, or `None` if it still runs after
+    /// `timeout`.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.as_mut().expect("agent running").try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
     }
 
     /// SIGTERM, and the exit status.
