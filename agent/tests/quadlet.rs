@@ -77,7 +77,7 @@ fn systemd_specifiers_and_variables_are_escaped() {
     let text = render(c.get("fx-client").unwrap(), &target("4.3.1")).text;
     // Literal `%` and `$` reach the container unexpanded only when doubled.
     assert!(text.contains(r#"Environment="GREETING=100%% literal, $$HOME stays as written""#), "{text}");
-    assert!(text.contains(r#"test \"$$API_TOKEN\""#), "{text}");
+    assert!(text.contains("& wait $$!\""), "{text}");
 }
 
 #[test]
