@@ -647,7 +647,10 @@ impl Manifest {
             format!("expands {what}: a command line is readable by every local user (`ps`); let the app read the secret from its file under {SECRETS_MOUNT} (e.g. a config file it is pointed to)")
         };
         for (i, a) in self.command.iter().enumerate() {
-            if !is_unit_text(a) {
+            if a.is_empty() {
+                // Found by the round-trip property test against the real generator.
+                bad(format!("command[{i}]"), "is empty: Quadlet drops an empty argument and every one after it; remove it, or quote it inside an `sh -c` script".into());
+            } else if !is_unit_text(a) {
                 bad(format!("command[{i}]"), UNIT_TEXT.into());
             } else if let Some(what) = secret_expansion(a, &secret_vars) {
                 bad(format!("command[{i}]"), on_command_line(what));
@@ -792,6 +795,10 @@ impl Manifest {
                         "must be a non-empty one-line shell command without surrounding spaces: {UNIT_TEXT}"
                     ),
                 );
+            } else if h.command.starts_with('"') || h.command.ends_with('"') {
+                // Quadlet reads HealthCmd with `strings.Trim(value, "\"")` (found by the
+                // round-trip property test against the real generator).
+                bad("health.command".into(), "must not start or end with `\"`: Quadlet strips those from HealthCmd; end the command with `;` instead".into());
             } else if let Some(what) = secret_expansion(&h.command, &secret_vars) {
                 bad("health.command".into(), on_command_line(what));
             }

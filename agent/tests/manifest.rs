@@ -215,7 +215,8 @@ fn a_command_that_puts_a_secret_on_a_command_line_is_rejected() {
     let secrets = "environment:\n  TOKEN: { secret: token }\n  PLAIN: text\n\
                    generated_secrets: [{ target: token, kind: hex32 }]\n";
     let command = |arg: &str| format!("{MINIMAL}{secrets}command: [sh, -c, {arg:?}]\n");
-    let health = |cmd: &str| format!("{MINIMAL}{secrets}health: {{ command: {cmd:?} }}\n");
+    let health =
+        |cmd: &str| format!("{MINIMAL}{secrets}health: {{ command: {:?} }}\n", format!("{cmd}; true"));
     for (arg, what) in [
         ("exec app --token=$TOKEN", "`$TOKEN`, which is read from a secret"),
         ("exec app --token=\"${TOKEN}\"", "`$TOKEN`"),
