@@ -22,12 +22,23 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Err
     move |source| Error { path: path.into(), op, source }
 }
 
-/// Temp files left by a writer that died between create and rename.
+/// A temp file left by a writer that died between create and rename (a directory of that
+/// name is none of ours: removing it as a file would fail every time).
+fn is_stale_temp(entry: &fs::DirEntry) -> bool {
+    let name = entry.file_name();
+    let name = name.to_string_lossy();
+    name.starts_with('.') && name.ends_with(TMP_SUFFIX) && entry.file_type().is_ok_and(|t| !t.is_dir())
+}
+
+/// Whether `dir` holds temp files a killed writer left, found without writing.
+pub fn has_stale_temps(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| entries.flatten().any(|e| is_stale_temp(&e)))
+}
+
+/// Removes the temp files a killed writer left.
 pub fn remove_stale_temps(dir: &Path) -> Result<(), Error> {
     for entry in fs::read_dir(dir).map_err(io_err(dir, "list"))?.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
+        if is_stale_temp(&entry) {
             let p = entry.path();
             fs::remove_file(&p).map_err(io_err(&p, "remove stale temp file"))?;
         }

@@ -53,7 +53,8 @@ enum SecretsCommand {
     /// Run it as the service user: the files it writes are owned by whoever runs it.
     Ensure {
         app: String,
-        /// Secrets root; the app's secrets go to `DIR/<app>/`.
+        /// Secrets root; the app's secrets go to `DIR/<app>/`. Created 0700 if missing; an
+        /// existing one must be the user's with mode 0700 (it is never chmod-ed).
         #[arg(long)]
         dir: PathBuf,
         #[arg(long, default_value = "apps")]
@@ -71,10 +72,23 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: the crate's errors already show their source
+/// in their own message, which anyhow's `{:#}` would print a second time.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out = format!("{out}: {cause}");
+        }
+    }
+    out
 }
 
 fn load(dir: &std::path::Path) -> Result<Catalog> {
@@ -108,6 +122,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Secrets { command: SecretsCommand::Ensure { app, dir, catalog } } => {
             let catalog = load(&catalog)?;
             let m = catalog.get(&app).with_context(|| format!("no app `{app}` in the catalog"))?;
+            // Everything that can refuse does so before anything is written.
+            secrets::check_root(&dir)?;
+            let missing = secrets::check_complete(&dir, m, &catalog)?;
+            for i in &missing {
+                println!(
+                    "{app}: reads {} which is {}: run `archy-agent secrets ensure {}` first",
+                    i.reference,
+                    i.reason.as_str(),
+                    i.reference.app
+                );
+            }
+            if !missing.is_empty() {
+                return Ok(ExitCode::from(3));
+            }
             for e in secrets::ensure(&dir, m)? {
                 let what = match e.outcome {
                     Outcome::Kept => "kept".to_string(),
@@ -117,13 +145,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{app}/{} ({}): {what}", e.target, e.kind.as_str());
             }
             secrets::write_env_file(&dir, m)?;
-            let missing = secrets::check_complete(&dir, m, &catalog)?;
-            for i in &missing {
-                println!("{app}: reads {} which is {}", i.reference, i.reason.as_str());
-            }
-            if !missing.is_empty() {
-                return Ok(ExitCode::from(3));
-            }
         }
     }
     Ok(ExitCode::SUCCESS)

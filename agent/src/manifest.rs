@@ -414,6 +414,7 @@ const CAPABILITIES: &[&str] = &[
 ];
 
 const BARE_NAME: &str = "letters, digits, `.`, `_`, `-`, at most 64, not starting with `.`, no `/` or `..`";
+const APP_ID: &str = "lowercase letters, digits and `-`, starting with a letter, at most 40";
 const UNIT_TEXT: &str = "must not contain control characters (newline, NUL, ...) or end with `\\`";
 
 /// `s` in backticks with everything outside printable ASCII escaped, so that a look-alike
@@ -426,18 +427,17 @@ fn show(s: &str) -> String {
 /// so that no encoding trick (NUL, unicode look-alike slashes, control bytes) gets through.
 pub fn is_bare_name(s: &str) -> bool {
     let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 64
-        && b[0].is_ascii_alphanumeric()
+    b.len() <= 64
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
         && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
         && !s.contains("..")
 }
 
-fn is_app_id(s: &str) -> bool {
+/// An app id: it names the app's directory, container, unit and secrets directory.
+pub fn is_app_id(s: &str) -> bool {
     let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 40
-        && b[0].is_ascii_lowercase()
+    b.len() <= 40
+        && b.first().is_some_and(u8::is_ascii_lowercase)
         && !s.ends_with('-')
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
@@ -464,7 +464,7 @@ pub fn check_image(image: &str) -> Result<(), String> {
     if let Some(t) = tag {
         let ok = !t.is_empty()
             && t.len() <= 128
-            && (t.as_bytes()[0].is_ascii_alphanumeric() || t.starts_with('_'))
+            && t.as_bytes().first().is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
             && t.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
         if !ok {
             return Err(format!("tag `{t}` is invalid: letters, digits, `.`, `_`, `-`, at most 128"));
@@ -534,6 +534,48 @@ fn is_unit_text(s: &str) -> bool {
     !s.chars().any(char::is_control) && !s.ends_with('\\')
 }
 
+/// Unit text written unquoted: systemd and Quadlet strip the spaces around a value, so a
+/// value with them would not reach podman as written.
+fn is_bare_unit_text(s: &str) -> bool {
+    is_unit_text(s) && s.trim() == s
+}
+
+/// How `text` (a command argument or the health command) would put a secret's value on a
+/// command line, if it would: any local user reads command lines (`ps`), nobody else reads
+/// a 0600 file or the environment. Catches the shell's forms (`$VAR` or `${VAR...}` of a
+/// variable read from a secret, `$(...)` or backticks reading a file under /run/secrets):
+/// a guard against the obvious mistake, not a proof.
+fn secret_expansion(text: &str, secret_vars: &BTreeSet<&str>) -> Option<String> {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    // Open parentheses, each `true` when it opened a `$(` substitution.
+    let mut open: Vec<bool> = Vec::new();
+    let mut backtick = false;
+    let mut prev = None;
+    for (i, c) in text.char_indices() {
+        let rest = text.get(i + c.len_utf8()..).unwrap_or_default();
+        match c {
+            '$' => {
+                let name = rest.strip_prefix('{').map_or(rest, |r| r.trim_start_matches(['#', '!']));
+                let name: String = name.chars().take_while(|&c| is_name(c)).collect();
+                if secret_vars.contains(name.as_str()) {
+                    return Some(format!("`${name}`, which is read from a secret"));
+                }
+            }
+            '(' => open.push(prev == Some('$')),
+            ')' => drop(open.pop()),
+            '`' => backtick = !backtick,
+            '/' if (backtick || open.contains(&true))
+                && text.get(i..).is_some_and(|t| t.starts_with(SECRETS_MOUNT)) =>
+            {
+                return Some(format!("a command substitution reading a secret under {SECRETS_MOUNT}"));
+            }
+            _ => {}
+        }
+        prev = Some(c);
+    }
+    None
+}
+
 impl Manifest {
     /// Parses and validates one manifest. `path` names the file in every problem.
     pub fn parse(path: &Path, text: &str) -> Result<Manifest, Problems> {
@@ -567,11 +609,14 @@ impl Manifest {
             |field: String, message: String| out.push(Problem { file: path.into(), field, message });
 
         if !is_app_id(&self.id) {
-            bad("id".into(), format!("`{}` is not a valid app id: lowercase letters, digits and `-`, starting with a letter, at most 40", self.id));
+            bad("id".into(), format!("{} is not a valid app id: {APP_ID}", show(&self.id)));
         }
         for (field, v) in [("name", &self.name), ("version", &self.version)] {
-            if v.trim().is_empty() || !is_unit_text(v) {
-                bad(field.into(), "must be non-empty text without control characters".into());
+            if v.trim().is_empty() || !is_bare_unit_text(v) {
+                bad(
+                    field.into(),
+                    "must be non-empty text without control characters or surrounding spaces".into(),
+                );
             }
         }
         if let Err(e) = check_image(&self.image) {
@@ -592,9 +637,23 @@ impl Manifest {
                 );
             }
         }
+        let secret_vars: BTreeSet<&str> = self
+            .environment
+            .iter()
+            .filter(|(_, v)| matches!(v, EnvValue::Secret(_)))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let on_command_line = |what: String| {
+            format!("expands {what}: a command line is readable by every local user (`ps`); let the app read the secret from its file under {SECRETS_MOUNT} (e.g. a config file it is pointed to)")
+        };
         for (i, a) in self.command.iter().enumerate() {
-            if !is_unit_text(a) {
+            if a.is_empty() {
+                // Found by the round-trip property test against the real generator.
+                bad(format!("command[{i}]"), "is empty: Quadlet drops an empty argument and every one after it; remove it, or quote it inside an `sh -c` script".into());
+            } else if !is_unit_text(a) {
                 bad(format!("command[{i}]"), UNIT_TEXT.into());
+            } else if let Some(what) = secret_expansion(a, &secret_vars) {
+                bad(format!("command[{i}]"), on_command_line(what));
             }
         }
 
@@ -642,11 +701,11 @@ impl Manifest {
                 || path.is_empty()
                 || path.split('/').any(|c| c == "..")
                 || v.path.contains(':')
-                || !is_unit_text(&v.path)
+                || !is_bare_unit_text(&v.path)
             {
                 bad(
                     format!("volumes[{i}].path"),
-                    format!("`{}` must be an absolute container path other than `/`, without `..`, `:` or control characters", v.path.escape_default()),
+                    format!("`{}` must be an absolute container path other than `/`, without `..`, `:`, control characters or surrounding spaces", v.path.escape_default()),
                 );
             } else if path == SECRETS_MOUNT || path.starts_with(&format!("{SECRETS_MOUNT}/")) {
                 bad(
@@ -698,8 +757,7 @@ impl Manifest {
         }
         for (k, v) in &self.environment {
             let field = format!("environment.{k}");
-            let key_ok = !k.is_empty()
-                && !k.as_bytes()[0].is_ascii_digit()
+            let key_ok = k.as_bytes().first().is_some_and(|c| !c.is_ascii_digit())
                 && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
             if !key_ok {
                 bad(
@@ -730,11 +788,19 @@ impl Manifest {
             }
         }
         if let Some(h) = &self.health {
-            if h.command.trim().is_empty() || !is_unit_text(&h.command) {
+            if h.command.trim().is_empty() || !is_bare_unit_text(&h.command) {
                 bad(
                     "health.command".into(),
-                    format!("must be a non-empty one-line shell command: {UNIT_TEXT}"),
+                    format!(
+                        "must be a non-empty one-line shell command without surrounding spaces: {UNIT_TEXT}"
+                    ),
                 );
+            } else if h.command.starts_with('"') || h.command.ends_with('"') {
+                // Quadlet reads HealthCmd with `strings.Trim(value, "\"")` (found by the
+                // round-trip property test against the real generator).
+                bad("health.command".into(), "must not start or end with `\"`: Quadlet strips those from HealthCmd; end the command with `;` instead".into());
+            } else if let Some(what) = secret_expansion(&h.command, &secret_vars) {
+                bad("health.command".into(), on_command_line(what));
             }
             if h.interval.0 < Duration::from_secs(1) || h.timeout.0 < Duration::from_secs(1) {
                 bad("health".into(), "interval and timeout must be at least 1s".into());
@@ -745,7 +811,9 @@ impl Manifest {
         }
         let mut deps = BTreeSet::new();
         for (i, d) in self.depends_on.iter().enumerate() {
-            if d == &self.id {
+            if !is_app_id(d) {
+                bad(format!("depends_on[{i}]"), format!("{} is not a valid app id: {APP_ID}", show(d)));
+            } else if d == &self.id {
                 bad(format!("depends_on[{i}]"), "an app cannot depend on itself".into());
             } else if !deps.insert(d) {
                 bad(format!("depends_on[{i}]"), format!("`{d}` is listed twice"));
@@ -846,7 +914,18 @@ impl Catalog {
         let mut broken = BTreeSet::new();
         for sub in subdirs {
             let dir_name = sub.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            // Hidden entries (`.git`, an editor's) are never apps: an id starts with a letter.
             if dir_name.starts_with('.') {
+                continue;
+            }
+            // The name becomes a path, a unit and a container name: it is checked before any
+            // of them is made from it, and shown escaped.
+            if !is_app_id(&dir_name) {
+                problems.push(Problem {
+                    file: dir.into(),
+                    field: String::new(),
+                    message: format!("directory {} is not a valid app id ({APP_ID}): every directory of a catalog is an app named by its id; rename it or move it out of the catalog", show(&dir_name)),
+                });
                 continue;
             }
             let path = sub.join("manifest.yml");
@@ -913,7 +992,7 @@ impl Catalog {
         let mut out = Vec::new();
         let mut host_ports: BTreeMap<(u16, Protocol), &str> = BTreeMap::new();
         for (id, m) in &self.apps {
-            let file = paths[id].clone();
+            let Some(file) = paths.get(id).cloned() else { continue };
             let mut bad =
                 |field: String, message: String| out.push(Problem { file: file.clone(), field, message });
             for (i, r) in m.secret_files.iter().enumerate() {

@@ -6,7 +6,10 @@
 //! needs the hash always agree.
 //!
 //! Healing never needs privilege: a damaged file (even one owned by root) is replaced by
-//! renaming a fresh file over it, which only takes write access to the directory we own.
+//! renaming a fresh file over it, which only takes write access to the directory we own; a
+//! directory in a file's place is first renamed aside, then removed if it can be. Nothing
+//! found in the directory is followed or opened in a way that could block (a symlink, a
+//! FIFO), the lock file included.
 //! Values never reach a log line, an error or a `Debug` output: only names and paths do.
 
 use std::collections::HashSet;
@@ -43,6 +46,8 @@ pub enum Error {
     ForeignDir { path: PathBuf, owner: u32, me: u32 },
     #[error("{path} is not a directory: remove it so the agent recreates it")]
     NotADir { path: PathBuf },
+    #[error("{path} has mode {mode:o}, not 700: secrets need a directory only the service user can enter; pass a path that does not exist yet (it is created 0700) or a directory of mode 0700")]
+    WrongMode { path: PathBuf, mode: u32 },
     #[error("cannot hash secret {path}: {source}")]
     Hash { path: PathBuf, source: bcrypt::BcryptError },
     #[error("app `{app}` reads secret `{reference}`, which no app in the catalog generates")]
@@ -120,16 +125,21 @@ pub fn ensure(root: &Path, app: &Manifest) -> Result<Vec<Ensured>, Error> {
 /// [`ensure`] for secrets that belong to no app, such as the agent's own API token.
 pub fn ensure_in(dir: &Path, secrets: &[GeneratedSecret]) -> Result<Vec<Ensured>, Error> {
     ensure_dir(dir)?;
+    // Nothing to do is found out without writing, so that an agent on a read-only data root
+    // starts when its secrets are valid. Safe without the lock: every write is a rename, so
+    // a concurrent ensure shows old or new files, and a bcrypt pair caught halfway does not
+    // verify, which takes the locked path below.
+    if ensured_before(dir)
+        && !atomic::has_stale_temps(dir)
+        && secrets.iter().all(|s| matches!(inspect(dir, s), Ok(None)))
+    {
+        return Ok(secrets
+            .iter()
+            .map(|s| Ensured { target: s.target.clone(), kind: s.kind, outcome: Outcome::Kept })
+            .collect());
+    }
     let lock_path = dir.join(LOCK_FILE);
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&lock_path)
-        .map_err(io_err(&lock_path, "open lock file"))?;
-    lock.lock().map_err(io_err(&lock_path, "lock"))?;
+    let lock = lock(dir)?;
     // An empty lock file means no ensure has completed in this directory: a missing secret
     // is then generated, not healed. Decided under the lock (the directory's existence is
     // not: a concurrent caller may have created it a moment before).
@@ -150,6 +160,102 @@ pub fn ensure_in(dir: &Path, secrets: &[GeneratedSecret]) -> Result<Vec<Ensured>
     Ok(out)
 }
 
+/// Whether an ensure completed in `dir`: its lock file is ours, regular and marked.
+fn ensured_before(dir: &Path) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    fs::symlink_metadata(dir.join(LOCK_FILE)).is_ok_and(|m| m.is_file() && m.uid() == me && m.len() > 0)
+}
+
+/// Opens and locks `dir/.lock`. Anything else in its place (a planted symlink, a FIFO, a
+/// directory, a file of another user) is replaced, never followed or opened; the new file
+/// is marked, as whatever stood there was left after an ensure.
+fn lock(dir: &Path) -> Result<fs::File, Error> {
+    let path = dir.join(LOCK_FILE);
+    let me = nix::unistd::geteuid().as_raw();
+    // A few rounds: each ends in a locked file, unless someone replaces it meanwhile.
+    for _ in 0..3 {
+        match fs::symlink_metadata(&path) {
+            Ok(m) if !(m.is_file() && m.uid() == me) => replace(dir, LOCK_FILE, b"1")?,
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&path, "stat")(e)),
+            _ => {}
+        }
+        let file = match OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => continue, // planted again
+            Err(e) => return Err(io_err(&path, "open lock file")(e)),
+        };
+        file.lock().map_err(io_err(&path, "lock"))?;
+        // The lock counts only on the file still at the path (not one replaced meanwhile).
+        let held = file.metadata().map_err(io_err(&path, "stat lock file"))?;
+        if held.is_file()
+            && fs::symlink_metadata(&path).is_ok_and(|m| m.ino() == held.ino() && m.dev() == held.dev())
+        {
+            return Ok(file);
+        }
+    }
+    Err(Error::Io {
+        path,
+        op: "lock",
+        source: io::Error::other("the lock file keeps being replaced by something else"),
+    })
+}
+
+/// Atomically puts `bytes` at `dir/name`, first moving a directory out of the way: a rename
+/// over a directory fails, so a secret replaced by one would never heal.
+fn replace(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    let path = dir.join(name);
+    if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+        // Renamed first (needs only our directory), removed after, when its content lets us:
+        // what another user planted inside may stay, hidden, but out of the secret's way.
+        let aside = dir.join(format!(".{name}.{}.{:08x}.aside", std::process::id(), rand::rng().next_u32()));
+        fs::rename(&path, &aside).map_err(io_err(&path, "move the directory in the secret's place aside"))?;
+        if let Err(e) = fs::remove_dir_all(&aside) {
+            tracing::warn!(path = %aside.display(), error = %e, "cannot remove a directory moved out of a secret's place");
+        }
+    }
+    Ok(atomic::write(dir, name, bytes, 0o600)?)
+}
+
+/// The content of `path` if it is a regular file, read without following a symlink or
+/// blocking on a FIFO.
+fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut file, &mut bytes)?;
+    Ok(bytes)
+}
+
+/// Refuses a secrets root that exists with a mode other than 0700, or is not a directory of
+/// ours, and never changes it: an operator's `--dir /tmp` must not chmod /tmp.
+pub fn check_root(root: &Path) -> Result<(), Error> {
+    match fs::symlink_metadata(root) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(root, "stat")(e)),
+        Ok(m) if !m.is_dir() => Err(Error::NotADir { path: root.into() }),
+        Ok(m) if m.uid() != nix::unistd::geteuid().as_raw() => {
+            Err(Error::ForeignDir { path: root.into(), owner: m.uid(), me: nix::unistd::geteuid().as_raw() })
+        }
+        Ok(m) if m.mode() & 0o7777 != 0o700 => {
+            Err(Error::WrongMode { path: root.into(), mode: m.mode() & 0o7777 })
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
 /// Writes `<root>/<app>/.env` with the values of the environment variables that read a
 /// secret, or removes it when none do. Rewrites only on change, so a converged node writes
 /// nothing. Returns whether the file exists afterwards.
@@ -165,19 +271,27 @@ pub fn write_env_file(root: &Path, app: &Manifest) -> Result<bool, Error> {
                 .find(|r| &r.name == secret)
                 .map_or(app.id.as_str(), |r| r.app.as_str());
             let file = root.join(owner).join(secret);
-            let v = fs::read_to_string(&file).map_err(io_err(&file, "read secret"))?;
-            text.push_str(&format!("{key}={v}\n"));
+            let v = read_regular(&file).map_err(io_err(&file, "read secret"))?;
+            text.push_str(&format!("{key}={}\n", String::from_utf8_lossy(&v)));
         }
     }
     if text.is_empty() {
-        return match fs::remove_file(&path) {
+        // Checked first: unlinking even a missing file fails on a read-only filesystem.
+        let removed = match fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => Err(e),
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&path),
+            Ok(_) => fs::remove_file(&path),
+        };
+        return match removed {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path, "remove")(e)),
             _ => Ok(false),
         };
     }
-    if fs::read(&path).ok().as_deref() != Some(text.as_bytes()) || !owned_0600(&path) {
+    // The file's kind and owner first: reading a FIFO planted there would block.
+    if !owned_0600(&path) || read_regular(&path).ok().as_deref() != Some(text.as_bytes()) {
         ensure_dir(&dir)?;
-        atomic::write(&dir, ENV_FILE, text.as_bytes(), 0o600)?;
+        replace(&dir, ENV_FILE, text.as_bytes())?;
     }
     Ok(true)
 }
@@ -220,7 +334,7 @@ fn repair(dir: &Path, s: &GeneratedSecret) -> Result<Option<HealReason>, Error> 
     let hex = |n| -> Result<Option<HealReason>, Error> {
         let reason = check(&path, |v| hex_check(v, n * 2))?.err();
         if reason.is_some() {
-            atomic::write(dir, &s.target, random_hex(n).as_bytes(), 0o600)?;
+            replace(dir, &s.target, random_hex(n).as_bytes())?;
         }
         Ok(reason)
     };
@@ -234,16 +348,15 @@ fn repair(dir: &Path, s: &GeneratedSecret) -> Result<Option<HealReason>, Error> 
                 Ok(pw) => (pw, None),
                 Err(r) => {
                     let pw = random_hex(16).into_bytes();
-                    atomic::write(dir, &format!("{}{BCRYPT_PLAINTEXT_SUFFIX}", s.target), &pw, 0o600)?;
+                    replace(dir, &format!("{}{BCRYPT_PLAINTEXT_SUFFIX}", s.target), &pw)?;
                     (pw, Some(r))
                 }
             };
             let hash_reason = check(&path, |h| bcrypt_check(&pw, h))?.err();
             if let Some(r) = hash_reason {
-                let text = std::str::from_utf8(&pw).expect("checked hex");
-                let hash = bcrypt::hash(text, BCRYPT_COST)
+                let hash = bcrypt::hash(&pw, BCRYPT_COST)
                     .map_err(|source| Error::Hash { path: path.clone(), source })?;
-                atomic::write(dir, &s.target, hash.as_bytes(), 0o600)?;
+                replace(dir, &s.target, hash.as_bytes())?;
                 return Ok(pw_reason.or(Some(r)));
             }
             Ok(pw_reason)
@@ -285,7 +398,14 @@ fn check_as(
     if meta.len() == 0 {
         return Ok(Err(HealReason::Empty));
     }
-    let bytes = fs::read(path).map_err(io_err(path, "read"))?;
+    let bytes = match read_regular(path) {
+        Ok(b) => b,
+        // Replaced since the stat (a symlink or a FIFO now): damaged like any such file.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) || e.kind() == io::ErrorKind::InvalidData => {
+            return Ok(Err(HealReason::Malformed))
+        }
+        Err(e) => return Err(io_err(path, "read")(e)),
+    };
     Ok(match valid(&bytes) {
         None => Ok(bytes),
         Some(r) => Err(r),

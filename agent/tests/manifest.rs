@@ -4,7 +4,7 @@ mod support;
 
 use std::path::Path;
 
-use archy_agent::manifest::{check_image, is_bare_name, Manifest};
+use archy_agent::manifest::{check_image, is_bare_name, Catalog, Manifest};
 use proptest::prelude::*;
 use support::*;
 
@@ -158,5 +158,103 @@ proptest! {
         let text = format!("id: t\nname: T\nversion: '1'\nimage: '{}'\n{key}: {value}\n", image.replace('\'', ""));
         let _ = parse(&text);
         let _ = check_image(&image);
+    }
+}
+
+/// Regression: `depends_on` entries were only compared with other ids, never checked as ids,
+/// and each is rendered into the unit as `Requires=<id>.service`.
+#[test]
+fn a_dependency_with_a_line_break_cannot_add_a_key_to_the_unit() {
+    let err =
+        parse(&format!("{MINIMAL}depends_on: [\"fx-web\\nExecStartPre=/bin/sh -c id\"]\n")).unwrap_err();
+    assert!(
+        err.contains(r"depends_on[0]: `fx-web\nExecStartPre=/bin/sh -c id` is not a valid app id"),
+        "{err}"
+    );
+    for bad in ["Fx-Web", "fx_web", "fx-web-", "", "fx web"] {
+        let err = parse(&format!("{MINIMAL}depends_on: [{bad:?}]\n")).unwrap_err();
+        assert!(err.contains("depends_on[0]") && err.contains("is not a valid app id"), "{bad:?}: {err}");
+    }
+}
+
+/// Regression: a catalog directory was loaded whatever its name, and a name with a line
+/// break reached the problem list (and the terminal) raw.
+#[test]
+fn a_catalog_directory_that_is_not_an_app_id_is_a_problem_of_the_catalog() {
+    use std::os::unix::ffi::OsStrExt;
+    let catalog = tempfile::tempdir().unwrap();
+    let web = std::fs::read_to_string(repo_root().join("apps/fx-web/manifest.yml")).unwrap();
+    let names = [
+        std::ffi::OsStr::new("fx-web"),
+        std::ffi::OsStr::new("Fx_Web"),
+        std::ffi::OsStr::new("fx\nweb"),
+        std::ffi::OsStr::from_bytes(b"fx\xffweb"),
+        std::ffi::OsStr::new(".git"),
+    ];
+    for name in names {
+        std::fs::create_dir(catalog.path().join(name)).unwrap();
+        std::fs::write(catalog.path().join(name).join("manifest.yml"), &web).unwrap();
+    }
+    let (loaded, problems) = Catalog::load_lenient(catalog.path());
+    assert_eq!(loaded.apps.keys().collect::<Vec<_>>(), ["fx-web"], "the valid app still loads");
+    let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert_eq!(problems.len(), 3, "{text:#?}");
+    for (p, shown) in problems.iter().zip([r"`Fx_Web`", r"`fx\nweb`", r"`fx\u{fffd}web`"]) {
+        assert_eq!(p.file, catalog.path(), "a problem of the catalog, not of a file in it");
+        let line = p.to_string();
+        assert!(line.contains(&format!("directory {shown} is not a valid app id")), "{line}");
+        assert!(!line.contains('\n'), "the name is shown escaped: {line:?}");
+    }
+}
+
+/// Regression: bitcoin-knots passed `-rpcpassword="$BITCOIN_RPC_PASSWORD"` and lnd
+/// `--bitcoind.rpcpass="$(cat /run/secrets/rpc-password)"`: the value was on a command
+/// line, readable by every local user in `ps`.
+#[test]
+fn a_command_that_puts_a_secret_on_a_command_line_is_rejected() {
+    let secrets = "environment:\n  TOKEN: { secret: token }\n  PLAIN: text\n\
+                   generated_secrets: [{ target: token, kind: hex32 }]\n";
+    let command = |arg: &str| format!("{MINIMAL}{secrets}command: [sh, -c, {arg:?}]\n");
+    let health =
+        |cmd: &str| format!("{MINIMAL}{secrets}health: {{ command: {:?} }}\n", format!("{cmd}; true"));
+    for (arg, what) in [
+        ("exec app --token=$TOKEN", "`$TOKEN`, which is read from a secret"),
+        ("exec app --token=\"${TOKEN}\"", "`$TOKEN`"),
+        ("exec app --token=${TOKEN:-none}", "`$TOKEN`"),
+        ("exec app ${#TOKEN}", "`$TOKEN`"),
+        ("exec app --token=\"$(cat /run/secrets/token)\"", "a command substitution reading a secret"),
+        ("exec app --token=$(< /run/secrets/token)", "a command substitution reading a secret"),
+        ("exec app --token=`cat /run/secrets/token`", "a command substitution reading a secret"),
+        ("exec app --token=$( (cat /run/secrets/token) )", "a command substitution reading a secret"),
+    ] {
+        let err = parse(&command(arg)).unwrap_err();
+        assert!(err.contains(&format!("command[2]: expands {what}")), "{arg}: {err}");
+        assert!(err.contains("readable by every local user"), "{arg}: {err}");
+        let err = parse(&health(arg)).unwrap_err();
+        assert!(err.contains(&format!("health.command: expands {what}")), "{arg}: {err}");
+    }
+    // Reading the file, or a variable that holds no secret, puts nothing on a command line.
+    for ok in [
+        "umask 077 && { printf 'password='; cat /run/secrets/token; } > /dev/shm/app.conf && exec app",
+        "exec app --token-file=/run/secrets/token --greeting=\"$PLAIN\" $TOKENS $$ $1",
+        "$(date) cat /run/secrets/token",
+        "env | grep -q '^TOKEN=[$]2'",
+    ] {
+        parse(&command(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        parse(&health(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}
+
+#[test]
+fn unquoted_unit_values_keep_their_spaces_or_are_rejected() {
+    // systemd and Quadlet strip the spaces around a value they do not read quoted.
+    for (field, yaml) in [
+        ("name", "name: ' T'\n"),
+        ("volumes[0].path", "volumes: [{ name: d, path: '/data ' }]\n"),
+        ("health.command", "health: { command: 'true ' }\n"),
+    ] {
+        let text = format!("{MINIMAL}{yaml}").replacen("name: T\n", "", usize::from(field == "name"));
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains(&format!("{field}: ")) && err.contains("surrounding spaces"), "{field}: {err}");
     }
 }

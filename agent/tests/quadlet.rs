@@ -77,7 +77,7 @@ fn systemd_specifiers_and_variables_are_escaped() {
     let text = render(c.get("fx-client").unwrap(), &target("4.3.1")).text;
     // Literal `%` and `$` reach the container unexpanded only when doubled.
     assert!(text.contains(r#"Environment="GREETING=100%% literal, $$HOME stays as written""#), "{text}");
-    assert!(text.contains(r#"test \"$$API_TOKEN\""#), "{text}");
+    assert!(text.contains("& wait $$!\""), "{text}");
 }
 
 #[test]
@@ -177,4 +177,227 @@ fn host_network_unit_is_accepted_by_real_podman_and_publishing_would_not_be() {
         "podman accepted published ports under host networking silently:\n{}",
         describe(&cmd, &out)
     );
+}
+
+// Property tests: whatever text a valid manifest holds, each value stays one value.
+
+mod roundtrip {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use archy_agent::manifest::{Dur, EnvValue, Health, Manifest};
+    use archy_agent::quadlet::{render, Unit};
+    use proptest::prelude::*;
+
+    use super::target;
+    use crate::support::{quadlet_dryrun, systemd_words};
+
+    /// Characters systemd, Quadlet or a shell give a meaning to, and look-alikes.
+    const TRICKY: &[char] = &[
+        'a', 'Z', '0', '-', '/', ' ', '"', '\'', '\\', '%', '$', '`', '=', ';', '#', '{', '}', '(', ')', '*',
+        '!', '&', '|', '<', '>', '~', ',', ':', '@', 'é', '\u{a0}', '\u{2028}', '\u{feff}',
+    ];
+    /// Line breaks and other control characters: validation must reject every one.
+    const CONTROL: &[char] = &['\n', '\r', '\t', '\0', '\u{b}', '\u{c}', '\u{1b}', '\u{7f}', '\u{85}'];
+
+    /// Text of tricky characters; with `dirty`, one in six also holds control characters.
+    fn text(dirty: bool) -> impl Strategy<Value = String> {
+        let clean = proptest::collection::vec(prop::sample::select(TRICKY), 0..10);
+        let with_control = proptest::collection::vec(
+            prop_oneof![6 => prop::sample::select(TRICKY), 1 => prop::sample::select(CONTROL)],
+            1..10,
+        );
+        let chars = if dirty { prop_oneof![5 => clean, 1 => with_control].boxed() } else { clean.boxed() };
+        chars.prop_map(|v| v.into_iter().collect())
+    }
+
+    #[derive(Debug, Clone)]
+    struct Input {
+        name: String,
+        environment: BTreeMap<String, String>,
+        command: Vec<String>,
+        health: Option<String>,
+        depends_on: Vec<String>,
+        podman5: bool,
+    }
+
+    fn input(dirty: bool) -> impl Strategy<Value = Input> {
+        (
+            text(dirty),
+            proptest::collection::btree_map("[A-Z_][A-Z0-9_]{0,5}", text(dirty), 0..4),
+            proptest::collection::vec(text(dirty), 0..4),
+            proptest::option::of(text(dirty)),
+            proptest::collection::vec(
+                prop_oneof![3 => "[a-z][a-z0-9-]{0,6}[a-z0-9]", 1 => text(dirty)],
+                0..3,
+            ),
+            any::<bool>(),
+        )
+            .prop_map(|(name, environment, command, health, depends_on, podman5)| Input {
+                name,
+                environment,
+                command,
+                health,
+                depends_on,
+                podman5,
+            })
+    }
+
+    fn manifest(i: &Input) -> Manifest {
+        let mut m = Manifest::parse(
+            Path::new("t/manifest.yml"),
+            "id: t\nname: T\nversion: '1'\nimage: localhost/t:1\n",
+        )
+        .unwrap();
+        m.name = i.name.clone();
+        m.environment = i.environment.iter().map(|(k, v)| (k.clone(), EnvValue::Text(v.clone()))).collect();
+        m.command = i.command.clone();
+        m.health = i.health.clone().map(|command| Health {
+            command,
+            interval: Dur(Duration::from_secs(30)),
+            timeout: Dur(Duration::from_secs(5)),
+            retries: 3,
+            start_period: Dur(Duration::from_secs(0)),
+        });
+        m.depends_on = i.depends_on.clone();
+        m
+    }
+
+    /// Every field holding a control character, as validation names it.
+    fn fields_with_control_chars(i: &Input) -> Vec<String> {
+        let control = |s: &String| s.chars().any(char::is_control);
+        let mut out = Vec::new();
+        if control(&i.name) {
+            out.push("name".to_string());
+        }
+        out.extend(i.environment.iter().filter(|(_, v)| control(v)).map(|(k, _)| format!("environment.{k}")));
+        out.extend(
+            i.command.iter().enumerate().filter(|(_, a)| control(a)).map(|(n, _)| format!("command[{n}]")),
+        );
+        out.extend(i.health.iter().filter(|h| control(h)).map(|_| "health.command".to_string()));
+        out.extend(
+            i.depends_on
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| control(d))
+                .map(|(n, _)| format!("depends_on[{n}]")),
+        );
+        out
+    }
+
+    /// The manifest if it passes validation; otherwise checks that every field holding a
+    /// control character is among the problems, and returns `None`.
+    fn validated(i: &Input) -> Option<Manifest> {
+        let m = manifest(i);
+        let problems: Vec<String> =
+            m.validate(Path::new("t/manifest.yml")).into_iter().map(|p| p.field).collect();
+        for field in fields_with_control_chars(i) {
+            assert!(problems.contains(&field), "{field} holds a control character, yet passed: {problems:?}");
+        }
+        problems.is_empty().then_some(m)
+    }
+
+    /// The unit's lines reduced to their keys (section headers and the comment as they are).
+    fn keys(text: &str) -> Vec<&str> {
+        text.lines().map(|l| l.split_once('=').map_or(l, |(k, _)| k)).collect()
+    }
+
+    /// `m` with every free-text value replaced by a plain word: what its unit's shape must be.
+    fn plain(m: &Manifest) -> Manifest {
+        let mut p = m.clone();
+        p.name = "x".into();
+        p.environment.values_mut().for_each(|v| *v = EnvValue::Text("x".into()));
+        p.command.iter_mut().for_each(|a| *a = "x".into());
+        if let Some(h) = p.health.as_mut() {
+            h.command = "x".into();
+        }
+        p
+    }
+
+    /// `--flag=value` and `--flag value` as (flag, value) pairs, sorted, then the image and
+    /// the command. Drops what differs by design between a systemd unit and the podman
+    /// backend: Quadlet's own flags and the health timer (the podman backend disables it).
+    fn normalize(mut words: impl Iterator<Item = String>) -> (Vec<(String, String)>, Vec<String>) {
+        let quadlet_only = ["--cidfile", "--replace", "--rm", "--cgroups", "--sdnotify", "-d"];
+        let mut flags = Vec::new();
+        let mut rest = Vec::new();
+        while let Some(w) = words.next() {
+            if !w.starts_with('-') {
+                rest.push(w);
+                rest.extend(words.by_ref());
+                break;
+            }
+            let (flag, value) = match w.split_once('=') {
+                Some((f, v)) => (f.to_string(), v.to_string()),
+                None if quadlet_only.contains(&w.as_str()) => (w, String::new()),
+                None => {
+                    let v = words.next().unwrap_or_default();
+                    (w, v)
+                }
+            };
+            let flag = if flag == "-v" { "--volume".to_string() } else { flag };
+            if !quadlet_only.contains(&flag.as_str()) && flag != "--health-interval" {
+                flags.push((flag, value));
+            }
+        }
+        flags.sort();
+        (flags, rest)
+    }
+
+    /// The `podman run` words the real generator makes of `unit`.
+    fn generated(unit: &Unit) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(&unit.file_name), &unit.text).unwrap();
+        let out = quadlet_dryrun(dir.path()).unwrap_or_else(|e| panic!("unit rejected:\n{}\n{e}", unit.text));
+        let exec = out.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("no ExecStart");
+        let words = systemd_words(exec);
+        assert!(words.len() > 2 && words[0].ends_with("podman") && words[1] == "run", "{exec}");
+        words[2..].to_vec()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// No process: a value never adds, removes or moves a line of the unit.
+        #[test]
+        fn every_value_of_a_valid_manifest_stays_on_its_own_line(i in input(true)) {
+            let Some(m) = validated(&i) else { return Ok(()) };
+            for t in [target("4.3.1"), target("5.4.2")] {
+                let text = render(&m, &t).text;
+                let shape = render(&plain(&m), &t).text;
+                prop_assert_eq!(keys(&text), keys(&shape), "{}", text);
+                prop_assert!(!text.contains('\r'), "{}", text);
+            }
+        }
+    }
+
+    proptest! {
+        // Each case runs the real generator: a process spawn. About half the inputs are
+        // invalid (names with surrounding spaces, a trailing `\`, ...) and drawn again.
+        #![proptest_config(ProptestConfig { cases: 64, max_global_rejects: 4096, ..ProptestConfig::default() })]
+
+        /// The real generator reads back exactly the values rendered, each as one argument,
+        /// and nothing else: the same container the podman backend runs.
+        #[test]
+        fn the_real_generator_reads_back_exactly_what_was_rendered(i in input(false)) {
+            // Rejections are the test above's business; here every case should run the generator.
+            let Some(m) = validated(&i) else { return Err(TestCaseError::reject("invalid manifest")) };
+            let unit = render(&m, &target(if i.podman5 { "5.4.2" } else { "4.3.1" }));
+            let (flags, rest) = normalize(generated(&unit).into_iter());
+            let (want_flags, want_rest) = normalize(unit.podman_args.iter().cloned());
+            prop_assert_eq!(&flags, &want_flags, "{}", unit.text);
+            prop_assert_eq!(&rest, &want_rest, "{}", unit.text);
+
+            // And those are the manifest's own values, not only the renderer's.
+            prop_assert_eq!(rest.first().map(String::as_str), Some("localhost/t:1"));
+            prop_assert_eq!(&rest[1..], m.command.as_slice());
+            let env: Vec<String> = flags.iter().filter(|(f, _)| f == "--env").map(|(_, v)| v.clone()).collect();
+            let mut want_env: Vec<String> = i.environment.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            want_env.sort();
+            prop_assert_eq!(env, want_env);
+            let health: Vec<&String> = flags.iter().filter(|(f, _)| f == "--health-cmd").map(|(_, v)| v).collect();
+            prop_assert_eq!(health, i.health.iter().collect::<Vec<_>>());
+        }
+    }
 }

@@ -303,3 +303,177 @@ fn secrets_in_a_directory_another_caller_just_created_are_generated_not_healed()
     let second = secrets::ensure(root.path(), &m).unwrap();
     assert_eq!(second[0].outcome, Outcome::Healed(HealReason::Missing), "{second:?}");
 }
+
+/// Regression (defect A): a directory in a secret's place was never healed: `repair` renamed
+/// a fresh file over it, which fails on a directory, on every tick.
+#[test]
+fn a_secret_replaced_by_a_directory_is_healed() {
+    let (_, new) = heal_case(
+        "fx-web",
+        "api-token",
+        |p| {
+            fs::remove_file(p).unwrap();
+            fs::create_dir_all(p.join("inside/deeper")).unwrap();
+            fs::write(p.join("inside/file"), "x").unwrap();
+        },
+        HealReason::Malformed,
+    );
+    assert_eq!(new.len(), 64);
+}
+
+#[test]
+fn a_bcrypt_password_replaced_by_a_directory_is_healed() {
+    heal_case(
+        "fx-gateway",
+        "gateway-hash.pw",
+        |p| {
+            fs::remove_file(p).unwrap();
+            fs::create_dir(p).unwrap();
+        },
+        HealReason::Malformed,
+    );
+}
+
+#[test]
+fn heals_a_secret_replaced_by_a_fifo_without_blocking() {
+    heal_case(
+        "fx-web",
+        "api-token",
+        |p| {
+            fs::remove_file(p).unwrap();
+            nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        },
+        HealReason::Malformed,
+    );
+}
+
+/// Regression: the lock file was opened with `O_NOFOLLOW`, so a symlink planted in its place
+/// failed every ensure of the app instead of being replaced like any other planted link.
+#[test]
+fn a_lock_file_replaced_by_a_symlink_fifo_or_directory_is_replaced_not_followed() {
+    let root = tempfile::tempdir().unwrap();
+    let m = app("fx-web");
+    secrets::ensure(root.path(), &m).unwrap();
+    let lock = root.path().join("fx-web/.lock");
+    let victim = root.path().join("victim");
+    fs::write(&victim, "untouched").unwrap();
+    for what in ["symlink", "fifo", "directory"] {
+        fs::remove_file(&lock).unwrap();
+        match what {
+            "symlink" => std::os::unix::fs::symlink(&victim, &lock).unwrap(),
+            "fifo" => nix::unistd::mkfifo(&lock, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap(),
+            _ => fs::create_dir(&lock).unwrap(),
+        }
+        // Damage too, so that the ensure needs the lock.
+        fs::write(root.path().join("fx-web/api-token"), "").unwrap();
+        let e = secrets::ensure(root.path(), &m).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(outcomes(&e), [("api-token", Outcome::Healed(HealReason::Empty))], "{what}");
+        let meta = fs::symlink_metadata(&lock).unwrap();
+        assert!(meta.is_file() && meta.mode() & 0o7777 == 0o600, "{what}: {meta:?}");
+        assert_eq!(read(&victim), "untouched", "{what}: the link was followed");
+    }
+}
+
+/// `archy-agent secrets ensure ARGS --catalog apps --dir DIR`: the built binary.
+fn cli(args: &[&str], dir: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(agent_bin());
+    cmd.args(["secrets", "ensure"])
+        .args(args)
+        .arg("--catalog")
+        .arg(repo_root().join("apps"))
+        .arg("--dir")
+        .arg(dir);
+    cmd
+}
+
+/// Regression: the agent did not start on a read-only data root: ensuring the API token
+/// opened the lock file for writing even when every secret was valid (EROFS).
+#[test]
+fn valid_secrets_on_a_read_only_data_root_are_kept_without_writing() {
+    let root = tempfile::tempdir().unwrap();
+    let secrets = root.path().join("secrets");
+    for id in ["fx-web", "fx-client"] {
+        expect_code(&mut cli(&[id], &secrets), 0);
+    }
+    // A real read-only mount, in a mount namespace of its own: root ignores mode bits.
+    for id in ["fx-web", "fx-client"] {
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args([
+            "--mount",
+            "sh",
+            "-c",
+            r#"mount --bind -o ro "$1" "$1" && exec "$2" secrets ensure "$3" --catalog "$4" --dir "$1""#,
+            "sh",
+        ])
+        .arg(&secrets)
+        .arg(agent_bin())
+        .arg(id)
+        .arg(repo_root().join("apps"));
+        let out = expect_code(&mut cmd, 0);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(": kept") && !stdout.contains("generated"), "{}", describe(&cmd, &out));
+    }
+}
+
+/// Regression: `secrets ensure` generated the app's own secrets and wrote its environment
+/// file before finding out that a secret it reads was missing, and then failed with an I/O
+/// error on reading it instead of exit 3.
+#[test]
+fn secrets_ensure_checks_references_before_writing_anything() {
+    let root = tempfile::tempdir().unwrap();
+    let secrets = root.path().join("secrets");
+    let mut cmd = cli(&["fx-client"], &secrets);
+    let out = expect_code(&mut cmd, 3);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("fx-client: reads fx-web/api-token which is missing: run `archy-agent secrets ensure fx-web` first"),
+        "{}",
+        describe(&cmd, &out)
+    );
+    assert!(!secrets.exists(), "nothing may be written before the references are checked");
+}
+
+/// Regression: an existing `--dir` with another mode was chmod-ed to 0700 (`--dir /tmp`
+/// would have locked every other user out of /tmp).
+#[test]
+fn secrets_ensure_refuses_a_dir_with_a_wrong_mode_and_leaves_it_alone() {
+    let root = tempfile::tempdir().unwrap();
+    let shared = root.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let mut cmd = cli(&["fx-web"], &shared);
+    let out = expect_code(&mut cmd, 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("has mode 1777, not 700"), "{}", describe(&cmd, &out));
+    assert_eq!(mode(&shared), 0o1777, "the directory was changed");
+    assert_eq!(fs::read_dir(&shared).unwrap().count(), 0, "something was written");
+}
+
+/// Regression: errors printed their cause twice (`{:#}` over errors whose message already
+/// holds their source).
+#[test]
+fn a_secrets_error_prints_its_cause_once() {
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("a-file");
+    fs::write(&file, "").unwrap();
+    let mut cmd = cli(&["fx-web"], &file.join("secrets"));
+    let out = expect_code(&mut cmd, 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("Not a directory").count(), 1, "{}", describe(&cmd, &out));
+    assert!(stderr.starts_with("error: ") && stderr.contains(&file.display().to_string()), "{stderr}");
+}
+
+/// Regression: a directory named like a temp file (`.x.tmp`) was removed as a file, which
+/// failed every ensure of the app.
+#[test]
+fn a_directory_named_like_a_temp_file_does_not_stop_ensure() {
+    let root = tempfile::tempdir().unwrap();
+    let m = app("fx-web");
+    secrets::ensure(root.path(), &m).unwrap();
+    fs::create_dir(root.path().join("fx-web/.api-token.1.deadbeef.tmp")).unwrap();
+    fs::write(root.path().join("fx-web/api-token"), "").unwrap();
+    assert_eq!(
+        outcomes(&secrets::ensure(root.path(), &m).unwrap()),
+        [("api-token", Outcome::Healed(HealReason::Empty))]
+    );
+}

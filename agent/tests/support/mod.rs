@@ -172,7 +172,9 @@ pub fn which(program: &str) -> Option<PathBuf> {
 }
 
 /// Splits one systemd command line (as Quadlet writes `ExecStart=`) into arguments, undoing
-/// its quoting and `$$`/`%%` escapes.
+/// its quoting and `$$`/`%%` escapes. Words are separated by systemd's whitespace (space,
+/// tab, CR, LF) only: a no-break space is part of a word to systemd, and Quadlet writes it
+/// unquoted.
 pub fn systemd_words(line: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut cur = String::new();
@@ -185,7 +187,7 @@ pub fn systemd_words(line: &str) -> Vec<String> {
                 in_word = true;
             }
             '\\' if quoted => cur.extend(chars.next()),
-            c if c.is_whitespace() && !quoted => {
+            ' ' | '\t' | '\n' | '\r' if !quoted => {
                 if in_word {
                     words.push(std::mem::take(&mut cur));
                     in_word = false;
