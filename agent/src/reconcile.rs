@@ -183,6 +183,7 @@ pub fn plan(w: &World) -> Plan {
     let mut units = Vec::new();
     let mut starts = Vec::new();
     let mut after = Vec::new();
+    let mut reload = false;
 
     // Containers and units of apps that should not run: stop, remove, forget. Only what the
     // desired state says explicitly: an app it does not know is adopted, never removed.
@@ -288,7 +289,11 @@ pub fn plan(w: &World) -> Plan {
                     p.waiting.insert(app.into(), format!("systemd unit {}", state.unwrap_or_default()));
                     continue;
                 }
-                let crashed = quadlet && !unit_written;
+                // Written, but never loaded (the agent died before its daemon-reload): an
+                // install to finish, not a crash.
+                let loaded = state != Some(crate::runtime::NOT_LOADED);
+                reload |= quadlet && !unit_written && !loaded;
+                let crashed = quadlet && !unit_written && loaded;
                 if crashed && m.restart == Restart::No {
                     p.waiting.insert(app.into(), "exited (restart: no)".into());
                     continue;
@@ -359,7 +364,7 @@ pub fn plan(w: &World) -> Plan {
     }
 
     p.actions.extend(stops.into_iter().rev()); // dependents stop before their dependencies
-    let reload = !units.is_empty();
+    let reload = reload || !units.is_empty();
     p.actions.extend(units);
     if reload {
         p.actions.push(Action::Op(Op::DaemonReload, Reason::UnitChanged));

@@ -285,6 +285,9 @@ fn probe(exec: &Exec, app: &str) -> Result<bool, Error> {
     }
 }
 
+/// The unit state of a unit file systemd has not loaded ([`Runtime::unit_states`]).
+pub const NOT_LOADED: &str = "not-loaded";
+
 fn container_name(app: &str) -> String {
     format!("archy-{app}")
 }
@@ -419,7 +422,7 @@ impl Runtime for Quadlet {
         if apps.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let mut args = vec!["show", "--property=Id,ActiveState"];
+        let mut args = vec!["show", "--property=Id,LoadState,ActiveState"];
         let services: Vec<String> = apps.iter().map(|a| format!("{a}.service")).collect();
         args.extend(services.iter().map(String::as_str));
         let out = self.exec.systemctl(&args)?;
@@ -428,6 +431,13 @@ impl Runtime for Quadlet {
         for block in out.split("\n\n") {
             let field = |k: &str| block.lines().find_map(|l| l.strip_prefix(k)).map(str::to_string);
             if let (Some(id), Some(state)) = (field("Id="), field("ActiveState=")) {
+                // A unit file systemd has not loaded yet (the agent died between writing it
+                // and the daemon-reload): only a reload makes it startable.
+                let state = if field("LoadState=").as_deref() == Some("not-found") {
+                    NOT_LOADED.into()
+                } else {
+                    state
+                };
                 states.insert(id.trim_end_matches(".service").to_string(), state);
             }
         }

@@ -721,3 +721,15 @@ fn app_data_directories_are_not_readable_by_other_users() {
     assert_eq!(mode(&dir.path().join("apps")), 0o700);
     assert_eq!(mode(&dir.path().join("apps/fx-web")), 0o700);
 }
+
+/// Explore seed 302: killed at `unit_written` (the unit file written, the daemon-reload not
+/// done), the agent came back to a unit file that matched and a unit systemd did not know:
+/// `systemctl restart` answered "Unit not found" every backoff, for ever.
+#[test]
+fn a_unit_written_but_never_loaded_is_reloaded_then_started() {
+    let c = catalog();
+    let mut case = Case::new(BackendKind::Quadlet, &[("fx-web", Desired::Running)]);
+    case.units.insert("fx-web".into(), render(c.get("fx-web").unwrap(), &target()).text);
+    case.unit_states.insert("fx-web".into(), runtime::NOT_LOADED.into());
+    assert_eq!(names(&case.plan(&c)), ["daemon_reload - (unitchanged)", "run fx-web (install)"]);
+}
