@@ -131,13 +131,18 @@ pub fn lock_data_root(root: &Path) -> Result<Flock<File>, LockError> {
                 Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(open_err(e)),
                 _ => {}
             }
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .map_err(open_err)?
+            // Created, then opened read-only like an existing one: a file held open for
+            // writing makes the data root's remount read-only fail ("busy").
+            drop(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(open_err)?,
+            );
+            File::open(&path).map_err(open_err)?
         }
         Err(e) => return Err(open_err(e)),
     };

@@ -358,7 +358,7 @@ fn the_data_root_is_its_own_filesystem_and_disk_faults_are_real_inside_the_node(
     let meta = std::fs::metadata(&data).unwrap();
     assert_ne!(meta.dev(), std::fs::metadata(&root).unwrap().dev(), "data is not a filesystem of its own");
     assert_eq!(meta.uid(), std::fs::metadata(root.join("home")).unwrap().uid());
-    assert_eq!(meta.mode() & 0o7777, 0o755);
+    assert_eq!(meta.mode() & 0o7777, 0o700, "the agent keeps its data root to its service user");
     let st = nix::sys::statvfs::statvfs(&data).unwrap();
     let size = st.blocks() * st.fragment_size();
     assert!((100 << 20..=128 << 20).contains(&size), "data root of {size} bytes");
@@ -392,6 +392,13 @@ fn the_data_root_is_its_own_filesystem_and_disk_faults_are_real_inside_the_node(
         "{rw}"
     );
     assert!(write("after-ro").0);
+    // Explore seed 314: a node rebooted during the fault copied the read-only mount into its
+    // new mount namespace, and turning the fault off left the node's data root read-only.
+    n.json(&["node", "disk-fault", "tdisk", "read-only"]);
+    n.ok(&["node", "reboot", "tdisk", "--graceful"]);
+    let rw = n.json(&["node", "disk-fault", "tdisk", "read-only", "--off"]);
+    assert_eq!(rw["writable_in_node"].as_bool(), Some(true), "{rw}");
+    assert!(write("after-ro-and-reboot").0);
 
     // (c) Full: no space for the service user either (no root reserve).
     let full = n.json(&["node", "disk-fault", "tdisk", "full"]);

@@ -815,6 +815,17 @@ impl LocalNode {
                         data.display()
                     )
                 })?;
+                // A node booted during the fault copied the read-only mount into its own
+                // mount namespace, where the host's remount does not reach: remount it there too.
+                if let (false, Some(pid)) = (on, self.init_pid()) {
+                    run(Command::new("nsenter")
+                        .arg(format!("--target={pid}"))
+                        .args(["--mount", "--", "mount", "-o", opts])
+                        .arg(&data))
+                    .with_context(|| {
+                        format!("node `{}`: {opts} of {} in the node", self.spec.name, data.display())
+                    })?;
+                }
                 let ro = mount_at(&data)?.is_some_and(|(_, fs)| fs.split(',').any(|o| o == "ro"));
                 // A write as the service user inside the node, when it is up.
                 let probe = data.join(".archy-chaos-probe");
