@@ -73,6 +73,29 @@ impl Action {
         }
     }
 
+    pub fn app(&self) -> Option<&str> {
+        match self {
+            Action::Op(op, _) => op.app(),
+            Action::Purge { app, .. } | Action::Forget { app, .. } | Action::ClearRestart { app, .. } => {
+                Some(app)
+            }
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Op(op, _) => op.kind(),
+            Action::Purge { .. } => "purge",
+            Action::Forget { .. } => "forget",
+            Action::ClearRestart { .. } => "clear_restart",
+        }
+    }
+
+    /// Starts back off through `held` in the plan; every other action through a retry delay.
+    fn starts(&self) -> bool {
+        matches!(self, Action::Op(Op::Run { .. } | Op::Start { .. } | Op::Build { .. } | Op::Probe { .. }, _))
+    }
+
     /// Whether it destroys something of the app: a container, a unit file, data.
     pub fn destroys(&self) -> bool {
         matches!(self, Action::Purge { .. } | Action::Forget { .. })
@@ -461,11 +484,6 @@ fn bump(map: &mut HashMap<String, Backoff>, app: &str) {
     b.until = Instant::now() + backoff_delay(b.failures, &mut rand::rng());
 }
 
-/// Starts back off through `held` in the plan; every other operation through `retry`.
-fn starts(op: &Op) -> bool {
-    matches!(op, Op::Run { .. } | Op::Start { .. } | Op::Build { .. } | Op::Probe { .. })
-}
-
 /// Next tick while an app is starting or becoming healthy.
 const FAST_REQUEUE: Duration = Duration::from_millis(100);
 /// Next tick while waiting on anything else (backoff, a dependency, an error).
@@ -484,6 +502,8 @@ pub struct Reconciler {
     backoff: HashMap<String, Backoff>,
     /// Failed stops, removals and unit writes: retried after a delay, not every tick.
     retry: HashMap<String, Backoff>,
+    /// Apps whose own secrets were rewritten since a pass last got to act on it.
+    secrets_changed: BTreeSet<String>,
     /// When each app that is not up began coming up (started by the agent, or seen starting
     /// under systemd): ticks come fast for [`FAST_WINDOW`] of that, once per episode, so a
     /// unit that never gets healthy cannot keep the loop spinning.
@@ -517,6 +537,7 @@ impl Reconciler {
             shared,
             backoff: HashMap::new(),
             retry: HashMap::new(),
+            secrets_changed: BTreeSet::new(),
             started: HashMap::new(),
             probed: HashMap::new(),
             healthy: BTreeSet::new(),
@@ -598,6 +619,13 @@ impl Reconciler {
 
     fn pass(&mut self, report: &mut TickReport) -> Result<(), String> {
         let (catalog, problems) = Catalog::load_lenient(&self.catalog_dir);
+        // Secrets first: files only, so a damaged secret is healed even while podman or
+        // systemd fail. Who must restart for it is kept until a pass gets to act.
+        let mut errors: BTreeMap<String, String> = BTreeMap::new();
+        let known = self.shared.store.lock().unwrap_or_else(|e| e.into_inner()).state().clone();
+        let changed = self.ensure_secrets(&known, &catalog, &mut errors);
+        self.secrets_changed.extend(changed);
+        let changed = self.secrets_changed.clone();
         let observed = self.runtime.observe().map_err(|e| e.to_string())?;
         let unit_files = self.runtime.unit_files().map_err(|e| e.to_string())?;
         // Durable before any action: if the adoption cannot be saved, nothing is done.
@@ -612,7 +640,6 @@ impl Reconciler {
         }
 
         // Terminal errors: apps asked for that cannot be rendered. Not retried.
-        let mut errors: BTreeMap<String, String> = BTreeMap::new();
         for app in state.apps.keys().filter(|a| !catalog.apps.contains_key(*a)) {
             let mine: Vec<String> = problems
                 .iter()
@@ -622,41 +649,6 @@ impl Reconciler {
             let msg =
                 if mine.is_empty() { format!("`{app}` is not in the catalog") } else { mine.join("; ") };
             errors.insert(app.clone(), msg);
-        }
-
-        // Secrets of every installed app, healed before anything starts.
-        let mut changed = BTreeSet::new();
-        let secrets_root = self.target.secrets_root();
-        for (app, s) in &state.apps {
-            let Some(m) = catalog.get(app).filter(|_| s.desired != Desired::Absent) else { continue };
-            if failpoint::broken("no-secret-heal") && secrets_root.join(app).exists() {
-                continue; // the platform's bug: generated once at install, never checked again
-            }
-            match secrets::ensure(&secrets_root, m) {
-                Ok(ensured) => {
-                    for e in ensured {
-                        match e.outcome {
-                            Outcome::Kept => {}
-                            Outcome::Generated => {
-                                self.shared
-                                    .metrics
-                                    .secrets_generated
-                                    .with_label_values(&[e.kind.as_str()])
-                                    .inc();
-                                changed.insert(app.clone());
-                            }
-                            Outcome::Healed(r) => {
-                                tracing::warn!(%app, secret = %e.target, reason = r.as_str(), "secret healed");
-                                self.shared.metrics.secrets_healed.with_label_values(&[r.as_str()]).inc();
-                                changed.insert(app.clone());
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    errors.insert(app.clone(), e.to_string());
-                }
-            }
         }
 
         if !changed.is_empty() {
@@ -673,6 +665,7 @@ impl Reconciler {
         // Secret completeness: an app that reads another app's secret does not start before
         // that secret exists and is valid (the platform's gateway cascade).
         let mut incomplete = BTreeMap::new();
+        let secrets_root = self.target.secrets_root();
         for (app, s) in &state.apps {
             let Some(m) = catalog.get(app).filter(|_| s.desired == Desired::Running) else { continue };
             match secrets::check_complete(&secrets_root, m, &catalog) {
@@ -735,46 +728,38 @@ impl Reconciler {
             if self.shared.shutdown.load(Ordering::SeqCst) {
                 break; // finish the current action only
             }
-            let mut plan_waiting = None;
             if let Action::Op(op, _) = action {
                 if op.app().is_some_and(|a| failed_apps.contains(a)) {
                     continue;
                 }
-                // Stops, removals and unit writes that keep failing back off like starts.
-                if let Some(app) =
-                    op.app().filter(|a| !starts(op) && self.retry.get(*a).is_some_and(|b| b.until > now))
-                {
-                    plan_waiting =
-                        Some((app.to_string(), format!("backing off after a failed {}", op.kind())));
-                }
             }
-            if let Some((app, why)) = plan_waiting {
-                deferred.insert(app, why);
+            // Stops, removals, unit writes and state changes that keep failing back off like
+            // starts (those are held in the plan).
+            let retried = action.app().filter(|_| !action.starts());
+            if let Some(app) = retried.filter(|a| self.retry.get(*a).is_some_and(|b| b.until > now)) {
+                deferred.insert(app.to_string(), format!("backing off after a failed {}", action.kind()));
                 continue;
             }
             let desc = action.describe();
             match self.apply(action, &catalog) {
                 Ok(()) => {
                     report.actions.push(desc);
-                    if let Action::Op(op, _) = action {
-                        if let Some(app) = op.app().filter(|_| !starts(op)) {
-                            self.retry.remove(app);
-                        }
+                    if let Some(app) = retried {
+                        self.retry.remove(app);
                     }
                 }
                 Err(e) => {
                     tracing::warn!(action = %desc, error = %e, "action failed; backing off");
                     report.failed.push(format!("{desc}: {e}"));
-                    if let Action::Op(op, _) = action {
-                        if let Some(app) = op.app() {
-                            failed_apps.insert(app.to_string());
-                            let map = if starts(op) { &mut self.backoff } else { &mut self.retry };
-                            bump(map, app);
-                        }
+                    if let Some(app) = action.app() {
+                        failed_apps.insert(app.to_string());
+                        let map = if action.starts() { &mut self.backoff } else { &mut self.retry };
+                        bump(map, app);
                     }
                 }
             }
         }
+        self.secrets_changed.clear();
         let mut plan = plan;
         for (app, why) in deferred {
             plan.waiting.entry(app).or_insert(why);
@@ -798,6 +783,50 @@ impl Reconciler {
         self.started.retain(|app, _| state.apps.get(app).is_some_and(|a| a.desired == Desired::Running));
         report.in_motion = self.started.values().any(|t| now.duration_since(*t) < FAST_WINDOW);
         Ok(())
+    }
+
+    /// Secrets of every installed app, healed before anything starts; the apps whose own
+    /// secrets were rewritten.
+    fn ensure_secrets(
+        &self,
+        state: &State,
+        catalog: &Catalog,
+        errors: &mut BTreeMap<String, String>,
+    ) -> BTreeSet<String> {
+        let mut changed = BTreeSet::new();
+        let secrets_root = self.target.secrets_root();
+        for (app, s) in &state.apps {
+            let Some(m) = catalog.get(app).filter(|_| s.desired != Desired::Absent) else { continue };
+            if failpoint::broken("no-secret-heal") && secrets_root.join(app).exists() {
+                continue; // the platform's bug: generated once at install, never checked again
+            }
+            match secrets::ensure(&secrets_root, m) {
+                Ok(ensured) => {
+                    for e in ensured {
+                        match e.outcome {
+                            Outcome::Kept => {}
+                            Outcome::Generated => {
+                                self.shared
+                                    .metrics
+                                    .secrets_generated
+                                    .with_label_values(&[e.kind.as_str()])
+                                    .inc();
+                                changed.insert(app.clone());
+                            }
+                            Outcome::Healed(r) => {
+                                tracing::warn!(%app, secret = %e.target, reason = r.as_str(), "secret healed");
+                                self.shared.metrics.secrets_healed.with_label_values(&[r.as_str()]).inc();
+                                changed.insert(app.clone());
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    errors.insert(app.clone(), e.to_string());
+                }
+            }
+        }
+        changed
     }
 
     /// Apps of this store that its state does not know, seen by their containers or unit

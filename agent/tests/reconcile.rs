@@ -366,6 +366,10 @@ impl Runtime for Fake {
         BackendKind::Podman
     }
     fn observe(&self) -> Result<Vec<Container>, runtime::Error> {
+        if self.world.failing.lock().unwrap().contains("ps") {
+            let source = std::io::Error::other("podman failing");
+            return Err(runtime::Error::Io { path: "/fake".into(), source });
+        }
         Ok(self.world.containers.lock().unwrap().clone())
     }
     fn unit_files(&self) -> Result<BTreeMap<String, String>, runtime::Error> {
@@ -732,4 +736,40 @@ fn a_unit_written_but_never_loaded_is_reloaded_then_started() {
     case.units.insert("fx-web".into(), render(c.get("fx-web").unwrap(), &target()).text);
     case.unit_states.insert("fx-web".into(), runtime::NOT_LOADED.into());
     assert_eq!(names(&case.plan(&c)), ["daemon_reload - (unitchanged)", "run fx-web (install)"]);
+}
+
+/// Explore seed 311: a secret made world-readable while podman failed stayed so for as long
+/// as podman failed (every pass stopped at `podman ps`, before the secrets). Secrets are
+/// files: healed first, and the restart of the apps that read them waits for a pass that acts.
+#[test]
+fn a_damaged_secret_is_healed_while_podman_fails_and_its_app_restarted_after() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let world = FakeWorld::default();
+    let mut r = reconciler_in(dir.path(), world.clone(), &[("fx-web", Desired::Running)]);
+    r.tick();
+    let secret = dir.path().join("secrets/fx-web/api-token");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    world.failing.lock().unwrap().insert("ps");
+    let t = r.tick();
+    assert!(t.error.is_some(), "{t:?}");
+    assert_eq!(std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777, 0o600);
+    world.failing.lock().unwrap().clear();
+    let t = r.tick();
+    assert!(t.actions.contains(&"run fx-web (secretchanged)".to_string()), "{t:?}");
+}
+
+/// Explore seed 314: with the data root read-only, `forget` failed and was retried on every
+/// tick (ten a second while anything was in motion). Desired-state writes back off too.
+#[test]
+fn a_forget_that_cannot_be_saved_backs_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = FakeWorld::default();
+    let mut r = reconciler_in(dir.path(), world.clone(), &[("fx-web", Desired::Absent)]);
+    let state_file = dir.path().join("state.json");
+    std::fs::remove_file(&state_file).unwrap();
+    std::fs::create_dir(&state_file).unwrap();
+    let failed: usize =
+        (0..20).map(|_| r.tick().failed.iter().filter(|f| f.starts_with("forget")).count()).sum();
+    assert!((1..=2).contains(&failed), "{failed} failed forgets in 20 back-to-back ticks");
 }
