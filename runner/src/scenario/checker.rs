@@ -140,6 +140,33 @@ fn settle(node: &dyn Node, agent: &AgentClient, timeout: Duration) -> Result<()>
 }
 
 /// Waits (up to `timeout`, on the agent's own schedule) for the node to match the history's
+/// The catalog is validated as a whole: an app whose dependency or secret source was broken
+/// or removed does not load either (explore seed 320: fx-web removed, so fx-client's secret
+/// reference is invalid and the agent cannot know fx-client's own secrets).
+fn broken_by_references(models: &mut BTreeMap<String, AppModel>, catalog: &Catalog) {
+    loop {
+        let invalid: Vec<String> = models
+            .iter()
+            .filter(|(_, m)| m.manifest == InCatalog::Valid)
+            .filter(|(app, _)| {
+                catalog.get(app).is_some_and(|manifest| {
+                    let refs = manifest.depends_on.iter().chain(manifest.secret_files.iter().map(|r| &r.app));
+                    refs.into_iter().any(|r| models.get(r).is_some_and(|d| d.manifest != InCatalog::Valid))
+                })
+            })
+            .map(|(app, _)| app.clone())
+            .collect();
+        if invalid.is_empty() {
+            return;
+        }
+        for app in invalid {
+            if let Some(m) = models.get_mut(&app) {
+                m.manifest = InCatalog::Broken;
+            }
+        }
+    }
+}
+
 /// model, then checks liveness (a tick completed since the check began) and the secrets of
 /// every installed app: valid, 0600, owned by the service user, and not rotated since the
 /// last check unless the history allows it.
@@ -153,7 +180,8 @@ pub fn check(
     timeout: Duration,
 ) -> Result<()> {
     settle(node, agent, timeout)?;
-    let models = history::model(entries, apps, &seen.ups);
+    let mut models = history::model(entries, apps, &seen.ups);
+    broken_by_references(&mut models, catalog);
     let began = Instant::now();
     let unix = || SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let began_unix = unix();
@@ -231,6 +259,24 @@ fn rotated(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Explore seed 320 (a false alarm): fx-web was removed from the catalog, which made
+    /// fx-client's manifest invalid too (it reads fx-web's secret); the checker still wanted
+    /// fx-client's own secrets healed, which the agent can no longer know.
+    #[test]
+    fn an_app_whose_secret_source_left_the_catalog_is_broken_too() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../apps");
+        let catalog = Catalog::load(&root).unwrap();
+        let model = |manifest| AppModel { possible: [Desired::Running].into(), purged: false, manifest };
+        let mut models = BTreeMap::from([
+            ("fx-web".to_string(), model(InCatalog::Removed)),
+            ("fx-client".to_string(), model(InCatalog::Valid)),
+            ("fx-ui".to_string(), model(InCatalog::Valid)),
+        ]);
+        broken_by_references(&mut models, &catalog);
+        assert_eq!(models["fx-client"].manifest, InCatalog::Broken);
+        assert_eq!(models["fx-ui"].manifest, InCatalog::Valid);
+    }
 
     /// Regression: the checker kept secret values across checks where the app was not
     /// installed, so an app purged and installed again was said to have rotated its secret
