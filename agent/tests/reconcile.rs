@@ -773,3 +773,18 @@ fn a_forget_that_cannot_be_saved_backs_off() {
         (0..20).map(|_| r.tick().failed.iter().filter(|f| f.starts_with("forget")).count()).sum();
     assert!((1..=2).contains(&failed), "{failed} failed forgets in 20 back-to-back ticks");
 }
+
+/// Suspected in the explore issue: an acknowledged uninstall of an app whose manifest no
+/// longer loads was never carried out. It is: removal needs nothing from the manifest.
+#[test]
+fn an_app_whose_manifest_broke_is_still_uninstalled_and_purged() {
+    let mut c = catalog();
+    let web = healthy(&c, "fx-web");
+    c.apps.remove("fx-web");
+    let mut case = Case::new(BackendKind::Podman, &[("fx-web", Desired::Absent)]);
+    case.state.apps.get_mut("fx-web").unwrap().purge = true;
+    case.observed = vec![web];
+    assert_eq!(names(&case.plan(&c)), ["remove fx-web (uninstall)"]);
+    case.observed.clear();
+    assert_eq!(names(&case.plan(&c)), ["purge fx-web", "forget fx-web"]);
+}
