@@ -178,5 +178,7 @@ pub fn agent(node: &dyn Node) -> AgentClient<'_> {
     AgentClient::at(node.api_addr(), Box::new(move || node.token()))
 }
 
-/// While this file exists (under the node's root), the agent's podman fails.
-pub const PODMAN_FAIL_FLAG: &str = "data/agent/podman-fail";
+/// While this file exists (under the node's root), the agent's podman fails. Beside the
+/// podman wrapper, not on the data root: a full or read-only data root must not keep podman
+/// failing after the fault is turned off (explore seed 401).
+pub const PODMAN_FAIL_FLAG: &str = "bin/podman-fail";

@@ -357,6 +357,9 @@ fn the_data_root_is_its_own_filesystem_and_disk_faults_are_real_inside_the_node(
     // (a) Its own ext4 of about 128 MiB, owned by the service user as the rest of the node.
     let meta = std::fs::metadata(&data).unwrap();
     assert_ne!(meta.dev(), std::fs::metadata(&root).unwrap().dev(), "data is not a filesystem of its own");
+    // The podman-fail flag (`bin/podman-fail`) is not on it: explore seed 401 turned podman
+    // failing off while the data root was read-only, and podman failed for good.
+    assert_ne!(meta.dev(), std::fs::metadata(root.join("bin")).unwrap().dev());
     assert_eq!(meta.uid(), std::fs::metadata(root.join("home")).unwrap().uid());
     assert_eq!(meta.mode() & 0o7777, 0o700, "the agent keeps its data root to its service user");
     let st = nix::sys::statvfs::statvfs(&data).unwrap();
