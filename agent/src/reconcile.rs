@@ -625,12 +625,25 @@ impl Reconciler {
         let known = self.shared.store.lock().unwrap_or_else(|e| e.into_inner()).state().clone();
         let changed = self.ensure_secrets(&known, &catalog, &mut errors);
         self.secrets_changed.extend(changed);
-        let changed = self.secrets_changed.clone();
         let observed = self.runtime.observe().map_err(|e| e.to_string())?;
         let unit_files = self.runtime.unit_files().map_err(|e| e.to_string())?;
         // Durable before any action: if the adoption cannot be saved, nothing is done.
         self.adopt(&observed, &unit_files, &catalog)?;
+        // Read as late as possible, so that requests of one burst meet one tick; the secrets
+        // of apps that arrived or changed since the start of the pass are ensured now.
         let state = self.shared.store.lock().unwrap_or_else(|e| e.into_inner()).state().clone();
+        let arrived = State {
+            apps: state
+                .apps
+                .iter()
+                .filter(|(a, s)| known.apps.get(*a) != Some(*s))
+                .map(|(a, s)| (a.clone(), s.clone()))
+                .collect(),
+            ..State::default()
+        };
+        let changed = self.ensure_secrets(&arrived, &catalog, &mut errors);
+        self.secrets_changed.extend(changed);
+        let changed = self.secrets_changed.clone();
         if failpoint::broken("catalog-panic") {
             // Explore's bug 1, kept so that explore's own tests have a real bug to find: an
             // installed app whose manifest no longer loads panicked the reconciler thread.
