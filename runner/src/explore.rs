@@ -706,13 +706,14 @@ fn sample(
         }
         was_up = up;
         let last_tick = agent.status().ok().and_then(|s| s.last_tick_at);
-        // Secrets are the agent's to heal while their app is installed (by the history).
-        let models = crate::scenario::history::model(&history.entries(), apps, &[]);
+        // Secrets are the agent's to heal while their app is installed (by the history) and
+        // its manifest loads (explore seed 406: a broken manifest's secrets are unknown to it).
+        let models = checker::model(&history.entries(), apps, &[], catalog);
         let installed = |app: &String| {
-            models
-                .get(app)
-                .and_then(|m| m.certain())
-                .is_some_and(|d| d != crate::scenario::history::Desired::Absent)
+            models.get(app).is_some_and(|m| {
+                m.manifest == crate::scenario::history::InCatalog::Valid
+                    && m.certain().is_some_and(|d| d != crate::scenario::history::Desired::Absent)
+            })
         };
         for app in apps.iter().filter(|a| !NEVER_HEALTHY.contains(&a.as_str()) && installed(a)) {
             for f in node.list(&format!("data/secrets/{app}")).unwrap_or_default() {

@@ -140,6 +140,18 @@ fn settle(node: &dyn Node, agent: &AgentClient, timeout: Duration) -> Result<()>
 }
 
 /// Waits (up to `timeout`, on the agent's own schedule) for the node to match the history's
+/// What the history allows of each app ([`history::model`]), knowing the catalog.
+pub fn model(
+    entries: &[Entry],
+    apps: &[String],
+    ups: &[(f64, BTreeSet<String>)],
+    catalog: &Catalog,
+) -> BTreeMap<String, AppModel> {
+    let mut models = history::model(entries, apps, ups);
+    broken_by_references(&mut models, catalog);
+    models
+}
+
 /// The catalog is validated as a whole: an app whose dependency or secret source was broken
 /// or removed does not load either (explore seed 320: fx-web removed, so fx-client's secret
 /// reference is invalid and the agent cannot know fx-client's own secrets).
@@ -180,8 +192,7 @@ pub fn check(
     timeout: Duration,
 ) -> Result<()> {
     settle(node, agent, timeout)?;
-    let mut models = history::model(entries, apps, &seen.ups);
-    broken_by_references(&mut models, catalog);
+    let models = model(entries, apps, &seen.ups, catalog);
     let began = Instant::now();
     let unix = || SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let began_unix = unix();
