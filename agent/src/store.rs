@@ -198,7 +198,11 @@ impl Store {
         state.generation = state.generation.max(floor);
         let mut store = Store { dir: dir.into(), state };
         if from_previous || floor > 0 {
-            store.write_current()?;
+            // On a read-only or full data root this waits for the next write: the agent
+            // still starts, and adopts what it finds.
+            if let Err(e) = store.write_current() {
+                tracing::warn!(error = %e, "cannot rewrite the recovered state yet");
+            }
         }
         // A first start looks like a lost state; only a bad file or a used copy counts as a
         // recovery. Either way the reconciler adopts what it finds of this store.
