@@ -405,22 +405,31 @@ impl LocalNode {
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
 
         let node = LocalNode { spec, root, power: Default::default() };
-        if let Some(i) = index {
-            node.create_netns(i)?;
+        // A node that cannot come up whole is taken down, not left running unseen.
+        let ready = (|| -> Result<()> {
+            if let Some(i) = index {
+                node.create_netns(i)?;
+            }
+            node.boot()?;
+            if node.spec.bare {
+                return Ok(()); // `node provision --fixtures` imports it, as on a real host
+            }
+            if !breakages.is_empty() {
+                let on = super::agent(&node).status()?.broken;
+                ensure!(
+                    &on == breakages,
+                    "node {name}: the agent reports breakages {on:?}, not {breakages:?}: it was built without them (the runner's tests build it with the agent's `breakage` feature: `cargo build -p archy-agent --features breakage`)"
+                );
+            }
+            node.import_fixture()
+        })();
+        match ready {
+            Ok(()) => Ok(node),
+            Err(e) => match node.down() {
+                Ok(()) => Err(e),
+                Err(down) => Err(e.context(format!("and taking the node down failed too: {down:#}"))),
+            },
         }
-        node.boot()?;
-        if node.spec.bare {
-            return Ok(node); // `node provision --fixtures` imports it, as on a real host
-        }
-        if !breakages.is_empty() {
-            let on = super::agent(&node).status()?.broken;
-            ensure!(
-                &on == breakages,
-                "node {name}: the agent reports breakages {on:?}, not {breakages:?}: it was built without them (the runner's tests build it with the agent's `breakage` feature: `cargo build -p archy-agent --features breakage`)"
-            );
-        }
-        node.import_fixture()?;
-        Ok(node)
     }
 
     /// The fixture image, imported into this node's own storage from inside the node.
