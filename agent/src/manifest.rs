@@ -843,7 +843,7 @@ impl Manifest {
 
     /// The podman container name.
     pub fn container_name(&self) -> String {
-        format!("archy-{}", self.id)
+        crate::runtime::container_name(&self.id)
     }
 }
 

@@ -119,7 +119,7 @@ pub enum Owner {
 pub fn owner(c: &Container, target: &Target, state: &State, catalog: &Catalog) -> Owner {
     match c.store.as_deref() {
         Some(s) if s != target.store => Owner::Other,
-        _ if c.name != format!("archy-{}", c.app) => Owner::Stray,
+        _ if c.name != crate::runtime::container_name(&c.app) => Owner::Stray,
         Some(_) => Owner::App,
         None if state.apps.contains_key(&c.app) || catalog.get(&c.app).is_some() => Owner::App,
         None => Owner::Stray,
