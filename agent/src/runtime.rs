@@ -288,6 +288,7 @@ fn probe(exec: &Exec, app: &str) -> Result<bool, Error> {
 /// The unit state of a unit file systemd has not loaded ([`Runtime::unit_states`]).
 pub const NOT_LOADED: &str = "not-loaded";
 
+/// The name of the container the agent makes for `app`: how `owner` tells the app's own.
 pub fn container_name(app: &str) -> String {
     format!("archy-{app}")
 }
