@@ -124,13 +124,13 @@ pub fn lock_data_root(root: &Path) -> Result<Flock<File>, LockError> {
     let file = match File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // The data root as the store makes it; the agent's own directory 0700, as the
-            // API token's directory has to be.
-            std::fs::create_dir_all(root).map_err(open_err)?;
-            match std::fs::DirBuilder::new().mode(0o700).create(root.join("agent")) {
-                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(open_err(e)),
-                _ => {}
-            }
+            // The data root and the agent's own directory 0700, as the store and the API
+            // token need them (a data root made 0755 here would be tightened later, warned).
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root.join("agent"))
+                .map_err(open_err)?;
             // Created, then opened read-only like an existing one: a file held open for
             // writing makes the data root's remount read-only fail ("busy").
             drop(

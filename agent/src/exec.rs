@@ -59,8 +59,9 @@ pub struct ExecConfig {
     pub timeout: Duration,
 }
 
-/// What a call that stops a container may take beyond the stop timeout it gives podman:
-/// podman waits that long before SIGKILL, then still has to remove and clean up.
+/// What stopping a container may take beyond its stop timeout: podman waits that long before
+/// SIGKILL, then still has to remove and clean up. The executor's stop calls and systemd's
+/// `TimeoutStopSec` (quadlet) both grant it.
 pub const STOP_MARGIN: Duration = Duration::from_secs(30);
 
 /// How long after a call was killed for its timeout the executor waits to reap it.
