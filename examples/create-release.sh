@@ -23,7 +23,7 @@ report=$(ls -t "$out"/*.json | head -1)
 ./target/release/archy-chaos report "$report" --format junit > "$out/junit.xml"
 # 0 ship, 1 a scenario, threshold or KPI regression failed, 2 the run could not decide.
 gate=0
-./target/release/archy-chaos gate "$report" --baseline reports/baseline.json \
+./target/release/archy-chaos gate "$report" --suite release --baseline reports/baseline.json \
   ${PUSHGATEWAY:+--pushgateway "$PUSHGATEWAY"} || gate=$?
 # Fixed seeds, so a release is judged on the same histories as the one before it; what one
 # finds is shrunk into scenarios/found/ for the fix's regression test.

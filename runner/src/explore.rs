@@ -185,6 +185,7 @@ pub fn explore(args: ExploreArgs) -> ExitCode {
         scenario: format!("explore-{seed}"),
         description: format!("{} generated steps, {} clients", plan.len(), args.clients),
         layer: crate::scenario::Layer::L5,
+        backend: args.backend,
         destructive: true,
         verdict,
         iterations: explored.checks.clone(),
@@ -192,7 +193,7 @@ pub fn explore(args: ExploreArgs) -> ExitCode {
     };
     let node_report = NodeReport::new(
         args.node.clone(),
-        format!("{:?}", args.backend).to_lowercase(),
+        args.backend.name().to_string(),
         explored.environment.clone(),
         vec![scenario],
     );
@@ -205,6 +206,7 @@ pub fn explore(args: ExploreArgs) -> ExitCode {
         started_unix: started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         duration_seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
         nodes: vec![node_report],
+        suite: None,
         explore: None,
     };
     r.explore = Some(ExploreReport {
@@ -243,7 +245,7 @@ fn replay(args: &ExploreArgs, seed: u64) -> String {
         args.clients,
         args.quiet_every,
         args.stagger.as_millis(),
-        format!("{:?}", args.backend).to_lowercase()
+        args.backend.name()
     );
     if let Some(f) = &args.faults {
         r.push_str(&format!(" --faults {}", f.iter().map(|f| f.name()).collect::<Vec<_>>().join(",")));

@@ -142,7 +142,7 @@ fn fleet(args: &FleetArgs) -> Result<u8> {
                 cmd.args(["--iterations", &i.to_string()]);
             }
             if let Some(b) = n.backend {
-                cmd.args(["--backend", if b == crate::node::Backend::Podman { "podman" } else { "quadlet" }]);
+                cmd.args(["--backend", b.name()]);
             }
             for (flag, list) in
                 [("--apps", &n.apps), ("--protected", &n.protected), ("--break", &n.breakages)]

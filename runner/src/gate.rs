@@ -12,6 +12,10 @@
 //! ```
 //!
 //! Rule: see [`rule`]. Every KPI is lower-is-better.
+//!
+//! Before any KPI, the report must be a whole run of the suite gated for (`--suite`, release by
+//! default): the suite's name and hash as the run recorded them, and every entry's iterations
+//! on every node ([`suite_problems`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -22,7 +26,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::report::{exit, Report, Verdict};
+use crate::node::Backend;
+use crate::report::model::label;
+use crate::report::{exit, Report, SuiteRecord, Verdict};
 
 const BASELINE_SCHEMA: u64 = 1;
 const MIN_SAMPLES: usize = 5;
@@ -31,19 +37,29 @@ const RESAMPLES: usize = 2000;
 const BOOTSTRAP_SEED: u64 = 0x6172_6368_795f_6761;
 
 #[derive(clap::Args)]
+#[command(after_help = AFTER_HELP)]
 pub struct GateArgs {
     /// The run's JSON report (schema 3), as `archy-chaos run` wrote it.
     pub report: PathBuf,
+    /// The suite the run must be, whole: the name it was run as (`release`, or scenarios joined
+    /// by `+` as in `run a b`), the same scenario files, backends and iteration counts, and every
+    /// iteration on every node. A smoke run, an L6-only run or a run cut short is refused.
+    #[arg(long, default_value = "release")]
+    pub suite: String,
+    /// Where the suite's scenario files are.
+    #[arg(long, default_value = "scenarios")]
+    pub scenarios: PathBuf,
     /// Baseline to compare the run's KPIs with (see the format above).
     #[arg(long, default_value = "reports/baseline.json")]
     pub baseline: PathBuf,
     /// How much worse a median may get before it is a regression: 0.10 is 10%.
     #[arg(long, default_value_t = 0.10)]
     pub tolerance: f64,
-    /// Instead of gating, write a baseline from this run (which must have passed) to PATH.
+    /// Instead of gating, write a baseline from this run (a whole passing run of --suite) to PATH.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["baseline", "tolerance", "json", "pushgateway"])]
     pub write_baseline: Option<PathBuf>,
-    /// Print one JSON object (verdict, exit_code, report_verdict, comparisons) instead of the table.
+    /// Print one JSON object (verdict, exit_code, report_verdict, suite_problems, comparisons)
+    /// instead of the table.
     #[arg(long)]
     pub json: bool,
     /// Also push the run's metrics and the gate's decision to this Prometheus Pushgateway
@@ -51,6 +67,21 @@ pub struct GateArgs {
     #[arg(long, value_name = "URL")]
     pub pushgateway: Option<String>,
 }
+
+const AFTER_HELP: &str = "\
+How a run is judged (exit 0 ship, 1 do not ship, 2 undecided, 64 bad usage):
+  1. The report must be the --suite, whole (see --suite), else exit 1 naming what is missing.
+  2. The run's own verdict: every iteration and every threshold of the scenario files (the
+     platform's targets: cold install p99, tick p99 at 20 apps, calls per install, start-up
+     from boot). A failed run exits 1, an unknown one 2.
+  3. Against the baseline, by unit:
+     ratio  (to raw podman or Quadlet measured in the same run): regression when the 95%
+            bootstrap interval of median(run)/median(baseline) lies above 1 + tolerance;
+     calls  exact: any run sample above the baseline's largest fails, whatever the count;
+     s      never against another day: judged through its ratio twin (X_ratio for
+            X_seconds) where the run has one, else by the scenario's thresholds only;
+            raw_* figures describe the machine.
+     A KPI in the baseline that the run did not produce fails.";
 
 /// A baseline as `--write-baseline` writes it (see the format above).
 #[derive(Debug, Serialize, Deserialize)]
@@ -63,6 +94,9 @@ struct Baseline {
     /// For people comparing machines; never judged.
     #[serde(default)]
     environment: Value,
+    /// The suite of the run it was taken from (`release sha256:...`); for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    suite: Option<String>,
     kpis: BTreeMap<String, Samples>,
 }
 
@@ -81,7 +115,7 @@ pub enum Change {
     Better,
     Regression,
     TooFewSamples,
-    /// In the baseline, not in the run.
+    /// In the baseline, not in the run: fails, a KPI that stopped being measured proves nothing.
     Missing,
     /// In the run, not in the baseline (refresh the baseline to gate on it).
     New,
@@ -89,6 +123,8 @@ pub enum Change {
     Reference,
     /// An absolute latency with a ratio to raw podman beside it: the ratio is judged.
     ByRatio,
+    /// An absolute figure with no same-run reference: judged by the run's thresholds only.
+    ByThreshold,
 }
 
 impl Change {
@@ -102,7 +138,15 @@ impl Change {
             Change::New => "new",
             Change::Reference => "reference",
             Change::ByRatio => "by ratio",
+            Change::ByThreshold => "by threshold",
         }
+    }
+}
+
+impl Change {
+    /// Whether this verdict stops a release.
+    pub fn fails(self) -> bool {
+        matches!(self, Change::Regression | Change::Missing)
     }
 }
 
@@ -129,11 +173,12 @@ pub struct Comparison {
 /// The rule, as the help and the output state it.
 pub fn rule(tolerance: f64) -> String {
     format!(
-        "a KPI regresses when the 95% bootstrap interval ({RESAMPLES} resamples, fixed seed) of \
-         median(run)/median(baseline) lies entirely above {:.2} (1 + tolerance), and is better when it lies \
-         below {:.2}; KPIs with fewer than {MIN_SAMPLES} samples on either side are not judged; every KPI is \
-         lower-is-better; a latency measured beside raw podman is judged by its ratio (X_ratio for X_seconds), \
-         and the raw_* references describe the machine, not the agent",
+        "ratios regress when the 95% bootstrap interval ({RESAMPLES} resamples, fixed seed) of \
+         median(run)/median(baseline) lies entirely above {:.2} (1 + tolerance), and are better below {:.2} \
+         (fewer than {MIN_SAMPLES} samples on either side: not judged); calls are exact: any sample above the \
+         baseline's largest regresses; seconds are judged through their ratio twin (X_ratio for X_seconds) \
+         or by the run's thresholds only, never against another day; raw_* figures describe the machine; \
+         a baseline KPI the run lacks fails; every KPI is lower-is-better",
         1.0 + tolerance,
         1.0 - tolerance
     )
@@ -149,13 +194,16 @@ pub fn compare(
     // A machine that is slower today makes raw podman and the agent slower together; only
     // their ratio says something about the agent (release run 2026-11-26: install_seconds
     // x1.20 and raw_run_seconds x1.19 "regressed" while install_ratio was x0.96).
-    let role = |key: &str| {
+    let role = |key: &str, unit: &str| {
         let (scenario, name) = key.split_once('/').unwrap_or(("", key));
         let twin = format!("{scenario}/{}", name.replacen("_seconds", "_ratio", 1));
-        if name.starts_with("raw_") {
-            Some(Change::Reference)
-        } else {
-            (name.contains("_seconds") && keys.contains(&twin)).then_some(Change::ByRatio)
+        match unit {
+            "ratio" | "calls" => None,
+            _ if name.starts_with("raw_") => Some(Change::Reference),
+            _ if name.contains("_seconds") && keys.contains(&twin) => Some(Change::ByRatio),
+            // Another day's absolute seconds say more about that day's machine than the agent
+            // (an L6 run on a busier machine failed start-up and recovery with every ratio held).
+            _ => Some(Change::ByThreshold),
         }
     };
     keys.iter()
@@ -176,22 +224,34 @@ pub fn compare(
             c.verdict = match (b, r) {
                 (None, _) => Change::New,
                 (_, None) => Change::Missing,
-                (Some(b), Some(r)) if b.samples.len() < MIN_SAMPLES || r.samples.len() < MIN_SAMPLES => {
-                    Change::TooFewSamples
-                }
-                (Some(b), Some(r)) => {
-                    let [lo, hi] = bootstrap(&r.samples, &b.samples);
-                    c.interval = Some([lo, hi]);
-                    if let Some(role) = role(key) {
-                        role
-                    } else if lo > 1.0 + tolerance {
-                        Change::Regression
-                    } else if hi < 1.0 - tolerance {
-                        Change::Better
-                    } else {
-                        Change::Same
+                (Some(b), Some(r)) => match role(key, &c.unit) {
+                    Some(role) => role,
+                    // Counts are exact and few (3 samples): no interval, no tolerance.
+                    None if c.unit == "calls" => {
+                        let most = |xs: &[f64]| xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let (rm, bm) = (most(&r.samples), most(&b.samples));
+                        c.ratio = Some(ratio(rm, bm));
+                        match rm.total_cmp(&bm) {
+                            std::cmp::Ordering::Greater => Change::Regression,
+                            std::cmp::Ordering::Less => Change::Better,
+                            std::cmp::Ordering::Equal => Change::Same,
+                        }
                     }
-                }
+                    None if b.samples.len() < MIN_SAMPLES || r.samples.len() < MIN_SAMPLES => {
+                        Change::TooFewSamples
+                    }
+                    None => {
+                        let [lo, hi] = bootstrap(&r.samples, &b.samples);
+                        c.interval = Some([lo, hi]);
+                        if lo > 1.0 + tolerance {
+                            Change::Regression
+                        } else if hi < 1.0 - tolerance {
+                            Change::Better
+                        } else {
+                            Change::Same
+                        }
+                    }
+                },
             };
             c
         })
@@ -203,9 +263,68 @@ pub fn samples(report: &Report) -> BTreeMap<String, Samples> {
     let mut out: BTreeMap<String, Samples> = BTreeMap::new();
     for s in report.nodes.iter().flat_map(|n| &n.scenarios) {
         for k in &s.kpis {
-            let pooled = out.entry(format!("{}/{}", s.scenario, k.name)).or_default();
+            let pooled = out.entry(format!("{}/{}", s.label(), k.name)).or_default();
             pooled.unit.clone_from(&k.unit);
             pooled.samples.extend(&k.samples);
+        }
+    }
+    out
+}
+
+/// The suite `name` as the scenario files in `dir` define it today.
+fn expected_suite(dir: &Path, name: &str) -> Result<SuiteRecord> {
+    let targets: Vec<String> = name.split('+').map(str::to_string).collect();
+    let plan = crate::scenario::resolve(dir, &targets, Backend::Quadlet)
+        .with_context(|| format!("--suite {name}"))?;
+    SuiteRecord::new(name.to_string(), &plan, |_| 0)
+}
+
+/// Why `report` is not a whole run of `want` (empty when it is): another suite, another
+/// definition of it, or iterations a node did not report.
+pub fn suite_problems(report: &Report, want: &SuiteRecord) -> Vec<String> {
+    let Some(ran) = &report.suite else {
+        return vec![format!("the report records no suite (a runner before suites were recorded, or an exploration); --suite {} needs a run of it", want.name)];
+    };
+    if ran.name != want.name {
+        return vec![format!("the run is of `{}`, not of the suite `{}`", ran.name, want.name)];
+    }
+    let mut out = Vec::new();
+    if ran.hash != want.hash {
+        for w in &want.entries {
+            match ran.entries.iter().find(|r| r.scenario == w.scenario && r.backend == w.backend) {
+                None => out.push(format!("{} was not run", label(&w.scenario, w.backend))),
+                Some(r) if r.iterations < w.iterations => out.push(format!(
+                    "{} ran {} iterations of {}",
+                    label(&w.scenario, w.backend),
+                    r.iterations,
+                    w.iterations
+                )),
+                Some(_) => {}
+            }
+        }
+        if out.is_empty() {
+            out.push(format!(
+                "the run's `{}` ({}) is not today's ({}): its scenario files, backends or iteration counts differ; run it again",
+                want.name, ran.hash, want.hash
+            ));
+        }
+        return out;
+    }
+    for node in &report.nodes {
+        for e in &ran.entries {
+            let done = node
+                .scenarios
+                .iter()
+                .find(|s| s.scenario == e.scenario && s.backend == e.backend)
+                .map_or(0, |s| s.iterations.len());
+            if done < e.runs as usize {
+                out.push(format!(
+                    "{}: {} has {done} of {} iterations",
+                    node.node,
+                    label(&e.scenario, e.backend),
+                    e.runs
+                ));
+            }
         }
     }
     out
@@ -262,6 +381,7 @@ fn write_baseline(report: &Report, from: &Path, out: &Path) -> Result<usize> {
             .map(|d| d.as_secs()),
         from: Some(from.display().to_string()),
         environment,
+        suite: report.suite.as_ref().map(|s| format!("{} {}", s.name, s.hash)),
         kpis: samples(report),
     };
     let n = doc.kpis.len();
@@ -293,11 +413,14 @@ fn gate(args: &GateArgs) -> Result<u8> {
     );
     let report = crate::report::load(&args.report)?;
     let report_verdict = report.verdict.name();
+    let incomplete = suite_problems(&report, &expected_suite(&args.scenarios, &args.suite)?);
     if let Some(out) = &args.write_baseline {
-        if report.verdict != Verdict::Pass {
+        if report.verdict != Verdict::Pass || !incomplete.is_empty() {
             eprintln!(
-                "archy-chaos: gate: {}: verdict {report_verdict}; a baseline is only taken from a passing run, none written",
-                args.report.display()
+                "archy-chaos: gate: {}: verdict {report_verdict}{}; a baseline is only taken from a whole passing run of --suite {}, none written",
+                args.report.display(),
+                incomplete.iter().map(|p| format!("; {p}")).collect::<String>(),
+                args.suite
             );
             return Ok(exit::FAIL);
         }
@@ -314,12 +437,13 @@ fn gate(args: &GateArgs) -> Result<u8> {
         })?;
 
     let rows = compare(&samples(&report), &baseline.kpis, args.tolerance);
-    let regressed: Vec<&str> =
-        rows.iter().filter(|c| c.verdict == Change::Regression).map(|c| c.kpi.as_str()).collect();
+    let failed =
+        |c: Change| -> Vec<&str> { rows.iter().filter(|r| r.verdict == c).map(|r| r.kpi.as_str()).collect() };
+    let (regressed, missing) = (failed(Change::Regression), failed(Change::Missing));
     // Fail beats unknown beats pass, as for a run's iterations.
     let mut code = match report.verdict {
         Verdict::Fail => exit::FAIL,
-        _ if !regressed.is_empty() => exit::FAIL,
+        _ if !incomplete.is_empty() || rows.iter().any(|c| c.verdict.fails()) => exit::FAIL,
         Verdict::Unknown => exit::UNKNOWN,
         Verdict::Pass => exit::PASS,
     };
@@ -341,6 +465,8 @@ fn gate(args: &GateArgs) -> Result<u8> {
             "verdict": verdict,
             "exit_code": code,
             "report_verdict": report_verdict,
+            "suite": args.suite,
+            "suite_problems": incomplete,
             "report": args.report.display().to_string(),
             "baseline": args.baseline.display().to_string(),
             "rule": rule(args.tolerance),
@@ -372,17 +498,24 @@ fn gate(args: &GateArgs) -> Result<u8> {
     }
     println!("{}", t.build().with(tabled::settings::Style::sharp()));
     println!("rule: {}", rule(args.tolerance));
+    let ran = report.suite.as_ref().map_or("none".to_string(), |s| format!("{} {}", s.name, s.hash));
     println!(
-        "report: {} (verdict {report_verdict}); baseline: {}",
+        "report: {} (verdict {report_verdict}, suite {ran}); baseline: {}",
         args.report.display(),
         args.baseline.display()
     );
     let mut why = Vec::new();
+    if !incomplete.is_empty() {
+        why.push(format!("not a whole `{}` run: {}", args.suite, incomplete.join("; ")));
+    }
     if report.verdict != Verdict::Pass {
         why.push(format!("the run's verdict is {report_verdict}"));
     }
     if !regressed.is_empty() {
         why.push(format!("regression in {}", regressed.join(", ")));
+    }
+    if !missing.is_empty() {
+        why.push(format!("not measured by the run: {}", missing.join(", ")));
     }
     if why.is_empty() {
         println!("gate: {}", verdict.to_uppercase());
@@ -396,12 +529,17 @@ fn gate(args: &GateArgs) -> Result<u8> {
 mod tests {
     use super::*;
 
+    /// Samples with each KPI's unit as a report gives it (by name).
     fn kpis(kpis: &[(&str, &[f64])]) -> BTreeMap<String, Samples> {
-        kpis.iter().map(|(k, v)| (k.to_string(), Samples { unit: "s".into(), samples: v.to_vec() })).collect()
+        kpis.iter()
+            .map(|(k, v)| {
+                (k.to_string(), Samples { unit: crate::report::unit(k).into(), samples: v.to_vec() })
+            })
+            .collect()
     }
 
     fn report(samples: &[f64]) -> BTreeMap<String, Samples> {
-        kpis(&[("s/k", samples)])
+        kpis(&[("s/k_ratio", samples)])
     }
 
     fn baseline(samples: &[f64]) -> BTreeMap<String, Samples> {
@@ -456,14 +594,70 @@ mod tests {
                 .unwrap();
         let have: std::collections::BTreeSet<&str> = baseline.kpis.keys().map(String::as_str).collect();
         let mut want = std::collections::BTreeSet::new();
-        for (_, s, _) in crate::scenario::resolve(&root.join("scenarios"), &["release".into()]).unwrap() {
-            want.extend(s.measures().into_iter().map(|k| format!("{}/{k}", s.id)));
+        for p in
+            crate::scenario::resolve(&root.join("scenarios"), &["release".into()], Backend::Quadlet).unwrap()
+        {
+            let at = label(&p.scenario.id, p.backend);
+            want.extend(p.scenario.measures().into_iter().map(|k| format!("{at}/{k}")));
         }
         let want: std::collections::BTreeSet<&str> = want.iter().map(String::as_str).collect();
         assert_eq!(
             have, want,
             "refresh it: archy-chaos gate RELEASE_RUN.json --write-baseline reports/baseline.json"
         );
+    }
+
+    /// Issue 14: calls-per-op yields 3 samples, under the 5 a bootstrap needs, so podman calls
+    /// per install could go from 1 to 4 unjudged. Counts are exact.
+    #[test]
+    fn calls_per_install_from_1_to_2_is_a_regression_however_few_the_samples() {
+        let base = kpis(&[("calls-per-op/install_podman_calls", &[1.0, 1.0, 1.0])]);
+        let judge = |run: &[f64]| {
+            compare(&kpis(&[("calls-per-op/install_podman_calls", run)]), &base, 0.1)[0].verdict
+        };
+        assert_eq!(judge(&[1.0, 2.0, 1.0]), Change::Regression);
+        assert_eq!(judge(&[2.0]), Change::Regression);
+        assert_eq!(judge(&[1.0, 1.0, 1.0]), Change::Same);
+        assert_eq!(judge(&[0.0, 1.0]), Change::Same);
+        assert_eq!(judge(&[0.0, 0.0, 0.0]), Change::Better);
+    }
+
+    /// Issue 14: an L6 run on a busier machine failed start-up and recovery seconds against
+    /// another day's baseline while every ratio held.
+    #[test]
+    fn every_absolute_figure_doubled_with_every_ratio_unchanged_passes() {
+        let base = kpis(&[
+            ("agent-startup/startup_seconds", &BASE),
+            ("reboot-survive/recovery_seconds", &BASE),
+            ("cold-install/install_seconds", &BASE),
+            ("cold-install/raw_run_seconds", &BASE),
+            ("cold-install/install_ratio", &BASE),
+        ]);
+        let doubled: BTreeMap<String, Samples> = base
+            .iter()
+            .map(|(k, v)| {
+                let mut v = v.clone();
+                if !k.ends_with("_ratio") {
+                    v.samples.iter_mut().for_each(|x| *x *= 2.0);
+                }
+                (k.clone(), v)
+            })
+            .collect();
+        let rows = compare(&doubled, &base, 0.1);
+        assert!(rows.iter().all(|c| !c.verdict.fails()), "{rows:?}");
+        let by = |k: &str| rows.iter().find(|c| c.kpi == k).unwrap().verdict;
+        assert_eq!(by("agent-startup/startup_seconds"), Change::ByThreshold);
+        assert_eq!(by("reboot-survive/recovery_seconds"), Change::ByThreshold);
+        assert_eq!(by("cold-install/install_ratio"), Change::Same);
+    }
+
+    #[test]
+    fn a_baseline_kpi_the_run_did_not_produce_fails() {
+        let base = kpis(&[("s/k", &BASE), ("s/gone_ratio", &BASE)]);
+        let rows = compare(&kpis(&[("s/k", &BASE)]), &base, 0.1);
+        let gone = rows.iter().find(|c| c.kpi == "s/gone_ratio").unwrap();
+        assert_eq!(gone.verdict, Change::Missing);
+        assert!(gone.verdict.fails());
     }
 
     #[test]

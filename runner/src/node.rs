@@ -127,11 +127,20 @@ pub enum FileKind {
     Other,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Quadlet,
     Podman,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Quadlet => "quadlet",
+            Backend::Podman => "podman",
+        }
+    }
 }
 
 /// File faults, each a real change on the node's disk.

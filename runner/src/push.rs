@@ -94,7 +94,8 @@ pub fn exposition(report: &Report, node: &NodeReport, gate_pass: Option<bool>) -
     let mut kpis = Vec::new();
     let mut thresholds = Vec::new();
     for s in &node.scenarios {
-        let scenario = s.scenario.clone();
+        // `cold-install@podman` beside `cold-install`: one series per scenario and backend.
+        let scenario = s.label();
         let id = || vec![("scenario", scenario.clone()), ("layer", format!("{:?}", s.layer))];
         pass.push((id(), flag(s.verdict == Verdict::Pass)));
         // Every result is exported, at 0 too, so a rate or an alert never sees a gap.

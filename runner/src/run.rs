@@ -12,7 +12,7 @@ use crate::node::local::UpOptions;
 use crate::node::ssh::{SshNode, SshOptions};
 use crate::node::{Backend, LocalNode, Node};
 use crate::report::model::Environment;
-use crate::report::{exit, NodeReport, Report, ScenarioReport};
+use crate::report::{exit, NodeReport, Report, ScenarioReport, SuiteRecord};
 use crate::scenario::{self, Scenario, Verdict};
 
 #[derive(clap::Args)]
@@ -80,11 +80,23 @@ pub struct RunArgs {
     pub user: String,
 }
 
-/// One scenario to run, resolved: its apps and iteration count.
+/// One scenario to run, resolved: its apps, backend and iteration count.
 struct Work {
     scenario: Scenario,
     apps: Vec<String>,
+    backend: Backend,
     iterations: u32,
+}
+
+impl Work {
+    fn label(&self) -> String {
+        crate::report::model::label(&self.scenario.id, self.backend)
+    }
+
+    /// Iterations a node reports: one per app of a per-app scenario.
+    fn runs(&self) -> u32 {
+        self.iterations * if self.scenario.per_app { self.apps.len() as u32 } else { 1 }
+    }
 }
 
 /// Where to run, parsed from `--node`.
@@ -108,7 +120,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         eprintln!("archy-chaos: {e:#}");
         ExitCode::from(exit::USAGE)
     };
-    let work = match plan(&args) {
+    let (work, suite) = match plan(&args) {
         Ok(w) => w,
         Err(e) => return usage(e),
     };
@@ -131,10 +143,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     let seed = args.seed.unwrap_or_else(rand::random);
     let started = std::time::SystemTime::now();
     CPU_BEFORE.get_or_init(crate::environment::cpu_times);
-    let per_node: u64 = work
-        .iter()
-        .map(|w| u64::from(w.iterations) * if w.scenario.per_app { w.apps.len() as u64 } else { 1 })
-        .sum();
+    let per_node: u64 = work.iter().map(|w| u64::from(w.runs())).sum();
     let bar = progress(per_node * targets.len() as u64);
     eprintln!(
         "archy-chaos: {} scenario(s), {per_node} iteration(s) on {}, seed {seed}",
@@ -169,6 +178,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         started_unix: started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         duration_seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
         nodes,
+        suite: Some(suite),
         explore: None,
     };
     let path = match r.write(&args.report_dir, &args.targets.join("+")) {
@@ -198,11 +208,16 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-/// The scenarios asked for, each with its apps, protected apps refused for destructive ones.
-fn plan(args: &RunArgs) -> Result<Vec<Work>> {
+/// The scenarios asked for, each with its apps, protected apps refused for destructive ones,
+/// and the record of them the report keeps.
+fn plan(args: &RunArgs) -> Result<(Vec<Work>, SuiteRecord)> {
     let catalog = Catalog::load(&args.catalog).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut planned = scenario::resolve(&args.scenarios, &args.targets, args.backend)?;
+    if let Some(n) = args.iterations {
+        planned.iter_mut().for_each(|p| p.iterations = n);
+    }
     let mut work = Vec::new();
-    for (path, s, iterations) in scenario::resolve(&args.scenarios, &args.targets)? {
+    for scenario::Planned { path, scenario: s, backend, iterations } in planned.iter().cloned() {
         let apps = if args.apps.is_empty() {
             s.apps(&catalog, &path)?
         } else {
@@ -217,9 +232,13 @@ fn plan(args: &RunArgs) -> Result<Vec<Work>> {
                 s.id
             );
         }
-        work.push(Work { scenario: s, apps, iterations: args.iterations.unwrap_or(iterations) });
+        work.push(Work { scenario: s, apps, backend, iterations });
     }
-    Ok(work)
+    let runs = |p: &scenario::Planned| {
+        work.iter().find(|w| w.scenario.id == p.scenario.id && w.backend == p.backend).map_or(0, Work::runs)
+    };
+    let suite = SuiteRecord::new(args.targets.join("+"), &planned, runs)?;
+    Ok((work, suite))
 }
 
 /// Every `--node`, checked before anything runs: a bad URL is a usage error naming it.
@@ -280,7 +299,7 @@ impl Driver<'_> {
 
     /// Told of each iteration as it ends: progress, and whether to go on.
     fn each(&self, w: &Work, group: &[String], it: &scenario::Iteration) -> bool {
-        let (id, n, verdict) = (&w.scenario.id, it.n, it.verdict);
+        let (id, n, verdict) = (w.label(), it.n, it.verdict);
         self.say(format!(
             "{} {id} [{}] iteration {n}/{}: {verdict:?}",
             self.label,
@@ -308,7 +327,7 @@ impl Driver<'_> {
         let opts = UpOptions {
             name: name.to_string(),
             user: args.user.clone(),
-            backend: args.backend,
+            backend: w.backend,
             netns: true,
             fm3: args.fm3,
             breakages: args.breakages.clone(),
@@ -343,12 +362,27 @@ impl Driver<'_> {
         let s = &w.scenario;
         let agent = crate::node::agent(node);
         let installed = agent.list().context("listing the host's apps")?;
-        let others: Vec<String> =
-            installed.into_iter().map(|a| a.id).filter(|a| !self.args.protected.contains(a)).collect();
+        let (kept, others): (Vec<String>, Vec<String>) =
+            installed.into_iter().map(|a| a.id).partition(|a| self.args.protected.contains(a));
         scenario::engine::clean(&agent, &others, s.converge_timeout.0)
             .context("removing the apps installed")?;
+        // The host runs the backend it was provisioned with; an entry for the other one runs
+        // it for that scenario only, on a host with nothing installed.
+        if agent.status()?.backend.as_str() != w.backend.name() {
+            anyhow::ensure!(
+                kept.is_empty(),
+                "the host's agent is not on the {} backend, and protected apps {kept:?} keep it from switching",
+                w.backend.name()
+            );
+        }
+        let switched = crate::node::provision::switch_backend(node, w.backend)?;
         let results =
             scenario::engine::run_scenario(s, node, &w.apps, w.iterations, seed, |g, it| self.each(w, g, it));
+        if let Some(switched) = switched {
+            let installed: Vec<String> = agent.list()?.into_iter().map(|a| a.id).collect();
+            scenario::engine::clean(&agent, &installed, s.converge_timeout.0)?;
+            switched.restore(node)?;
+        }
         // Once, at the end (five remote commands).
         if last || self.stopped() {
             *env = Some(crate::environment::environment(node, self.cpu_before()));
@@ -380,7 +414,7 @@ fn run_node(
         if d.stopped() {
             break;
         }
-        bar.set_message(w.scenario.id.clone());
+        bar.set_message(w.label());
         let scenario_seed = seed ^ ((i as u64) << 32);
         let results = match target {
             Target::Local(name) => d.local(name, w, scenario_seed, i + 1 == work.len(), &mut environment),
@@ -390,7 +424,7 @@ fn run_node(
             d.say(format!("archy-chaos: {}: {} (verdict: unknown): {e:#}", d.label, w.scenario.id));
             Vec::new()
         });
-        scenarios.push(ScenarioReport::new(&w.scenario, results));
+        scenarios.push(ScenarioReport::new(&w.scenario, w.backend, results));
     }
     let backend = match (target, environment.as_ref().and_then(|e| e.agent_backend.clone())) {
         (Target::Ssh(_), Some(b)) => b,

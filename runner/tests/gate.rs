@@ -17,6 +17,11 @@ fn fixture_path() -> PathBuf {
     repo_root().join("runner/tests/fixtures/gate-run.json")
 }
 
+/// The scenario files and suite (`gate-fixture`) the fixture report is a run of.
+fn fixture_scenarios() -> PathBuf {
+    repo_root().join("runner/tests/fixtures/gate-scenarios")
+}
+
 fn fixture() -> Value {
     serde_json::from_slice(&std::fs::read(fixture_path()).unwrap()).unwrap()
 }
@@ -34,6 +39,15 @@ fn expect(code: i32, args: &[&str]) -> String {
     format!("{stdout}{stderr}")
 }
 
+/// `archy-chaos gate ARGS`, gating for the fixture's suite, must exit with `code`.
+fn gate(code: i32, args: &[&str]) -> String {
+    let scenarios = fixture_scenarios();
+    let mut all = vec!["gate"];
+    all.extend(args);
+    all.extend(["--suite", "gate-fixture", "--scenarios", s(&scenarios)]);
+    expect(code, &all)
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -47,18 +61,19 @@ fn write(dir: &Path, name: &str, v: &Value) -> PathBuf {
 /// A baseline taken from the unchanged fixture.
 fn baseline(dir: &Path) -> PathBuf {
     let p = dir.join("baseline.json");
-    expect(0, &["gate", s(&fixture_path()), "--write-baseline", s(&p)]);
+    gate(0, &[s(&fixture_path()), "--write-baseline", s(&p)]);
     p
 }
 
-/// The fixture with `f` applied to the samples of every KPI whose `<scenario>/<kpi>` matches.
+/// The fixture with `f` applied to the samples of the KPI `<scenario>/<kpi>`, or of every KPI
+/// but the call counts (they are not timings).
 fn edit_samples(only: Option<&str>, f: impl Fn(&[f64]) -> Vec<f64>) -> Value {
     let mut r = fixture();
     for sc in r["nodes"][0]["scenarios"].as_array_mut().unwrap() {
         let scenario = sc["scenario"].as_str().unwrap().to_string();
         for k in sc["kpis"].as_array_mut().unwrap() {
             let key = format!("{scenario}/{}", k["name"].as_str().unwrap());
-            if only.is_none_or(|o| o == key) {
+            if only.map_or(k["unit"] != "calls", |o| o == key) {
                 let xs: Vec<f64> =
                     k["samples"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
                 k["samples"] = serde_json::json!(f(&xs));
@@ -83,15 +98,18 @@ fn verdicts(out: &str) -> BTreeMap<String, String> {
 fn the_same_samples_pass_and_every_kpi_is_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let b = baseline(dir.path());
-    let out = expect(0, &["gate", s(&fixture_path()), "--baseline", s(&b), "--json"]);
+    let out = gate(0, &[s(&fixture_path()), "--baseline", s(&b), "--json"]);
     let rows = verdicts(&out);
     assert_eq!(rows.len(), 4, "{out}");
     // install_seconds has install_ratio beside it: the ratio is what is judged.
     assert_eq!(rows["cold-install/install_seconds"], "by ratio", "{out}");
-    assert!(rows.iter().all(|(k, v)| v == "same" || k == "cold-install/install_seconds"), "{out}");
+    // No ratio beside it: another day's seconds are not judged, the run's thresholds are.
+    assert_eq!(rows["reboot-survive/recovery_seconds"], "by threshold", "{out}");
+    assert_eq!(rows["cold-install/install_ratio"], "same", "{out}");
+    assert_eq!(rows["reboot-survive/podman_calls"], "same", "{out}");
     // Deterministic: the same files give the same intervals.
-    assert_eq!(out, expect(0, &["gate", s(&fixture_path()), "--baseline", s(&b), "--json"]));
-    let table = expect(0, &["gate", s(&fixture_path()), "--baseline", s(&b)]);
+    assert_eq!(out, gate(0, &[s(&fixture_path()), "--baseline", s(&b), "--json"]));
+    let table = gate(0, &[s(&fixture_path()), "--baseline", s(&b)]);
     assert!(table.contains("bootstrap") && table.contains("gate: PASS"), "{table}");
 }
 
@@ -101,9 +119,9 @@ fn a_kpi_half_again_slower_fails_the_gate_by_name() {
     let b = baseline(dir.path());
     let slow = edit_samples(Some("cold-install/install_ratio"), |xs| xs.iter().map(|x| x * 1.5).collect());
     let run = write(dir.path(), "slow.json", &slow);
-    let out = expect(1, &["gate", s(&run), "--baseline", s(&b)]);
+    let out = gate(1, &[s(&run), "--baseline", s(&b)]);
     assert!(out.contains("gate: FAIL: regression in cold-install/install_ratio\n"), "{out}");
-    let rows = verdicts(&expect(1, &["gate", s(&run), "--baseline", s(&b), "--json"]));
+    let rows = verdicts(&gate(1, &[s(&run), "--baseline", s(&b), "--json"]));
     assert_eq!(rows["cold-install/install_ratio"], "regression");
     assert_eq!(rows.values().filter(|v| *v == "regression").count(), 1, "{rows:?}");
 }
@@ -117,22 +135,116 @@ fn five_percent_slower_with_noise_is_within_a_ten_percent_tolerance() {
         xs.iter().zip(noise.iter().cycle()).map(|(x, n)| x * 1.05 * (1.0 + n)).collect()
     });
     let run = write(dir.path(), "noisy.json", &run);
-    let out = expect(0, &["gate", s(&run), "--baseline", s(&b), "--tolerance", "0.10", "--json"]);
-    assert!(verdicts(&out).values().all(|v| v == "same" || v == "by ratio"), "{out}");
+    let out = gate(0, &[s(&run), "--baseline", s(&b), "--tolerance", "0.10", "--json"]);
+    assert!(verdicts(&out).values().all(|v| v == "same" || v.starts_with("by ")), "{out}");
 }
 
 #[test]
-fn three_samples_are_too_few_and_a_kpi_gone_from_the_run_is_listed_as_missing() {
+fn three_ratio_samples_are_too_few_to_judge() {
     let dir = tempfile::tempdir().unwrap();
     let b = baseline(dir.path());
-    let mut run = edit_samples(Some("reboot-survive/recovery_seconds"), |xs| xs[..3].to_vec());
-    run["nodes"][0]["scenarios"][0]["kpis"].as_array_mut().unwrap().retain(|k| k["name"] != "install_ratio");
+    let run =
+        edit_samples(Some("cold-install/install_ratio"), |xs| xs[..3].iter().map(|x| x * 2.0).collect());
     let run = write(dir.path(), "few.json", &run);
-    let rows = verdicts(&expect(0, &["gate", s(&run), "--baseline", s(&b), "--json"]));
-    assert_eq!(rows["reboot-survive/recovery_seconds"], "too few samples");
+    let rows = verdicts(&gate(0, &[s(&run), "--baseline", s(&b), "--json"]));
+    assert_eq!(rows["cold-install/install_ratio"], "too few samples");
+}
+
+/// Issue 14: "missing" never failed, so a KPI that stopped being measured passed the gate.
+#[test]
+fn a_baseline_kpi_missing_from_the_run_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = baseline(dir.path());
+    let mut run = fixture();
+    run["nodes"][0]["scenarios"][0]["kpis"].as_array_mut().unwrap().retain(|k| k["name"] != "install_ratio");
+    let run = write(dir.path(), "gone.json", &run);
+    let rows = verdicts(&gate(1, &[s(&run), "--baseline", s(&b), "--json"]));
     assert_eq!(rows["cold-install/install_ratio"], "missing");
-    let table = expect(0, &["gate", s(&run), "--baseline", s(&b)]);
-    assert!(table.contains("too few samples") && table.contains("missing"), "{table}");
+    let out = gate(1, &[s(&run), "--baseline", s(&b)]);
+    assert!(out.contains("gate: FAIL: not measured by the run: cold-install/install_ratio"), "{out}");
+}
+
+/// Issue 14: counts were never judged (3 samples are "too few"), so podman calls per install
+/// could grow and ship.
+#[test]
+fn calls_per_install_1_to_2_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = baseline(dir.path());
+    let mut run = edit_samples(Some("reboot-survive/podman_calls"), |xs| xs[..3].to_vec());
+    run["nodes"][0]["scenarios"][1]["kpis"][1]["samples"] = serde_json::json!([1.0, 2.0, 1.0]);
+    let run = write(dir.path(), "more-calls.json", &run);
+    let out = gate(1, &[s(&run), "--baseline", s(&b)]);
+    assert!(out.contains("gate: FAIL: regression in reboot-survive/podman_calls\n"), "{out}");
+}
+
+/// Issue 14: an L6 run on a busier machine failed on start-up and recovery seconds against
+/// another day's baseline while every ratio held.
+#[test]
+fn every_absolute_figure_doubled_with_every_ratio_unchanged_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = baseline(dir.path());
+    let mut run = fixture();
+    for sc in run["nodes"][0]["scenarios"].as_array_mut().unwrap() {
+        for k in sc["kpis"].as_array_mut().unwrap().iter_mut().filter(|k| k["unit"] == "s") {
+            let doubled: Vec<f64> =
+                k["samples"].as_array().unwrap().iter().map(|x| 2.0 * x.as_f64().unwrap()).collect();
+            k["samples"] = serde_json::json!(doubled);
+        }
+    }
+    let run = write(dir.path(), "doubled.json", &run);
+    let out = gate(0, &[s(&run), "--baseline", s(&b)]);
+    assert!(out.contains("gate: PASS"), "{out}");
+}
+
+/// Issue 14: a one-iteration smoke run, or an L6-only run, gated as a release.
+#[test]
+fn a_smoke_report_gated_as_release_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = baseline(dir.path());
+    let mut smoke = fixture();
+    smoke["suite"]["name"] = "smoke".into();
+    let smoke = write(dir.path(), "smoke.json", &smoke);
+    // The default suite is the release, defined by the repository's scenarios/.
+    let out = expect(1, &["gate", s(&smoke), "--baseline", s(&b)]);
+    assert!(
+        out.contains(
+            "gate: FAIL: not a whole `release` run: the run is of `smoke`, not of the suite `release`"
+        ),
+        "{out}"
+    );
+    let out = expect(1, &["gate", s(&fixture_path()), "--baseline", s(&b)]);
+    assert!(out.contains("the run is of `gate-fixture`"), "{out}");
+    // A report from before suites were recorded proves nothing either.
+    let mut old = fixture();
+    old.as_object_mut().unwrap().remove("suite");
+    let old = write(dir.path(), "old.json", &old);
+    let out = gate(1, &[s(&old), "--baseline", s(&b)]);
+    assert!(out.contains("the report records no suite"), "{out}");
+}
+
+#[test]
+fn a_run_of_fewer_iterations_than_its_suite_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = baseline(dir.path());
+    // `run gate-fixture --iterations 3`: another suite than the one defined.
+    let mut short = fixture();
+    for e in short["suite"]["entries"].as_array_mut().unwrap() {
+        e["iterations"] = 3.into();
+    }
+    short["suite"]["hash"] = "sha256:0".into();
+    let short = write(dir.path(), "short.json", &short);
+    let out = gate(1, &[s(&short), "--baseline", s(&b)]);
+    assert!(out.contains("cold-install ran 3 iterations of 10"), "{out}");
+    // Cut short (fail-fast, a crash): a node reports fewer iterations than the suite's.
+    let mut cut = fixture();
+    cut["nodes"][0]["scenarios"][1]["iterations"].as_array_mut().unwrap().truncate(4);
+    let cut = write(dir.path(), "cut.json", &cut);
+    let out = gate(1, &[s(&cut), "--baseline", s(&b)]);
+    assert!(out.contains("local:run1234: reboot-survive has 4 of 10 iterations"), "{out}");
+    // And no baseline is taken from either.
+    let refused = dir.path().join("refused.json");
+    gate(1, &[s(&cut), "--write-baseline", s(&refused)]);
+    assert!(!refused.exists());
 }
 
 #[test]
@@ -143,7 +255,7 @@ fn the_run_verdict_decides_first_fail_exits_1_and_unknown_2() {
         let mut r = fixture();
         r["verdict"] = verdict.into();
         let run = write(dir.path(), &format!("{verdict}.json"), &r);
-        let out = expect(code, &["gate", s(&run), "--baseline", s(&b)]);
+        let out = gate(code, &[s(&run), "--baseline", s(&b)]);
         assert!(out.contains(&format!("the run's verdict is {verdict}")), "{out}");
     }
 }
@@ -155,7 +267,7 @@ fn bad_files_are_usage_errors_naming_the_file() {
     let mut old = fixture();
     old["schema"] = 1.into();
     let old = write(dir.path(), "old.json", &old);
-    let out = expect(64, &["gate", s(&old), "--baseline", s(&b)]);
+    let out = gate(64, &[s(&old), "--baseline", s(&b)]);
     assert!(
         out.contains(s(&old)) && out.contains("schema 1") && out.contains("reads report schema 3"),
         "{out}"
@@ -163,14 +275,14 @@ fn bad_files_are_usage_errors_naming_the_file() {
 
     let junk = dir.path().join("junk.json");
     std::fs::write(&junk, "not json {").unwrap();
-    let out = expect(64, &["gate", s(&junk), "--baseline", s(&b)]);
+    let out = gate(64, &[s(&junk), "--baseline", s(&b)]);
     assert!(out.contains(s(&junk)) && out.contains("not JSON"), "{out}");
 
     let gone = dir.path().join("gone.json");
-    let out = expect(64, &["gate", s(&gone), "--baseline", s(&b)]);
+    let out = gate(64, &[s(&gone), "--baseline", s(&b)]);
     assert!(out.contains(s(&gone)) && out.contains("cannot read"), "{out}");
 
-    let out = expect(64, &["gate", s(&fixture_path()), "--baseline", s(&gone)]);
+    let out = gate(64, &[s(&fixture_path()), "--baseline", s(&gone)]);
     assert!(out.contains(s(&gone)) && out.contains("--write-baseline"), "{out}");
 }
 
@@ -189,8 +301,8 @@ fn a_baseline_is_only_written_from_a_passing_run() {
     failed["verdict"] = "fail".into();
     let failed = write(dir.path(), "failed.json", &failed);
     let refused = dir.path().join("refused.json");
-    let out = expect(1, &["gate", s(&failed), "--write-baseline", s(&refused)]);
-    assert!(out.contains("only taken from a passing run"), "{out}");
+    let out = gate(1, &[s(&failed), "--write-baseline", s(&refused)]);
+    assert!(out.contains("only taken from a whole passing run"), "{out}");
     assert!(!refused.exists());
 }
 
@@ -208,7 +320,7 @@ fn a_run_over_several_nodes_pools_each_kpis_samples() {
     let dir = tempfile::tempdir().unwrap();
     let run = write(dir.path(), "two.json", &two_nodes());
     let b = dir.path().join("two-baseline.json");
-    expect(0, &["gate", s(&run), "--write-baseline", s(&b)]);
+    gate(0, &[s(&run), "--write-baseline", s(&b)]);
     let written: Value = serde_json::from_slice(&std::fs::read(&b).unwrap()).unwrap();
     let once = fixture()["nodes"][0]["scenarios"][0]["kpis"][0]["samples"].as_array().unwrap().len();
     assert_eq!(
@@ -217,8 +329,8 @@ fn a_run_over_several_nodes_pools_each_kpis_samples() {
     );
     assert_eq!(written["environment"]["ssh://archy@10.0.0.2"], fixture()["nodes"][0]["environment"]);
     // Pooled, two nodes like the one of a single-node baseline compare as the same.
-    let rows = verdicts(&expect(0, &["gate", s(&run), "--baseline", s(&baseline(dir.path())), "--json"]));
-    assert!(rows.values().all(|v| v == "same" || v == "by ratio"), "{rows:?}");
+    let rows = verdicts(&gate(0, &[s(&run), "--baseline", s(&baseline(dir.path())), "--json"]));
+    assert!(rows.values().all(|v| v == "same" || v.starts_with("by ")), "{rows:?}");
 }
 
 /// A Pushgateway on a free loopback port, in memory only; killed on drop.
@@ -295,7 +407,7 @@ fn gate_pushes_the_run_and_its_decision_to_a_pushgateway() {
     let node = ("node", "local:run1234");
     let job = ("job", "archy_chaos");
 
-    expect(0, &["gate", s(&fixture_path()), "--baseline", s(&b), "--pushgateway", &pg.url]);
+    gate(0, &[s(&fixture_path()), "--baseline", s(&b), "--pushgateway", &pg.url]);
     assert_eq!(pg.values("archy_chaos_gate_pass", &[job, node]), [1.0]);
     assert_eq!(pg.values("archy_chaos_run_pass", &[job, node]), [1.0]);
     let scenario_pass = |scenario| pg.values("archy_chaos_scenario_pass", &[node, ("scenario", scenario)]);
@@ -315,7 +427,7 @@ fn gate_pushes_the_run_and_its_decision_to_a_pushgateway() {
     failed["nodes"][0]["scenarios"][1]["verdict"] = "fail".into();
     failed["nodes"][0]["scenarios"][1]["iterations"][0]["verdict"] = "fail".into();
     let failed = write(dir.path(), "failed.json", &failed);
-    expect(1, &["gate", s(&failed), "--baseline", s(&b), "--pushgateway", &pg.url]);
+    gate(1, &[s(&failed), "--baseline", s(&b), "--pushgateway", &pg.url]);
     assert_eq!(pg.values("archy_chaos_gate_pass", &[job, node]), [0.0]);
     assert_eq!(scenario_pass("reboot-survive"), [0.0]);
     let fails = [node, ("scenario", "reboot-survive"), ("result", "fail")];
@@ -326,7 +438,7 @@ fn gate_pushes_the_run_and_its_decision_to_a_pushgateway() {
     two["verdict"] = "fail".into();
     two["nodes"][1]["verdict"] = "fail".into();
     let two = write(dir.path(), "two.json", &two);
-    expect(1, &["gate", s(&two), "--baseline", s(&b), "--pushgateway", &pg.url]);
+    gate(1, &[s(&two), "--baseline", s(&b), "--pushgateway", &pg.url]);
     let remote = ("node", "ssh://archy@10.0.0.2");
     assert_eq!(pg.values("archy_chaos_run_pass", &[job, node]), [1.0]);
     assert_eq!(pg.values("archy_chaos_run_pass", &[job, remote]), [0.0]);
@@ -341,6 +453,6 @@ fn a_pushgateway_that_refuses_the_push_makes_a_passing_gate_unknown() {
     let pg = Pushgateway::start(dir.path());
     // No such route on a Pushgateway: it answers 404, which must name the URL and the status.
     let url = format!("{}/nowhere", pg.url);
-    let out = expect(2, &["gate", s(&fixture_path()), "--baseline", s(&b), "--pushgateway", &url]);
+    let out = gate(2, &[s(&fixture_path()), "--baseline", s(&b), "--pushgateway", &url]);
     assert!(out.contains("metrics not pushed") && out.contains(&url) && out.contains("404"), "{out}");
 }

@@ -135,8 +135,8 @@ fn a_run_over_two_nodes_has_a_section_and_suites_per_node() {
             && md.contains("| local:run15619 | podman | 0/1 | fail |\n")
             && md.contains("| local:run16781 | quadlet | 3/3 | pass |\n")
             && md.contains("\n## node local:run15619 — FAIL\n")
-            && md.contains("\n### agent-restart-survive (L3) — FAIL\n")
-            && md.contains("\n#### agent-restart-survive iteration 1: fail\n")
+            && md.contains("\n### agent-restart-survive@podman (L3) — FAIL\n")
+            && md.contains("\n#### agent-restart-survive@podman iteration 1: fail\n")
             && md.contains("\n## node local:run16781 — PASS\n")
             && md.contains("\n### Scorecard\n"),
         "{md}"
@@ -153,7 +153,7 @@ fn a_run_over_two_nodes_has_a_section_and_suites_per_node() {
     assert_eq!(
         suites,
         [
-            "agent-restart-survive on local:run15619",
+            "agent-restart-survive@podman on local:run15619",
             "lifecycle-matrix on local:run16781",
             "cold-install on local:run16781",
             "calls-per-op on local:run16781"

@@ -153,7 +153,22 @@ fn smoke_suite_every_scenario_passes_once() {
     let (code, r, text) = run(&["smoke"], reports.path());
     assert_eq!(code, 0, "{text}\n{r}");
     let scenarios = r["nodes"][0]["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.len(), files, "every scenario file ran once: {text}");
+    // Every scenario file once, and agent-restart-survive once more under the podman backend.
+    assert_eq!(scenarios.len(), files + 1, "every scenario file ran once: {text}");
+    let podman: Vec<&Value> = scenarios.iter().filter(|s| s["backend"] == "podman").collect();
+    assert_eq!(podman.len(), 1, "{text}");
+    assert_eq!(podman[0]["scenario"], "agent-restart-survive");
+    assert_eq!(r["suite"]["name"], "smoke");
+    // The gate takes it as what it is, and never as a release.
+    let report = std::fs::read_dir(reports.path()).unwrap().next().unwrap().unwrap().path();
+    let gate = |suite: &str| {
+        let out = support::chaos_cmd(&["gate", report.to_str().unwrap(), "--suite", suite, "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    };
+    assert_eq!(gate("smoke")["suite_problems"], serde_json::json!([]));
+    assert_eq!(gate("release")["exit_code"], 1);
     for sc in scenarios {
         assert_eq!(sc["verdict"], "pass", "{sc}");
         // Every fault left evidence of having taken effect.

@@ -253,7 +253,7 @@ fn install_agent(
             podman = root.join("bin/podman").display(),
             data = root.join("data").display(),
             cat = cat.display(),
-            backend = if spec.backend == Backend::Quadlet { "quadlet" } else { "podman" },
+            backend = spec.backend.name(),
             home = home.display(),
             cgroup = if opts.fm3 {
                 String::new()

@@ -12,7 +12,7 @@ use sha2::Digest;
 
 use super::local::{agent_unit, podman_wrapper};
 use super::ssh::{quote, SshNode};
-use super::Node;
+use super::{Backend, Node};
 
 pub struct Options {
     /// The agent binary to install (the one beside archy-chaos).
@@ -283,4 +283,60 @@ true",
         println!("{host}: nothing to remove");
     }
     Ok(())
+}
+
+/// The host's agent put on another backend for a while (see [`switch_backend`]).
+pub struct Switched {
+    path: PathBuf,
+    config: String,
+}
+
+/// Puts the host's agent on `backend`, if it is not on it, by the config `provision` wrote:
+/// its `backend:` line and, for the podman backend, a cgroup of the user's own for podman's
+/// calls (else an agent restart takes every container with it, the platform's FM3); then
+/// restarts it. The caller removes every app first: an app one backend started is not the
+/// other's to adopt.
+pub fn switch_backend(node: &SshNode, backend: Backend) -> Result<Option<Switched>> {
+    let path = node.home()?.join(CONFIG);
+    let config = node.run_ok(&format!("cat -- {}", quote(&path.to_string_lossy())))?;
+    let line = format!("backend: {}", backend.name());
+    if config.lines().any(|l| l.trim_end() == line) {
+        return Ok(None);
+    }
+    let mut lines: Vec<String> = config
+        .lines()
+        .filter(|l| !l.starts_with("backend:") && !l.starts_with("podman_cgroup:"))
+        .map(str::to_string)
+        .collect();
+    lines.push(line);
+    if backend == Backend::Podman {
+        let uid = node.run_ok("id -u")?;
+        let cgroup =
+            format!("/sys/fs/cgroup/user.slice/user-{0}.slice/user@{0}.service/archy-podman", uid.trim());
+        node.run_ok(&format!("mkdir -p {0} && test -w {0}/cgroup.procs", quote(&cgroup))).with_context(
+            || {
+                format!(
+                    "the podman backend needs a cgroup of the user's own at {cgroup} (cgroup v2, delegated)"
+                )
+            },
+        )?;
+        lines.push(format!("podman_cgroup: {cgroup}"));
+    }
+    let switched = Switched { path, config };
+    switched.put(node, &format!("{}\n", lines.join("\n")))?;
+    Ok(Some(switched))
+}
+
+impl Switched {
+    /// The config as it was, and the agent restarted on it.
+    pub fn restore(self, node: &SshNode) -> Result<()> {
+        self.put(node, &self.config)
+    }
+
+    fn put(&self, node: &SshNode, config: &str) -> Result<()> {
+        node.put(&self.path, config.as_bytes(), None)?;
+        node.restart_agent()?;
+        super::agent(node).wait_ready(Duration::from_secs(60))?;
+        Ok(())
+    }
 }

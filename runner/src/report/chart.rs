@@ -15,7 +15,7 @@ type Series<S> = (S, Vec<(f64, f64)>, RGBColor);
 
 /// The charts of one scenario: (file name, SVG text).
 fn charts(scenario: &ScenarioReport) -> Result<Vec<(String, String)>> {
-    let id = &scenario.scenario;
+    let id = &scenario.label();
     let mut out = Vec::new();
     // name -> p50 of `<prefix>_NNapps`, by app count.
     let curve = |prefix: &str| -> Vec<(f64, f64)> {

@@ -57,11 +57,8 @@ pub fn render(fleet: &FleetReport) -> String {
     for n in &fleet.nodes {
         let scenarios: Vec<_> = n.report.iter().flat_map(|r| &r.nodes).flat_map(|n| &n.scenarios).collect();
         let passed = scenarios.iter().filter(|sc| sc.verdict == Verdict::Pass).count();
-        let failing: Vec<&str> = scenarios
-            .iter()
-            .filter(|sc| sc.verdict != Verdict::Pass)
-            .map(|sc| sc.scenario.as_str())
-            .collect();
+        let failing: Vec<String> =
+            scenarios.iter().filter(|sc| sc.verdict != Verdict::Pass).map(|sc| sc.label()).collect();
         let verdict = match &n.report {
             Some(r) => r.verdict.name(),
             None => "unknown (no report)",

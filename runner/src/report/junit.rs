@@ -15,13 +15,13 @@ pub fn render(r: &Report) -> Result<String> {
     }
     for node in &r.nodes {
         for sc in &node.scenarios {
-            let mut suite = TestSuite::new(format!("{} on {}", sc.scenario, node.node));
+            let mut suite = TestSuite::new(format!("{} on {}", sc.label(), node.node));
             // JUnit has no place for a run's properties but its suites'.
             suite.add_properties([
                 Property::new("replay", r.replay.as_str()),
                 Property::new("seed", r.seed.to_string()),
                 Property::new("node", node.node.as_str()),
-                Property::new("backend", node.backend.as_str()),
+                Property::new("backend", sc.backend.name()),
             ]);
             let case = |name: String, verdict: Verdict, why: String| {
                 let kind = match verdict {
@@ -41,7 +41,7 @@ pub fn render(r: &Report) -> Result<String> {
                     }
                 };
                 let mut c = TestCase::new(name, status);
-                c.set_classname(format!("archy-chaos.{}", sc.scenario));
+                c.set_classname(format!("archy-chaos.{}", sc.label()));
                 c
             };
             for it in &sc.iterations {

@@ -145,7 +145,7 @@ fn node_body(n: &NodeReport, level: usize) -> String {
         let passed = sc.iterations.iter().filter(|i| i.verdict == Verdict::Pass).count();
         out.push_str(&format!(
             "| {} | {:?} | {passed}/{} | {} |\n",
-            sc.scenario,
+            sc.label(),
             sc.layer,
             sc.iterations.len(),
             sc.verdict.name()
@@ -162,7 +162,7 @@ fn node_body(n: &NodeReport, level: usize) -> String {
 fn scenario(sc: &ScenarioReport, level: usize) -> String {
     let h = "#".repeat(level);
     let mut out =
-        format!("\n{h} {} ({:?}) — {}\n\n{}\n\n", sc.scenario, sc.layer, upper(sc.verdict), sc.description);
+        format!("\n{h} {} ({:?}) — {}\n\n{}\n\n", sc.label(), sc.layer, upper(sc.verdict), sc.description);
     out.push_str(&scorecard(&sc.iterations, &h));
     if !sc.kpis.is_empty() {
         out.push_str("| KPI | n | p50 | p95 | p99 | max | threshold |\n|---|---|---|---|---|---|---|\n");
@@ -201,7 +201,7 @@ fn scenario(sc: &ScenarioReport, level: usize) -> String {
         out.push_str(&format!("| {n} | {} | {recovery} |\n", it.verdict.name()));
     }
     for it in sc.iterations.iter().filter(|i| i.verdict != Verdict::Pass) {
-        out.push_str(&format!("\n{h}# {} iteration {}: {}\n\n", sc.scenario, it.n, it.verdict.name()));
+        out.push_str(&format!("\n{h}# {} iteration {}: {}\n\n", sc.label(), it.n, it.verdict.name()));
         for why in it.failures.iter().chain(&it.unknowns) {
             out.push_str(&format!("- {why}\n"));
         }

@@ -16,10 +16,12 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 pub use model::{
-    Environment, Iteration, Kpi, NodeReport, Report, ScenarioReport, Threshold, Verdict, SCHEMA,
+    Environment, Iteration, Kpi, NodeReport, Report, ScenarioReport, SuiteEntry, SuiteRecord, Threshold,
+    Verdict, SCHEMA,
 };
 
-use crate::scenario::Quantile;
+use crate::node::Backend;
+use crate::scenario::{Planned, Quantile, Scenario};
 
 pub mod exit {
     pub const PASS: u8 = 0;
@@ -28,8 +30,25 @@ pub mod exit {
     pub const USAGE: u8 = 64;
 }
 
+impl SuiteRecord {
+    /// The record of `plan`, each entry run `runs(entry)` times per node.
+    pub fn new(name: String, plan: &[Planned], runs: impl Fn(&Planned) -> u32) -> Result<SuiteRecord> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut entries = Vec::new();
+        for p in plan {
+            let text = std::fs::read(&p.path).with_context(|| format!("cannot read {}", p.path.display()))?;
+            h.update(format!("{} {} {} {}\n", p.scenario.id, p.backend.name(), p.iterations, text.len()));
+            h.update(&text);
+            let (scenario, backend, iterations) = (p.scenario.id.clone(), p.backend, p.iterations);
+            entries.push(SuiteEntry { scenario, backend, iterations, runs: runs(p) });
+        }
+        Ok(SuiteRecord { name, hash: format!("sha256:{:x}", h.finalize()), entries })
+    }
+}
+
 impl ScenarioReport {
-    pub fn new(s: &crate::scenario::Scenario, iterations: Vec<Iteration>) -> ScenarioReport {
+    pub fn new(s: &Scenario, backend: Backend, iterations: Vec<Iteration>) -> ScenarioReport {
         let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for it in &iterations {
             for (k, v) in &it.measures {
@@ -53,6 +72,7 @@ impl ScenarioReport {
             scenario: s.id.clone(),
             description: s.description.clone(),
             layer: s.layer,
+            backend,
             destructive: s.destructive,
             verdict,
             iterations,
@@ -95,15 +115,8 @@ impl Kpi {
                 Threshold { quantile: *q, max: *max, value, verdict }
             })
             .collect();
-        let unit = if name.ends_with("_ratio") || name.contains("_ratio_") {
-            "ratio"
-        } else if name.ends_with("_calls") {
-            "calls"
-        } else {
-            "s"
-        };
         Kpi {
-            unit: unit.into(),
+            unit: unit(&name).into(),
             count: samples.len() as u64,
             p50: at(Quantile::P50),
             p95: at(Quantile::P95),
@@ -113,6 +126,17 @@ impl Kpi {
             thresholds,
             name,
         }
+    }
+}
+
+/// A KPI's unit, by its name: `s`, `ratio` (to a reference measured in the same run) or `calls`.
+pub fn unit(kpi: &str) -> &'static str {
+    if kpi.ends_with("_ratio") || kpi.contains("_ratio_") {
+        "ratio"
+    } else if kpi.ends_with("_calls") {
+        "calls"
+    } else {
+        "s"
     }
 }
 
@@ -168,7 +192,7 @@ impl Report {
             }));
             t.push_record([
                 node.clone(),
-                s.scenario.clone(),
+                s.label(),
                 format!("{:?}", s.layer),
                 format!("{}/{}/{}", count(Verdict::Pass), count(Verdict::Fail), count(Verdict::Unknown)),
                 s.verdict.name().to_string(),
@@ -277,7 +301,10 @@ pub fn list(dir: &Path) -> Result<String> {
     suites.push_record(["suite", "scenarios x iterations", "what it is for"]);
     for id in crate::scenario::ids(&dir.join("suites")) {
         let suite = crate::scenario::Suite::load(&dir.join("suites").join(format!("{id}.yml")))?;
-        let n: u32 = crate::scenario::resolve(dir, std::slice::from_ref(&id))?.iter().map(|r| r.2).sum();
+        let n: u32 = crate::scenario::resolve(dir, std::slice::from_ref(&id), Backend::Quadlet)?
+            .iter()
+            .map(|p| p.iterations)
+            .sum();
         suites.push_record([suite.id, n.to_string(), suite.description]);
     }
     Ok(format!(

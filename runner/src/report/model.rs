@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::node::Backend;
 pub use crate::scenario::engine::{Iteration, Verdict};
 use crate::scenario::{Layer, Quantile};
 
@@ -25,9 +26,34 @@ pub struct Report {
     pub started_unix: u64,
     pub duration_seconds: f64,
     pub nodes: Vec<NodeReport>,
+    /// What the run was asked to run (null in an exploration, and in reports of runners
+    /// before it was recorded: no gate takes those as a suite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite: Option<SuiteRecord>,
     /// `archy-chaos explore`: the history, and what was found.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub explore: Option<ExploreReport>,
+}
+
+/// The suite (or scenarios) a run was asked for, resolved, so a gate can tell a release from a
+/// smoke run of the same scenarios.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuiteRecord {
+    /// The targets as given to `run`, joined by `+`: `release`, `reboot-survive+partition`.
+    pub name: String,
+    /// `sha256:` over every entry (scenario, backend, iterations) and its scenario file's bytes:
+    /// another iteration count, backend or scenario text is another suite.
+    pub hash: String,
+    pub entries: Vec<SuiteEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuiteEntry {
+    pub scenario: String,
+    pub backend: Backend,
+    pub iterations: u32,
+    /// Iterations each node must report: `iterations`, times the apps of a per-app scenario.
+    pub runs: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,11 +106,34 @@ pub struct ScenarioReport {
     pub scenario: String,
     pub description: String,
     pub layer: Layer,
+    /// The agent backend it ran under (reports before it was recorded ran under Quadlet).
+    #[serde(default = "quadlet")]
+    pub backend: Backend,
     pub destructive: bool,
     /// The worst of the iterations and the KPI thresholds.
     pub verdict: Verdict,
     pub iterations: Vec<Iteration>,
     pub kpis: Vec<Kpi>,
+}
+
+fn quadlet() -> Backend {
+    Backend::Quadlet
+}
+
+impl ScenarioReport {
+    /// The scenario and, beside the platform's Quadlet backend, the backend it ran under:
+    /// `cold-install`, `cold-install@podman`. Unique within a node's report.
+    pub fn label(&self) -> String {
+        label(&self.scenario, self.backend)
+    }
+}
+
+/// `id`, or `id@backend` beside the platform's Quadlet backend.
+pub fn label(id: &str, backend: Backend) -> String {
+    match backend {
+        Backend::Quadlet => id.to_string(),
+        other => format!("{id}@{}", other.name()),
+    }
 }
 
 /// A KPI over every sample of a scenario, from an HDR histogram (3 significant digits);

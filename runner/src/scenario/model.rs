@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use archy_agent::manifest::Catalog;
 use serde::{Deserialize, Serialize};
 
-use crate::node::{DiskFault, FileFault};
+use crate::node::{Backend, DiskFault, FileFault};
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -559,6 +559,10 @@ pub struct SuiteRun {
     pub iterations: Option<u32>,
     #[serde(default)]
     pub except: Vec<String>,
+    /// Run these scenarios once under each of these agent backends [default: the run's
+    /// `--backend`]: what only one backend can get wrong (FM3) needs both in a release.
+    #[serde(default)]
+    pub backends: Vec<Backend>,
 }
 
 impl Suite {
@@ -587,16 +591,26 @@ pub fn ids(dir: &Path) -> Vec<String> {
     ids
 }
 
-/// What `run` was asked for, expanded: each scenario with its file and iteration count.
-/// A target is a scenario (`scenarios/<id>.yml`) or a suite (`scenarios/suites/<id>.yml`).
-pub fn resolve(dir: &Path, targets: &[String]) -> Result<Vec<(PathBuf, Scenario, u32)>> {
-    let mut out: Vec<(PathBuf, Scenario, u32)> = Vec::new();
+/// One entry of what `run` was asked for, expanded: a scenario (with its file), the agent
+/// backend it runs under, and how many times.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub path: PathBuf,
+    pub scenario: Scenario,
+    pub backend: Backend,
+    pub iterations: u32,
+}
+
+/// What `run` was asked for, expanded. A target is a scenario (`scenarios/<id>.yml`) or a
+/// suite (`scenarios/suites/<id>.yml`); `backend` is the one of entries that name none.
+pub fn resolve(dir: &Path, targets: &[String], backend: Backend) -> Result<Vec<Planned>> {
+    let mut out: Vec<Planned> = Vec::new();
     for t in targets {
         let path = dir.join(format!("{t}.yml"));
         if path.is_file() {
-            let s = Scenario::load(&path)?;
-            let n = s.iterations;
-            add(&mut out, path, s, n);
+            let scenario = Scenario::load(&path)?;
+            let iterations = scenario.iterations;
+            add(&mut out, Planned { path, scenario, backend, iterations });
             continue;
         }
         let suite_path = dir.join("suites").join(format!("{t}.yml"));
@@ -636,20 +650,25 @@ pub fn resolve(dir: &Path, targets: &[String]) -> Result<Vec<(PathBuf, Scenario,
                     })
                     .collect::<Result<_>>()?,
             };
+            let backends = if run.backends.is_empty() { vec![backend] } else { run.backends.clone() };
             for (p, s) in picked.into_iter().filter(|(_, s)| !run.except.contains(&s.id)) {
-                add(&mut out, p.clone(), s.clone(), run.iterations.unwrap_or(s.iterations));
+                for &backend in &backends {
+                    let iterations = run.iterations.unwrap_or(s.iterations);
+                    add(&mut out, Planned { path: p.clone(), scenario: s.clone(), backend, iterations });
+                }
             }
         }
     }
     Ok(out)
 }
 
-/// A scenario named twice (the nightly's soak of release scenarios) runs once with the
-/// iterations added: one entry per scenario in the report, so KPIs and verdicts stay unique.
-fn add(out: &mut Vec<(PathBuf, Scenario, u32)>, path: PathBuf, s: Scenario, n: u32) {
-    match out.iter_mut().find(|(_, o, _)| o.id == s.id) {
-        Some(entry) => entry.2 += n,
-        None => out.push((path, s, n)),
+/// A scenario named twice for one backend (the nightly's soak of release scenarios) runs once
+/// with the iterations added: one entry per scenario and backend in the report, so KPIs and
+/// verdicts stay unique.
+fn add(out: &mut Vec<Planned>, p: Planned) {
+    match out.iter_mut().find(|o| o.scenario.id == p.scenario.id && o.backend == p.backend) {
+        Some(entry) => entry.iterations += p.iterations,
+        None => out.push(p),
     }
 }
 
@@ -662,14 +681,16 @@ mod tests {
     #[test]
     fn a_scenario_named_twice_in_a_suite_runs_once_with_the_iterations_added() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
-        let plan = resolve(&dir, &["nightly".into()]).unwrap();
-        let mut ids: Vec<&str> = plan.iter().map(|(_, s, _)| s.id.as_str()).collect();
+        let plan = resolve(&dir, &["nightly".into()], Backend::Quadlet).unwrap();
+        let mut ids: Vec<(&str, Backend)> =
+            plan.iter().map(|p| (p.scenario.id.as_str(), p.backend)).collect();
         let n = ids.len();
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), n, "{ids:?}");
-        let reboot = plan.iter().find(|(_, s, _)| s.id == "reboot-survive").unwrap();
-        assert_eq!(reboot.2, 120);
+        let reboot =
+            plan.iter().find(|p| p.scenario.id == "reboot-survive" && p.backend == Backend::Quadlet).unwrap();
+        assert_eq!(reboot.iterations, 120);
     }
 
     #[test]
