@@ -36,6 +36,12 @@ pub trait Node: Send + Sync {
     fn boot(&self) -> Result<Duration>;
     /// Every process dies at once, nothing is flushed; the node then boots again.
     fn power_cut(&self) -> Result<Evidence>;
+    /// A power cut, then a boot: the cut's evidence, and the time from power on (the start of
+    /// the boot) to the agent's /readyz answering.
+    fn power_cycle(&self) -> Result<(Evidence, Duration)> {
+        let e = self.power_cut()?;
+        Ok((e, self.boot()?))
+    }
     /// A clean stop of everything, then the node boots again.
     fn graceful_reboot(&self) -> Result<Evidence>;
     fn kill_agent(&self, signal: &str) -> Result<Evidence>;

@@ -143,6 +143,83 @@ fn rules_pass_promtool_and_every_alert_is_tested_firing_and_silent() {
     }
 }
 
+/// A scenario file's threshold: `thresholds.KPI.QUANTILE`.
+fn threshold(scenario: &str, kpi: &str, quantile: &str) -> f64 {
+    let path = repo_root().join("scenarios").join(format!("{scenario}.yml"));
+    let s: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    s["thresholds"][kpi][quantile]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{}: no thresholds.{kpi}.{quantile}", path.display()))
+}
+
+/// The platform's targets live in the scenario files; the dashboards' red lines and the alerts
+/// on the agent's own metrics restate them, and must not drift (the pushed results carry
+/// their thresholds with them).
+#[test]
+fn red_lines_and_alerts_are_the_scenario_files_thresholds() {
+    let targets = [
+        ("tick-scaling", "tick_seconds_20apps", "p99"),
+        ("cold-install", "install_seconds", "p99"),
+        ("agent-startup", "boot_to_ready_seconds", "p99"),
+        ("calls-per-op", "install_podman_calls", "max"),
+    ];
+    let [tick, install, boot, _calls] = targets.map(|(s, k, q)| threshold(s, k, q));
+    let d = dashboard("agent-kpis.json");
+    let red_line = |title: &str| -> f64 {
+        let p = panels(&d)
+            .into_iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("no panel {title:?}"));
+        assert_eq!(
+            p["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"], "line",
+            "{title:?}: no line drawn"
+        );
+        let steps = p["fieldConfig"]["defaults"]["thresholds"]["steps"].as_array().unwrap();
+        let red =
+            steps.iter().find(|s| s["color"] == "red").unwrap_or_else(|| panic!("{title:?}: no red step"));
+        red["value"].as_f64().unwrap()
+    };
+    assert_eq!(red_line("Reconcile tick p50 / p99"), tick, "tick-scaling.yml: tick_seconds_20apps p99");
+    assert_eq!(
+        red_line("Install latency p50 / p99 per app"),
+        install,
+        "cold-install.yml: install_seconds p99"
+    );
+    assert_eq!(red_line("Agent start-up duration"), boot, "agent-startup.yml: boot_to_ready_seconds p99");
+
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir("prometheus").join("rules.yml")).unwrap()).unwrap();
+    let above = |alert: &str| -> f64 {
+        let rule = rules["groups"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_sequence().unwrap())
+            .find(|r| r["alert"].as_str() == Some(alert))
+            .unwrap_or_else(|| panic!("no alert {alert}"));
+        let expr = rule["expr"].as_str().unwrap();
+        let (_, limit) =
+            expr.rsplit_once('>').unwrap_or_else(|| panic!("{alert}: `{expr}` is no `... > LIMIT`"));
+        limit.trim().parse().unwrap_or_else(|e| panic!("{alert}: `{expr}`: {e}"))
+    };
+    assert_eq!(above("ArchyReconcileTickSlow"), tick, "tick-scaling.yml: tick_seconds_20apps p99");
+    assert_eq!(above("ArchyInstallSlow"), install, "cold-install.yml: install_seconds p99");
+
+    // The release gate's targets panel names its KPIs; each must have a threshold to draw.
+    let gate = dashboard("release-gate.json");
+    let panel = panels(&gate)
+        .into_iter()
+        .find(|p| p["title"].as_str().is_some_and(|t| t.starts_with("Platform targets")));
+    let expr = panel.expect("a Platform targets panel")["targets"][0]["expr"].as_str().unwrap();
+    let named =
+        expr.split("kpi=~\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_else(|| panic!("{expr}"));
+    let mut kpis: Vec<&str> = named.split('|').collect();
+    kpis.sort();
+    let mut want: Vec<&str> = targets.iter().map(|(_, k, _)| *k).collect();
+    want.sort();
+    assert_eq!(kpis, want, "the Platform targets panel draws the platform's four targets");
+}
+
 /// A daemon killed and reaped when the test ends, however it ends.
 struct Daemon {
     child: Child,

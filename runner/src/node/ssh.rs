@@ -661,6 +661,16 @@ impl Node for SshNode {
         self.restart_with("power_cut", &self.commands.power_cut)
     }
 
+    /// A host powers on by itself right after its power-cut command (sysrq `b` resets, it does
+    /// not shut down), and the runner cannot see the instant it does: the time runs from the
+    /// runner firing that command, an upper bound (firmware and reconnection included).
+    fn power_cycle(&self) -> Result<(Evidence, Duration)> {
+        let start = Instant::now();
+        let e = self.power_cut()?;
+        let ready = self.wait_ready(start)?;
+        Ok((e.with("boot_timed_from", "the power-cut command, fired by the runner"), ready))
+    }
+
     fn graceful_reboot(&self) -> Result<Evidence> {
         self.restart_with("graceful_reboot", &self.commands.reboot)
     }

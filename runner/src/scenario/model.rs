@@ -208,6 +208,9 @@ pub enum Step {
     MeasureCalls,
     /// L6: agent restart to ready, with the apps installed.
     MeasureStartup,
+    /// L6: a power cut, then the node's boot: power on to the agent's API answering, with the
+    /// apps installed.
+    MeasureBoot,
     /// Runs a command inside the node as its service user; with `expect`, its output must
     /// contain that text (a check: a mismatch fails the iteration).
     Exec {
@@ -395,6 +398,8 @@ pub mod kpi {
     pub const RAW_RUN: &str = "raw_run_seconds";
     pub const INSTALL_RATIO: &str = "install_ratio";
     pub const STARTUP: &str = "startup_seconds";
+    /// Power on (the start of the node's boot) to the agent's /readyz answering.
+    pub const BOOT_TO_READY: &str = "boot_to_ready_seconds";
     pub const TICK: &str = "tick_seconds";
     pub const RAW_PS: &str = "raw_ps_seconds";
     pub const TICK_RATIO: &str = "tick_ratio";
@@ -502,6 +507,7 @@ impl Scenario {
                     }
                 }
                 Step::MeasureStartup => out.push(kpi::STARTUP.into()),
+                Step::MeasureBoot => out.push(kpi::BOOT_TO_READY.into()),
                 _ => {}
             }
         }

@@ -41,8 +41,8 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         Step::PowerCut => ctx.node.power_cut(),
         Step::Boot => Ok(Evidence::default().with("ready_seconds", ctx.node.boot()?.as_secs_f64())),
         Step::Reboot => {
-            let e = ctx.node.power_cut()?;
-            Ok(e.with("ready_seconds", ctx.node.boot()?.as_secs_f64()))
+            let (e, ready) = ctx.node.power_cycle()?;
+            Ok(e.with("ready_seconds", ready.as_secs_f64()))
         }
         Step::GracefulReboot => ctx.node.graceful_reboot(),
         Step::KillAgent { signal } => ctx.node.kill_agent(signal),
@@ -88,6 +88,10 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
             let ready = ctx.agent.wait_ready(timeout)?;
             Ok(e.measure(kpi::STARTUP, vec![start.elapsed().as_secs_f64()])
                 .with("ready_after_restart_seconds", ready.as_secs_f64()))
+        }
+        Step::MeasureBoot => {
+            let (e, ready) = ctx.node.power_cycle()?;
+            Ok(e.measure(kpi::BOOT_TO_READY, vec![ready.as_secs_f64()]))
         }
         Step::Exec { argv, expect } => exec(ctx, argv, expect.as_deref()),
         Step::Reachable => reachable(ctx),
