@@ -377,7 +377,7 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
                     .installs
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.clone(), Instant::now());
+                    .insert(id.clone(), crate::reconcile::Install::new(Instant::now()));
             }
             reply(Accepted { id, desired: Some(Desired::Running), purge: None })
         }
