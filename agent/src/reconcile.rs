@@ -297,9 +297,10 @@ pub fn plan(w: &World) -> Plan {
             .filter(|_| c.and_then(|c| c.context_hash.as_ref()) != m.context_hash.as_ref() || c.is_none());
 
         let mut op = match (c, run) {
-            (_, Some(reason)) => {
-                Some((Op::Run { app: app.into(), unit: unit.clone(), reset_failed: false }, reason))
-            }
+            (_, Some(reason)) => Some((
+                Op::Run { app: app.into(), unit: unit.clone(), reset_failed: false, wait: false },
+                reason,
+            )),
             (None, None) => {
                 // Under quadlet a missing container is systemd's business while its unit is
                 // starting or restarting; once systemd gave up (failed, start limit) or the
@@ -322,8 +323,16 @@ pub fn plan(w: &World) -> Plan {
                     continue;
                 }
                 let reason = if crashed { Reason::Crashed } else { Reason::Install };
+                // An install waits for its start (nothing to stop; the pull is as inline as
+                // `podman run`'s) so that its health check follows at once, not a tick later.
+                let wait = quadlet && reason == Reason::Install && !w.target.start_waits_for_health(m);
                 Some((
-                    Op::Run { app: app.into(), unit: unit.clone(), reset_failed: state == Some("failed") },
+                    Op::Run {
+                        app: app.into(),
+                        unit: unit.clone(),
+                        reset_failed: state == Some("failed"),
+                        wait,
+                    },
                     reason,
                 ))
             }
@@ -375,8 +384,13 @@ pub fn plan(w: &World) -> Plan {
             if matches!(op, Op::Probe { .. }) {
                 p.waiting.insert(app.into(), "waiting for its health check".into());
             }
-            // The podman backend checks health itself: right after a start, not a tick later.
-            let probe = !quadlet && m.health.is_some() && matches!(op, Op::Run { .. } | Op::Start { .. });
+            // Health is checked right after a start the agent waited for, not a tick later.
+            let probe = m.health.is_some()
+                && match op {
+                    Op::Run { wait, .. } => wait || !quadlet,
+                    Op::Start { .. } => !quadlet,
+                    _ => false,
+                };
             starts.push(Action::Op(op, reason));
             if probe {
                 starts.push(Action::Op(Op::Probe { app: app.into() }, Reason::Health));
