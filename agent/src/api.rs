@@ -367,18 +367,16 @@ fn call(api: &Api, method: &str, params: &Value) -> Result<Value, RpcError> {
                     }
                 });
             }
-            let fresh = set(api, &id, |s| {
+            set(api, &id, |s| {
                 let was = s.apps.get(&id).map(|a| a.desired);
                 s.apps.insert(id.clone(), AppState::new(Desired::Running));
-                Ok(!matches!(was, Some(Desired::Running)))
+                // Timed from before the wake: the tick it wakes must find the install pending.
+                if !matches!(was, Some(Desired::Running)) {
+                    let install = crate::reconcile::Install::new(Instant::now());
+                    api.shared.installs.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), install);
+                }
+                Ok(())
             })?;
-            if fresh {
-                api.shared
-                    .installs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.clone(), Instant::now());
-            }
             reply(Accepted { id, desired: Some(Desired::Running), purge: None })
         }
         "package.uninstall" => {

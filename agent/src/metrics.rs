@@ -19,6 +19,7 @@ pub struct Metrics {
     pub exec_calls: IntCounterVec,
     pub exec_duration: HistogramVec,
     pub install_duration: HistogramVec,
+    pub install_steps: HistogramVec,
     pub app_up: IntGaugeVec,
     pub app_desired: IntGaugeVec,
     pub app_restarts: IntCounterVec,
@@ -32,6 +33,13 @@ pub struct Metrics {
     pub last_success: Gauge,
     pub build_info: IntGaugeVec,
 }
+
+/// The steps of an install, in order, each timed from the end of the one before (`accepted`
+/// from the request): the request read by a tick, its secrets ensured, the unit written, the
+/// daemon-reload returned, the start returned, the first healthy observation. The podman
+/// backend has no unit and no daemon-reload.
+pub const INSTALL_STEPS: &[&str] =
+    &["accepted", "secrets", "unit_written", "daemon_reload", "started", "healthy"];
 
 /// Drift kinds the reconciler repairs.
 pub const DRIFT_KINDS: &[&str] = &["spec", "ports", "unit_file", "image"];
@@ -97,6 +105,12 @@ impl Metrics {
                 "Install latency per app: request accepted to running and healthy.",
                 &["app"],
                 vec![0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0],
+            ),
+            install_steps: histogram_vec(
+                "install_step_duration_seconds",
+                "Install latency by step, each from the end of the step before (see INSTALL_STEPS).",
+                &["step"],
+                vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 600.0],
             ),
             app_up: gauge_vec(
                 "app_up",
@@ -176,6 +190,9 @@ impl Metrics {
         }
         for kind in ["container", "unit"] {
             m.orphans_removed.with_label_values(&[kind]);
+        }
+        for step in INSTALL_STEPS {
+            m.install_steps.with_label_values(&[step]);
         }
         for reason in RECOVERY_REASONS {
             m.state_recoveries.with_label_values(&[reason]);

@@ -86,6 +86,11 @@ impl Target {
     fn supports_notify_healthy(&self) -> bool {
         self.podman.major >= 5
     }
+    /// Whether systemd's start job of the app's unit lasts until its health check passes
+    /// (`Notify=healthy`), which may take minutes; otherwise it ends once the container runs.
+    pub fn start_waits_for_health(&self, m: &Manifest) -> bool {
+        m.health.is_some() && self.supports_notify_healthy()
+    }
     /// Podman 4 leaves the cidfile behind and every later start fails with "container id
     /// file exists"; Quadlet 5 expects podman to remove it.
     fn needs_cidfile_cleanup(&self) -> bool {

@@ -297,9 +297,10 @@ pub fn plan(w: &World) -> Plan {
             .filter(|_| c.and_then(|c| c.context_hash.as_ref()) != m.context_hash.as_ref() || c.is_none());
 
         let mut op = match (c, run) {
-            (_, Some(reason)) => {
-                Some((Op::Run { app: app.into(), unit: unit.clone(), reset_failed: false }, reason))
-            }
+            (_, Some(reason)) => Some((
+                Op::Run { app: app.into(), unit: unit.clone(), reset_failed: false, wait: false },
+                reason,
+            )),
             (None, None) => {
                 // Under quadlet a missing container is systemd's business while its unit is
                 // starting or restarting; once systemd gave up (failed, start limit) or the
@@ -322,8 +323,16 @@ pub fn plan(w: &World) -> Plan {
                     continue;
                 }
                 let reason = if crashed { Reason::Crashed } else { Reason::Install };
+                // An install waits for its start (nothing to stop; the pull is as inline as
+                // `podman run`'s) so that its health check follows at once, not a tick later.
+                let wait = quadlet && reason == Reason::Install && !w.target.start_waits_for_health(m);
                 Some((
-                    Op::Run { app: app.into(), unit: unit.clone(), reset_failed: state == Some("failed") },
+                    Op::Run {
+                        app: app.into(),
+                        unit: unit.clone(),
+                        reset_failed: state == Some("failed"),
+                        wait,
+                    },
                     reason,
                 ))
             }
@@ -375,8 +384,13 @@ pub fn plan(w: &World) -> Plan {
             if matches!(op, Op::Probe { .. }) {
                 p.waiting.insert(app.into(), "waiting for its health check".into());
             }
-            // The podman backend checks health itself: right after a start, not a tick later.
-            let probe = !quadlet && m.health.is_some() && matches!(op, Op::Run { .. } | Op::Start { .. });
+            // Health is checked right after a start the agent waited for, not a tick later.
+            let probe = m.health.is_some()
+                && match op {
+                    Op::Run { wait, .. } => wait || !quadlet,
+                    Op::Start { .. } => !quadlet,
+                    _ => false,
+                };
             starts.push(Action::Op(op, reason));
             if probe {
                 starts.push(Action::Op(Op::Probe { app: app.into() }, Reason::Health));
@@ -441,8 +455,8 @@ pub struct Shared {
     pub store: Mutex<Store>,
     pub metrics: Arc<Metrics>,
     pub status: Mutex<Status>,
-    /// Install requests not yet up, for the install-latency histogram.
-    pub installs: Mutex<HashMap<String, Instant>>,
+    /// Install requests not yet up, for the install-latency histograms.
+    pub installs: Mutex<HashMap<String, Install>>,
     pub ready: AtomicBool,
     pub shutdown: AtomicBool,
     pub started: Instant,
@@ -460,6 +474,20 @@ impl Shared {
             shutdown: AtomicBool::new(false),
             started,
         }
+    }
+}
+
+/// An install request not yet up: when it was accepted, and the steps it has ended so far
+/// ([`crate::metrics::INSTALL_STEPS`]).
+pub struct Install {
+    pub accepted: Instant,
+    last: Instant,
+    done: Vec<&'static str>,
+}
+
+impl Install {
+    pub fn new(accepted: Instant) -> Install {
+        Install { accepted, last: accepted, done: Vec::new() }
     }
 }
 
@@ -798,6 +826,32 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Ends `step` of the app's pending install, the first time only: the time since the step
+    /// before goes into the per-step histogram.
+    fn step(&self, app: &str, step: &'static str) {
+        let mut installs = self.shared.installs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = installs.get_mut(app).filter(|i| !i.done.contains(&step)) else { return };
+        let now = Instant::now();
+        self.shared
+            .metrics
+            .install_steps
+            .with_label_values(&[step])
+            .observe(now.duration_since(i.last).as_secs_f64());
+        i.last = now;
+        i.done.push(step);
+    }
+
+    /// Ends `step` of every pending install that ended `after` (a daemon-reload serves them all).
+    fn step_all(&self, after: &str, step: &'static str) {
+        let apps: Vec<String> = {
+            let installs = self.shared.installs.lock().unwrap_or_else(|e| e.into_inner());
+            installs.iter().filter(|(_, i)| i.done.contains(&after)).map(|(a, _)| a.clone()).collect()
+        };
+        for app in apps {
+            self.step(&app, step);
+        }
+    }
+
     /// Secrets of every installed app, healed before anything starts; the apps whose own
     /// secrets were rewritten.
     fn ensure_secrets(
@@ -813,7 +867,12 @@ impl Reconciler {
             if failpoint::broken("no-secret-heal") && secrets_root.join(app).exists() {
                 continue; // the platform's bug: generated once at install, never checked again
             }
-            match secrets::ensure(&secrets_root, m) {
+            self.step(app, "accepted");
+            let result = secrets::ensure(&secrets_root, m);
+            if result.is_ok() {
+                self.step(app, "secrets");
+            }
+            match result {
                 Ok(ensured) => {
                     for e in ensured {
                         match e.outcome {
@@ -905,6 +964,12 @@ impl Reconciler {
                     Op::RemoveUnit { .. } => Some("unit_removed"),
                     Op::Build { .. } => None,
                 };
+                match op {
+                    Op::WriteUnit { app, .. } => self.step(app, "unit_written"),
+                    Op::DaemonReload => self.step_all("unit_written", "daemon_reload"),
+                    Op::Run { app, .. } | Op::Start { app } => self.step(app, "started"),
+                    _ => {}
+                }
                 if let Some(point) = point {
                     failpoint::hit(&self.target.data_root, point);
                 }
@@ -1036,8 +1101,11 @@ impl Reconciler {
                 if now.duration_since(since) >= STABLE_AFTER {
                     self.backoff.remove(id);
                 }
-                if let Some(t) = self.shared.installs.lock().unwrap_or_else(|e| e.into_inner()).remove(id) {
-                    m.install_duration.with_label_values(&[id]).observe(now.duration_since(t).as_secs_f64());
+                self.step(id, "healthy");
+                if let Some(i) = self.shared.installs.lock().unwrap_or_else(|e| e.into_inner()).remove(id) {
+                    m.install_duration
+                        .with_label_values(&[id])
+                        .observe(now.duration_since(i.accepted).as_secs_f64());
                 }
             } else {
                 self.up_since.remove(id);

@@ -200,6 +200,9 @@ pub enum Op {
         app: String,
         unit: Unit,
         reset_failed: bool,
+        /// Quadlet: wait for systemd's start job, so the health check can follow at once (an
+        /// install, with nothing to stop, whose start ends once the container runs).
+        wait: bool,
     },
     Start {
         app: String,
@@ -467,12 +470,16 @@ impl Runtime for Quadlet {
                 }
             }
             Op::DaemonReload => drop(e.systemctl(&["daemon-reload"])?),
-            // --no-block: a health-gated start may take minutes; the next ticks observe it.
-            Op::Run { app, reset_failed, .. } => {
+            // --no-block unless asked to wait: a health-gated start may take minutes, and so
+            // may a stop; the next ticks observe them.
+            Op::Run { app, reset_failed, wait, .. } => {
                 if *reset_failed {
                     e.systemctl(&["reset-failed", &service(app)])?;
                 }
-                e.systemctl(&["--no-block", "restart", &service(app)])?;
+                let service = service(app);
+                let args: &[&str] =
+                    if *wait { &["restart", &service] } else { &["--no-block", "restart", &service] };
+                e.systemctl(args)?;
             }
             Op::Start { app } => drop(e.systemctl(&["--no-block", "start", &service(app)])?),
             Op::Stop { app, .. } => drop(e.systemctl(&["--no-block", "stop", &service(app)])?),

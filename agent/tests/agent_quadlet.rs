@@ -52,9 +52,11 @@ fn quadlet_backend_writes_units_reloads_once_and_removes_them() {
     let reloads = log().lines().filter(|l| l.contains("daemon-reload")).count();
     assert_eq!(reloads, 1, "one daemon-reload for both units:\n{}\nlast tick: {r}", log());
     for app in ["fx-web", "fx-gateway"] {
-        assert!(log().contains(&format!("--user --no-block restart {app}.service")), "{}", log());
+        // Podman 4: an install waits for its start, which ends once the container runs.
+        assert!(log().contains(&format!("--user restart {app}.service")), "{}", log());
     }
-    assert_eq!(r["podman_calls"].as_u64(), Some(1), "the quadlet backend acts through systemd only: {r}");
+    // One observation, and at most a health check right after each start: systemd runs them.
+    assert!(r["podman_calls"].as_u64().is_some_and(|n| (1..=3).contains(&n)), "{r}");
     let acting = log().lines().filter(|l| !l.contains(" show ")).count();
     assert!(acting <= 3 * 2, "at most 3 systemctl calls per install, {acting} for 2:\n{}", log());
 

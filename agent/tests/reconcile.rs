@@ -87,10 +87,14 @@ impl Case {
     }
 
     fn plan(&self, c: &Catalog) -> Plan {
+        self.plan_for(c, &target())
+    }
+
+    fn plan_for(&self, c: &Catalog, target: &Target) -> Plan {
         plan(&World {
             backend: self.backend,
             catalog: c,
-            target: &target(),
+            target,
             state: &self.state,
             observed: &self.observed,
             unit_files: &self.units,
@@ -272,9 +276,18 @@ fn quadlet_install_writes_units_and_reloads_once() {
             "write_unit fx-web (install)",
             "write_unit fx-gateway (install)",
             "daemon_reload - (unitchanged)",
+            // Podman 4: a start ends once the container runs, so its health check follows.
             "run fx-web (install)",
-            "run fx-gateway (install)"
+            "probe fx-web (health)",
+            "run fx-gateway (install)",
+            "probe fx-gateway (health)"
         ]
+    );
+    let podman5 = Target::new("5.0.0".parse().unwrap(), PathBuf::from("/data"));
+    let p = case.plan_for(&c, &podman5);
+    assert!(
+        p.actions.iter().all(|a| !matches!(a, Action::Op(Op::Probe { .. } | Op::Run { wait: true, .. }, _))),
+        "a start gated on health (Notify=healthy) is not waited for: {p:?}"
     );
 }
 
@@ -735,7 +748,10 @@ fn a_unit_written_but_never_loaded_is_reloaded_then_started() {
     let mut case = Case::new(BackendKind::Quadlet, &[("fx-web", Desired::Running)]);
     case.units.insert("fx-web".into(), render(c.get("fx-web").unwrap(), &target()).text);
     case.unit_states.insert("fx-web".into(), runtime::NOT_LOADED.into());
-    assert_eq!(names(&case.plan(&c)), ["daemon_reload - (unitchanged)", "run fx-web (install)"]);
+    assert_eq!(
+        names(&case.plan(&c)),
+        ["daemon_reload - (unitchanged)", "run fx-web (install)", "probe fx-web (health)"]
+    );
 }
 
 /// Explore seed 311: a secret made world-readable while podman failed stayed so for as long

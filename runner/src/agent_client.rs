@@ -1,6 +1,7 @@
 //! The runner's one client of the agent's API, typed with the agent's own wire types
 //! (`archy_agent::api`), so the runner and the agent cannot disagree about a field.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -176,6 +177,28 @@ impl<'n> AgentClient<'n> {
     pub fn metrics(&self) -> anyhow::Result<String> {
         let url = format!("http://{}/metrics", self.addr);
         Ok(self.http.get(&url).call()?.body_mut().read_to_string()?)
+    }
+
+    /// The agent's install steps so far, from its /metrics: step -> (sum of seconds, count).
+    pub fn install_steps(&self) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
+        let text = self.metrics()?;
+        let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for l in text.lines() {
+            let Some(rest) = l.strip_prefix("archy_agent_install_step_duration_seconds_") else { continue };
+            let (Some(step), Some(v)) = (
+                rest.split("step=\"").nth(1).and_then(|s| s.split('"').next()),
+                l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()),
+            ) else {
+                continue;
+            };
+            let e = out.entry(step.to_string()).or_default();
+            if rest.starts_with("sum{") {
+                e.0 = v;
+            } else if rest.starts_with("count{") {
+                e.1 = v;
+            }
+        }
+        Ok(out)
     }
 
     /// The agent's external calls so far, from its /metrics.

@@ -2,6 +2,7 @@
 //! the same run and interleaved so that the machine's noise hits both alike. Samples go back
 //! in the step's [`Evidence`].
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -34,9 +35,11 @@ fn timed_in_node(node: &dyn Node, script: &str, args: &[String]) -> Result<f64> 
     Ok(ns / 1e9)
 }
 
-/// Cold install (request -> up) of each app beside `podman run -d` of the same container
-/// until its health check passes. Odd iterations measure the agent first, even ones the
-/// baseline first.
+/// Cold install (request -> up) of each app beside two floors of the same container until its
+/// health check passes: `podman run -d`, and the agent's own unit installed by hand under
+/// systemd (written, daemon-reload, start). The order rotates with the iteration, except that
+/// the agent goes first while the app has no secrets (the floors reuse the agent's). The
+/// agent's per-step times come from its metrics, read around each of its installs.
 pub fn install(
     node: &dyn Node,
     agent: &AgentClient,
@@ -50,53 +53,99 @@ pub fn install(
     let mut target = quadlet::Target::new(version, node.root_on_node().join("data"));
     // The node's cgroup view has no memory controller: the agent leaves limits out there too.
     target.memory_limits = false;
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    let (mut ours, mut raw, mut unit) = (Vec::new(), Vec::new(), Vec::new());
+    let mut steps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for app in apps {
         let m = catalog.get(app).with_context(|| format!("{app} is not in the node's catalog"))?;
-        let measure_agent = || -> Result<f64> {
+        let rendered = quadlet::render(m, &target);
+        let probe = if m.health.is_some() {
+            "i=0; until podman healthcheck run \"$name\" >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 3000 ] || exit 1; done"
+        } else {
+            ":"
+        };
+        let mut measure_agent = || -> Result<f64> {
+            let before = agent.install_steps()?;
             let start = Instant::now();
             agent.op("install", app)?;
             until(&format!("{app} up"), timeout, || Ok(agent.app(app)?.is_some_and(|a| a.up)))?;
             let t = start.elapsed().as_secs_f64();
-            // Removed again (secrets and data kept) so the baseline can use the same name and ports.
+            let after = agent.install_steps()?;
+            // Steps the backend has (no unit nor daemon-reload under podman), once each.
+            for step in archy_agent::metrics::INSTALL_STEPS {
+                let (a, b) = (
+                    after.get(*step).copied().unwrap_or_default(),
+                    before.get(*step).copied().unwrap_or_default(),
+                );
+                if a.1 > b.1 {
+                    steps.entry(step).or_default().push(a.0 - b.0);
+                }
+            }
+            // Removed again (secrets and data kept) so the floors can use the same name and ports.
             agent.uninstall(app, false)?;
             until(&format!("{app} uninstalled"), timeout, || Ok(agent.app(app)?.is_none()))?;
             Ok(t)
         };
         let measure_raw = || -> Result<f64> {
-            ensure!(
-                node.stat(&format!("data/secrets/{app}"))?.is_some() || m.generated_secrets.is_empty(),
-                "the baseline reuses {app}'s secrets: measure the agent first"
-            );
-            let unit = quadlet::render(m, &target);
-            let args: Vec<String> =
-                unit.podman_args.iter().filter(|a| !a.starts_with("--label=io.archy")).cloned().collect();
-            let probe = if m.health.is_some() {
-                "i=0; until podman healthcheck run \"$name\" >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 3000 ] || exit 1; done"
-            } else {
-                ":"
-            };
             let script = format!(
                 "name={name}; s=$(date +%s%N); podman run -d \"$@\" >/dev/null || exit 1; {probe}; e=$(date +%s%N); podman rm -f -t 0 \"$name\" >/dev/null; echo $((e-s))",
                 name = m.container_name()
             );
-            timed_in_node(node, &script, &args)
+            timed_in_node(node, &script, &raw_args(&rendered))
         };
-        // The agent goes first on the first sample: the baseline needs the secrets it made.
-        if n % 2 == 1 || ours.is_empty() {
-            ours.push(measure_agent()?);
-            raw.push(measure_raw()?);
-        } else {
-            raw.push(measure_raw()?);
-            ours.push(measure_agent()?);
+        let measure_unit = || -> Result<f64> {
+            // Not the app's unit name: the agent's unit of the app must stay the agent's.
+            let script = format!(
+                "name={name}; svc=archy-floor-{app}; d=\"$HOME/.config/containers/systemd\"; f=\"$d/$svc.container\"
+                 clean() {{ systemctl --user stop \"$svc\" >/dev/null 2>&1; rm -f \"$f\"; systemctl --user daemon-reload >/dev/null 2>&1; podman rm -f -i -t 0 \"$name\" >/dev/null 2>&1; }}
+                 s=$(date +%s%N)
+                 {{ mkdir -p \"$d\" && printf %s \"$1\" >\"$f\" && systemctl --user daemon-reload && systemctl --user start \"$svc\" && ( {probe} ); }} || {{ clean; exit 1; }}
+                 e=$(date +%s%N); clean; echo $((e-s))",
+                name = m.container_name()
+            );
+            timed_in_node(node, &script, &[raw_unit(&rendered)])
+        };
+        let mut order: Vec<usize> = vec![0, 1, 2];
+        order.rotate_left(n as usize % 3);
+        if node.stat(&format!("data/secrets/{app}"))?.is_none() && !m.generated_secrets.is_empty() {
+            order = vec![0, 1, 2]; // the floors reuse the secrets the agent makes
+        }
+        for which in order {
+            match which {
+                0 => ours.push(measure_agent()?),
+                1 => raw.push(measure_raw()?),
+                _ => unit.push(measure_unit()?),
+            }
         }
     }
-    let ratio: Vec<f64> = ours.iter().zip(&raw).map(|(a, r)| a / r).collect();
-    Ok(Evidence::default()
+    let ratio = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a / b).collect() };
+    let mut evidence = Evidence::default()
         .with("apps", apps)
+        .measure(kpi::INSTALL_RATIO, ratio(&ours, &raw))
+        .measure(kpi::INSTALL_QUADLET_RATIO, ratio(&ours, &unit))
+        .measure(kpi::QUADLET_PODMAN_RATIO, ratio(&unit, &raw))
         .measure(kpi::INSTALL, ours)
         .measure(kpi::RAW_RUN, raw)
-        .measure(kpi::INSTALL_RATIO, ratio))
+        .measure(kpi::RAW_QUADLET, unit);
+    for (step, samples) in steps {
+        evidence = evidence.measure(&kpi::install_step(step), samples);
+    }
+    Ok(evidence)
+}
+
+/// The container as `podman run -d` arguments, without the agent's labels (so the agent does
+/// not take it for the app's).
+fn raw_args(unit: &quadlet::Unit) -> Vec<String> {
+    unit.podman_args.iter().filter(|a| !a.starts_with("--label=io.archy")).cloned().collect()
+}
+
+/// The unit text as a person would install it: without the agent's labels, nor its header (the
+/// agent never reads or touches a unit without it).
+fn raw_unit(unit: &quadlet::Unit) -> String {
+    unit.text
+        .lines()
+        .filter(|l| *l != quadlet::HEADER && !l.starts_with("Label=io.archy"))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// No-op ticks at each app count, each beside `podman ps` (the tick's one observation call)

@@ -397,6 +397,12 @@ pub mod kpi {
     pub const INSTALL: &str = "install_seconds";
     pub const RAW_RUN: &str = "raw_run_seconds";
     pub const INSTALL_RATIO: &str = "install_ratio";
+    /// The agent's unit installed by hand: written, daemon-reload, start, healthy.
+    pub const RAW_QUADLET: &str = "raw_quadlet_seconds";
+    /// The agent's install over the raw Quadlet floor: the agent's own overhead.
+    pub const INSTALL_QUADLET_RATIO: &str = "install_quadlet_ratio";
+    /// The raw Quadlet floor over raw `podman run`: what running under systemd costs.
+    pub const QUADLET_PODMAN_RATIO: &str = "quadlet_podman_ratio";
     pub const STARTUP: &str = "startup_seconds";
     /// Power on (the start of the node's boot) to the agent's /readyz answering.
     pub const BOOT_TO_READY: &str = "boot_to_ready_seconds";
@@ -407,6 +413,12 @@ pub mod kpi {
     /// A tick KPI at `n` installed apps: `tick_seconds_05apps`.
     pub fn at_apps(kpi: &str, n: usize) -> String {
         format!("{kpi}_{n:02}apps")
+    }
+
+    /// One step of the agent's install (`archy_agent::metrics::INSTALL_STEPS`), from its
+    /// metrics: informative, with no `_ratio` twin and no `raw_` prefix.
+    pub fn install_step(step: &str) -> String {
+        format!("install_step_{step}_seconds")
     }
 
     /// Calls of `tool` (`podman`, `systemctl`) for one lifecycle operation.
@@ -491,7 +503,18 @@ impl Scenario {
             match step {
                 Step::WaitConverged if fault => out.push(kpi::RECOVERY.into()),
                 Step::MeasureInstall => {
-                    out.extend([kpi::INSTALL, kpi::RAW_RUN, kpi::INSTALL_RATIO].map(String::from))
+                    out.extend(
+                        [
+                            kpi::INSTALL,
+                            kpi::RAW_RUN,
+                            kpi::INSTALL_RATIO,
+                            kpi::RAW_QUADLET,
+                            kpi::INSTALL_QUADLET_RATIO,
+                            kpi::QUADLET_PODMAN_RATIO,
+                        ]
+                        .map(String::from),
+                    );
+                    out.extend(archy_agent::metrics::INSTALL_STEPS.iter().map(|s| kpi::install_step(s)));
                 }
                 Step::MeasureTicks { counts, .. } => {
                     for n in counts {
