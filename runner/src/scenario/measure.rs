@@ -53,7 +53,7 @@ pub fn install(
     let mut target = quadlet::Target::new(version, node.root_on_node().join("data"));
     // The node's cgroup view has no memory controller: the agent leaves limits out there too.
     target.memory_limits = false;
-    let (mut ours, mut raw, mut unit) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut raw, mut unit, mut inside) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut steps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for app in apps {
         let m = catalog.get(app).with_context(|| format!("{app} is not in the node's catalog"))?;
@@ -70,7 +70,10 @@ pub fn install(
             until(&format!("{app} up"), timeout, || Ok(agent.app(app)?.is_some_and(|a| a.up)))?;
             let t = start.elapsed().as_secs_f64();
             let after = agent.install_steps()?;
-            // Steps the backend has (no unit nor daemon-reload under podman), once each.
+            // Steps the backend has (no unit nor daemon-reload under podman), once each; each
+            // runs from the end of the one before, so together they are the install by the
+            // agent's own clock, from the request to the first healthy probe.
+            let mut own = 0.0;
             for step in archy_agent::metrics::INSTALL_STEPS {
                 let (a, b) = (
                     after.get(*step).copied().unwrap_or_default(),
@@ -78,8 +81,10 @@ pub fn install(
                 );
                 if a.1 > b.1 {
                     steps.entry(step).or_default().push(a.0 - b.0);
+                    own += a.0 - b.0;
                 }
             }
+            inside.push(own);
             // Removed again (secrets and data kept) so the floors can use the same name and ports.
             agent.uninstall(app, false)?;
             until(&format!("{app} uninstalled"), timeout, || Ok(agent.app(app)?.is_none()))?;
@@ -121,7 +126,9 @@ pub fn install(
     let mut evidence = Evidence::default()
         .with("apps", apps)
         .measure(kpi::INSTALL_RATIO, ratio(&ours, &raw))
-        .measure(kpi::INSTALL_QUADLET_RATIO, ratio(&ours, &unit))
+        // Timed as the floor is, inside the node: by the agent's clock, not through the API
+        // and the runner's polls (about 25 ms of a 500 ms install).
+        .measure(kpi::INSTALL_QUADLET_RATIO, ratio(&inside, &unit))
         .measure(kpi::QUADLET_PODMAN_RATIO, ratio(&unit, &raw))
         .measure(kpi::INSTALL, ours)
         .measure(kpi::RAW_RUN, raw)
