@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-/// Every point, in the order an install passes them.
+/// Every point, in the order an install passes them under Quadlet.
 pub const POINTS: &[&str] = &[
     "state_write",
     "secrets_ensured",
@@ -27,6 +27,9 @@ pub const POINTS: &[&str] = &[
 pub const UNINSTALL_POINTS_QUADLET: &[&str] =
     &["state_write", "container_stopped", "unit_removed", "daemon_reloaded"];
 pub const UNINSTALL_POINTS_PODMAN: &[&str] = &["state_write", "container_removed"];
+/// The points an install passes under the podman backend: no unit, no daemon-reload.
+pub const INSTALL_POINTS_PODMAN: &[&str] =
+    &["state_write", "secrets_ensured", "container_started", "health_checked"];
 
 pub const FILE: &str = "agent/failpoint";
 
