@@ -598,7 +598,7 @@ mod tests {
             crate::scenario::resolve(&root.join("scenarios"), &["release".into()], Backend::Quadlet).unwrap()
         {
             let at = label(&p.scenario.id, p.backend);
-            want.extend(p.scenario.measures().into_iter().map(|k| format!("{at}/{k}")));
+            want.extend(p.scenario.measures_on(p.backend).into_iter().map(|k| format!("{at}/{k}")));
         }
         let want: std::collections::BTreeSet<&str> = want.iter().map(String::as_str).collect();
         assert_eq!(
