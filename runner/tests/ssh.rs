@@ -502,13 +502,13 @@ fn smoke_runs_over_ssh_on_two_hosts_at_once_and_a_fleet_mixes_ssh_and_local() {
                     a.sshd_log()
                 );
             }
-            // Two hosts measured at once on two cores: absolute latency limits are figures here,
-            // ratios to raw podman (measured beside them) must hold.
+            // A debug build on two hosts at once on two cores: its speed is figures here (as in
+            // run.rs's smoke test, the release judges it); counts must hold.
             for k in sc["kpis"].as_array().unwrap() {
                 for t in k["thresholds"].as_array().unwrap() {
                     let line =
                         format!("{} {} {} {}: {}", n["node"], sc["scenario"], k["name"], t["quantile"], t);
-                    if k["unit"] == "ratio" {
+                    if k["unit"] == "calls" {
                         assert_eq!(t["verdict"], "pass", "{line}");
                     }
                     println!("figure: {line}");
