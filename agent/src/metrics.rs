@@ -40,6 +40,8 @@ pub struct Metrics {
 /// backend has no unit and no daemon-reload.
 pub const INSTALL_STEPS: &[&str] =
     &["accepted", "secrets", "unit_written", "daemon_reload", "started", "healthy"];
+/// The install steps only the Quadlet backend has.
+pub const QUADLET_ONLY_INSTALL_STEPS: &[&str] = &["unit_written", "daemon_reload"];
 
 /// Drift kinds the reconciler repairs.
 pub const DRIFT_KINDS: &[&str] = &["spec", "ports", "unit_file", "image"];

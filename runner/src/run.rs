@@ -243,10 +243,8 @@ fn plan(args: &RunArgs) -> Result<(Vec<Work>, SuiteRecord)> {
         }
         work.push(Work { scenario: s, apps, backend, iterations });
     }
-    let runs = |p: &scenario::Planned| {
-        work.iter().find(|w| w.scenario.id == p.scenario.id && w.backend == p.backend).map_or(0, Work::runs)
-    };
-    let suite = SuiteRecord::new(args.targets.join("+"), &planned, runs)?;
+    // `work` is `planned`, entry for entry.
+    let suite = SuiteRecord::new(args.targets.join("+"), planned.iter().zip(work.iter().map(Work::runs)))?;
     Ok((work, suite))
 }
 
@@ -379,14 +377,7 @@ impl Driver<'_> {
             .context("removing the apps installed")?;
         // The host runs the backend it was provisioned with; an entry for the other one runs
         // it for that scenario only, on a host with nothing installed.
-        if agent.status()?.backend.as_str() != w.backend.name() {
-            anyhow::ensure!(
-                kept.is_empty(),
-                "the host's agent is not on the {} backend, and protected apps {kept:?} keep it from switching",
-                w.backend.name()
-            );
-        }
-        let switched = crate::node::provision::switch_backend(node, w.backend)?;
+        let switched = crate::node::provision::switch_backend(node, w.backend, &kept)?;
         let results =
             scenario::engine::run_scenario(s, node, &w.apps, w.iterations, seed, |g, it| self.each(w, g, it));
         if let Some(switched) = switched {

@@ -222,6 +222,12 @@ fn fill(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The cgroup of the service user's own (beside its manager's units, delegated) that the
+/// podman backend moves podman's calls into, so that conmon outlives an agent restart (FM3).
+pub fn podman_cgroup(uid: impl std::fmt::Display) -> String {
+    format!("/sys/fs/cgroup/user.slice/user-{uid}.slice/user@{uid}.service/archy-podman")
+}
+
 /// The agent as the node's user service: its binary, the catalog, its config and unit, and
 /// the podman it calls (the real one, unless the runner's fault flag says it fails).
 fn install_agent(
@@ -258,7 +264,7 @@ fn install_agent(
             cgroup = if opts.fm3 {
                 String::new()
             } else {
-                format!("podman_cgroup: /sys/fs/cgroup/user.slice/user-{uid}.slice/user@{uid}.service/archy-podman\n")
+                format!("podman_cgroup: {}\n", podman_cgroup(uid))
             },
         ),
     )?;

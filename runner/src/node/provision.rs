@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use sha2::Digest;
 
-use super::local::{agent_unit, podman_wrapper};
+use super::local::{agent_unit, podman_cgroup, podman_wrapper};
 use super::ssh::{quote, SshNode};
 use super::{Backend, Node};
 
@@ -295,14 +295,19 @@ pub struct Switched {
 /// its `backend:` line and, for the podman backend, a cgroup of the user's own for podman's
 /// calls (else an agent restart takes every container with it, the platform's FM3); then
 /// restarts it. The caller removes every app first: an app one backend started is not the
-/// other's to adopt.
-pub fn switch_backend(node: &SshNode, backend: Backend) -> Result<Option<Switched>> {
+/// other's to adopt, so apps still installed (`kept`, the protected ones) refuse a switch.
+pub fn switch_backend(node: &SshNode, backend: Backend, kept: &[String]) -> Result<Option<Switched>> {
     let path = node.home()?.join(CONFIG);
     let config = node.run_ok(&format!("cat -- {}", quote(&path.to_string_lossy())))?;
     let line = format!("backend: {}", backend.name());
     if config.lines().any(|l| l.trim_end() == line) {
         return Ok(None);
     }
+    ensure!(
+        kept.is_empty(),
+        "the host's agent is not on the {} backend, and protected apps {kept:?} keep it from switching",
+        backend.name()
+    );
     let mut lines: Vec<String> = config
         .lines()
         .filter(|l| !l.starts_with("backend:") && !l.starts_with("podman_cgroup:"))
@@ -310,9 +315,7 @@ pub fn switch_backend(node: &SshNode, backend: Backend) -> Result<Option<Switche
         .collect();
     lines.push(line);
     if backend == Backend::Podman {
-        let uid = node.run_ok("id -u")?;
-        let cgroup =
-            format!("/sys/fs/cgroup/user.slice/user-{0}.slice/user@{0}.service/archy-podman", uid.trim());
+        let cgroup = podman_cgroup(node.run_ok("id -u")?.trim());
         node.run_ok(&format!("mkdir -p {0} && test -w {0}/cgroup.procs", quote(&cgroup))).with_context(
             || {
                 format!(

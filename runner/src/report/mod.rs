@@ -31,17 +31,17 @@ pub mod exit {
 }
 
 impl SuiteRecord {
-    /// The record of `plan`, each entry run `runs(entry)` times per node.
-    pub fn new(name: String, plan: &[Planned], runs: impl Fn(&Planned) -> u32) -> Result<SuiteRecord> {
+    /// The record of a plan: each entry with the iterations a node must report of it.
+    pub fn new<'a>(name: String, plan: impl IntoIterator<Item = (&'a Planned, u32)>) -> Result<SuiteRecord> {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         let mut entries = Vec::new();
-        for p in plan {
+        for (p, runs) in plan {
             let text = std::fs::read(&p.path).with_context(|| format!("cannot read {}", p.path.display()))?;
             h.update(format!("{} {} {} {}\n", p.scenario.id, p.backend.name(), p.iterations, text.len()));
             h.update(&text);
             let (scenario, backend, iterations) = (p.scenario.id.clone(), p.backend, p.iterations);
-            entries.push(SuiteEntry { scenario, backend, iterations, runs: runs(p) });
+            entries.push(SuiteEntry { scenario, backend, iterations, runs });
         }
         Ok(SuiteRecord { name, hash: format!("sha256:{:x}", h.finalize()), entries })
     }

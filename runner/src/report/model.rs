@@ -116,6 +116,12 @@ pub struct ScenarioReport {
     pub kpis: Vec<Kpi>,
 }
 
+impl SuiteEntry {
+    pub fn label(&self) -> String {
+        label(&self.scenario, self.backend)
+    }
+}
+
 fn quadlet() -> Backend {
     Backend::Quadlet
 }

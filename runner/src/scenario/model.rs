@@ -494,17 +494,6 @@ impl Scenario {
         Ok(s)
     }
 
-    /// The KPIs this scenario records under `backend`: the podman backend's install writes no
-    /// unit and reloads nothing, so it has no such steps.
-    pub fn measures_on(&self, backend: Backend) -> Vec<String> {
-        let quadlet_only = ["unit_written", "daemon_reload"].map(kpi::install_step);
-        let mut out = self.measures();
-        if backend == Backend::Podman {
-            out.retain(|k| !quadlet_only.contains(k));
-        }
-        out
-    }
-
     /// The KPIs this scenario's steps record.
     pub fn measures(&self) -> Vec<String> {
         let mut out = Vec::new();
