@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+/// The details key of [`Evidence::failed_apps`].
+pub const FAILED_APPS: &str = "failed_apps";
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
     /// `Some(false)`: the fault demonstrably did not happen, so the iteration proves nothing.
@@ -38,6 +41,11 @@ impl Evidence {
     pub fn with(mut self, key: &str, value: impl Serialize) -> Evidence {
         self.details.insert(key.to_string(), serde_json::to_value(value).unwrap_or(Value::Null));
         self
+    }
+
+    /// Apps that failed the step while the others went on (a per-app scenario), and why.
+    pub fn failed_apps(&self) -> BTreeMap<String, String> {
+        self.details.get(FAILED_APPS).and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default()
     }
 
     pub fn measure(mut self, kpi: &str, samples: Vec<f64>) -> Evidence {

@@ -190,6 +190,7 @@ pub fn explore(args: ExploreArgs) -> ExitCode {
         verdict,
         iterations: explored.checks.clone(),
         kpis: Vec::new(),
+        seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
     };
     let node_report = NodeReport::new(
         args.node.clone(),
@@ -504,7 +505,7 @@ impl Explorer<'_> {
                                 agent: &agent,
                                 catalog: self.catalog.clone(),
                                 backend,
-                                apps: self.apps,
+                                apps: self.apps.to_vec(),
                                 n: (k * 64 + c) as u32 + 1,
                                 rng: rand::rngs::StdRng::seed_from_u64(
                                     self.seed ^ ((k as u64) << 16) ^ c as u64,
@@ -582,7 +583,7 @@ impl Explorer<'_> {
             checks.push(Iteration {
                 n: k as u32 + 1,
                 apps: self.apps.to_vec(),
-                subject: None,
+                per_app: false,
                 verdict,
                 steps: records,
                 failures: failures.clone(),

@@ -93,6 +93,7 @@ pub fn exposition(report: &Report, node: &NodeReport, gate_pass: Option<bool>) -
     let mut iterations = Vec::new();
     let mut kpis = Vec::new();
     let mut thresholds = Vec::new();
+    let (mut cells_ok, mut cells_runs) = (Vec::new(), Vec::new());
     for s in &node.scenarios {
         // `cold-install@podman` beside `cold-install`: one series per scenario and backend.
         let scenario = s.label();
@@ -120,6 +121,24 @@ pub fn exposition(report: &Report, node: &NodeReport, gate_pass: Option<bool>) -
                 thresholds.push((labels, t.max));
             }
         }
+        // n/a cells are left out: a panel counts full cells of those that apply.
+        if let Some(card) = crate::report::scorecard::scorecard(&s.iterations) {
+            for (app, cells) in &card.rows {
+                for (state, cell) in card.states.iter().zip(cells) {
+                    if let crate::report::scorecard::Cell::Runs { ok, of } = *cell {
+                        let labels = || {
+                            vec![
+                                ("scenario", scenario.clone()),
+                                ("app", app.clone()),
+                                ("state", state.clone()),
+                            ]
+                        };
+                        cells_ok.push((labels(), ok as f64));
+                        cells_runs.push((labels(), of as f64));
+                    }
+                }
+            }
+        }
     }
     family("archy_chaos_scenario_pass", "1 if the scenario's verdict is pass.", &pass);
     family("archy_chaos_scenario_iterations", "Iterations of the scenario by result.", &iterations);
@@ -129,6 +148,18 @@ pub fn exposition(report: &Report, node: &NodeReport, gate_pass: Option<bool>) -
         "The most a KPI's quantile may be for the scenario to pass.",
         &thresholds,
     );
+    if !cells_runs.is_empty() {
+        family(
+            "archy_chaos_scorecard_runs",
+            "Scorecard cell: the app's iterations that should have reached the state (n/a cells absent).",
+            &cells_runs,
+        );
+        family(
+            "archy_chaos_scorecard_ok",
+            "Scorecard cell: the iterations that reached the state and held it.",
+            &cells_ok,
+        );
+    }
     out
 }
 

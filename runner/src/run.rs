@@ -96,7 +96,7 @@ impl Work {
 
     /// Iterations a node reports: one per app of a per-app scenario.
     fn runs(&self) -> u32 {
-        self.iterations * if self.scenario.per_app { self.apps.len() as u32 } else { 1 }
+        self.iterations
     }
 }
 
@@ -417,6 +417,7 @@ fn run_node(d: Driver, target: &Target, work: &[Work], seed: u64) -> NodeReport 
             .then(|| d.measuring.write().unwrap_or_else(|e| e.into_inner()));
         let _shared = _alone.is_none().then(|| d.measuring.read().unwrap_or_else(|e| e.into_inner()));
         let scenario_seed = seed ^ ((i as u64) << 32);
+        let started = std::time::Instant::now();
         let results = match target {
             Target::Local(name) => d.local(name, w, scenario_seed, i + 1 == work.len(), &mut environment),
             Target::Ssh(node) => d.ssh(node, w, scenario_seed, i + 1 == work.len(), &mut environment),
@@ -425,7 +426,7 @@ fn run_node(d: Driver, target: &Target, work: &[Work], seed: u64) -> NodeReport 
             d.say(format!("archy-chaos: {}: {} (verdict: unknown): {e:#}", d.label, w.scenario.id));
             Vec::new()
         });
-        scenarios.push(ScenarioReport::new(&w.scenario, w.backend, results));
+        scenarios.push(ScenarioReport::new(&w.scenario, w.backend, results, started.elapsed().as_secs_f64()));
     }
     let backend = match (target, environment.as_ref().and_then(|e| e.agent_backend.clone())) {
         (Target::Ssh(_), Some(b)) => b,

@@ -9,6 +9,7 @@ pub mod history;
 pub mod invariants;
 pub mod measure;
 pub mod model;
+pub mod probe;
 pub mod steps;
 
 pub use engine::{Iteration, Verdict};

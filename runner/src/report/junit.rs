@@ -46,10 +46,7 @@ pub fn render(r: &Report) -> Result<String> {
             };
             for it in &sc.iterations {
                 let why: Vec<&str> = it.failures.iter().chain(&it.unknowns).map(String::as_str).collect();
-                let name = match &it.subject {
-                    Some(app) => format!("{app} iteration {}", it.n),
-                    None => format!("iteration {}", it.n),
-                };
+                let name = format!("iteration {}", it.n);
                 suite.add_test_case(case(name, it.verdict, why.join("; ")));
             }
             for k in &sc.kpis {

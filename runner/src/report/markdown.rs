@@ -1,7 +1,7 @@
 //! A run report in Markdown (CommonMark with GFM tables) for people: per node, a scorecard,
 //! KPIs against their thresholds, and every iteration that did not pass with its evidence.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use super::model::{ExploreReport, Iteration, NodeReport, Report, ScenarioReport, Verdict};
 use crate::scenario::history::Outcome;
@@ -194,11 +194,7 @@ fn scenario(sc: &ScenarioReport, level: usize) -> String {
             .get("recovery_seconds")
             .and_then(|r| r.first())
             .map_or("-".into(), |r| format!("{r:.2} s"));
-        let n = match &it.subject {
-            Some(app) => format!("{app} #{}", it.n),
-            None => it.n.to_string(),
-        };
-        out.push_str(&format!("| {n} | {} | {recovery} |\n", it.verdict.name()));
+        out.push_str(&format!("| {} | {} | {recovery} |\n", it.n, it.verdict.name()));
     }
     for it in sc.iterations.iter().filter(|i| i.verdict != Verdict::Pass) {
         out.push_str(&format!("\n{h}# {} iteration {}: {}\n\n", sc.label(), it.n, it.verdict.name()));
@@ -224,61 +220,20 @@ fn scenario(sc: &ScenarioReport, level: usize) -> String {
     out
 }
 
-/// Apps x states, computed from the steps of per-app iterations (never kept by hand): each
-/// cell counts the iterations whose step of that kind succeeded, marked full, partial or
-/// missing. Empty unless the scenario ran per app.
+/// Apps x states (`scorecard`), empty unless the scenario ran per app.
 fn scorecard(iterations: &[Iteration], h: &str) -> String {
-    let mut states: Vec<&str> = Vec::new();
-    let mut cells: BTreeMap<(&str, &str), (u32, u32)> = BTreeMap::new();
-    for it in iterations {
-        let Some(app) = it.subject.as_deref() else { continue };
-        let mut last: Option<(&str, &str)> = None;
-        for step in &it.steps {
-            let Some(state) = step.kind() else { continue };
-            let ok = step.error.is_none();
-            if state.starts_with("wait-") || state == "snapshot-containers" {
-                // A wait is how a state is reached: its failure is the state's.
-                if let (false, Some(key)) = (ok, &last) {
-                    if let Some(cell) = cells.get_mut(key) {
-                        cell.0 = cell.0.saturating_sub(1);
-                    }
-                }
-                continue;
-            }
-            if !states.contains(&state) {
-                states.push(state);
-            }
-            let cell = cells.entry((app, state)).or_default();
-            cell.1 += 1;
-            cell.0 += ok as u32;
-            last = Some((app, state));
-        }
+    let Some(card) = super::scorecard::scorecard(iterations) else { return String::new() };
+    let mut out = format!(
+        "{h} Scorecard\n\n| app | {} |\n|---|{}\n",
+        card.states.join(" | "),
+        "---|".repeat(card.states.len())
+    );
+    for (app, cells) in &card.rows {
+        let cells: Vec<String> = cells.iter().map(ToString::to_string).collect();
+        out.push_str(&format!("| {app} | {} |\n", cells.join(" | ")));
     }
-    if cells.is_empty() {
-        return String::new();
-    }
-    let apps: BTreeSet<&str> = cells.keys().map(|(a, _)| *a).collect();
-    let mut out =
-        format!("{h} Scorecard\n\n| app | {} |\n|---|{}\n", states.join(" | "), "---|".repeat(states.len()));
-    let (mut full, mut total) = (0, 0);
-    for app in apps {
-        out.push_str(&format!("| {app} |"));
-        for state in &states {
-            total += 1;
-            let cell = match cells.get(&(app, *state)) {
-                Some((ok, n)) if ok == n => {
-                    full += 1;
-                    format!(" {ok}/{n} full |")
-                }
-                Some((0, n)) => format!(" 0/{n} missing |"),
-                Some((ok, n)) => format!(" {ok}/{n} partial |"),
-                None => " - missing |".to_string(),
-            };
-            out.push_str(&cell);
-        }
-        out.push('\n');
-    }
-    out.push_str(&format!("\n{full}/{total} cells full.\n\n"));
+    let (full, of) = card.full();
+    out.push_str(&format!("\n{full}/{of} cells full (n/a cells not counted).\n\n"));
     out
 }
 

@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod junit;
 pub mod markdown;
 pub mod model;
+pub mod scorecard;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,7 +49,7 @@ impl SuiteRecord {
 }
 
 impl ScenarioReport {
-    pub fn new(s: &Scenario, backend: Backend, iterations: Vec<Iteration>) -> ScenarioReport {
+    pub fn new(s: &Scenario, backend: Backend, iterations: Vec<Iteration>, seconds: f64) -> ScenarioReport {
         let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for it in &iterations {
             for (k, v) in &it.measures {
@@ -77,6 +78,7 @@ impl ScenarioReport {
             verdict,
             iterations,
             kpis,
+            seconds,
         }
     }
 }
@@ -179,7 +181,7 @@ impl Report {
     /// The terminal summary: one row per scenario.
     pub fn summary(&self) -> String {
         let mut t = tabled::builder::Builder::default();
-        t.push_record(["node", "scenario", "layer", "pass/fail/unknown", "verdict", "why"]);
+        t.push_record(["node", "scenario", "layer", "pass/fail/unknown", "time", "it/min", "verdict", "why"]);
         for (node, s) in self.nodes.iter().flat_map(|n| n.scenarios.iter().map(move |s| (&n.node, s))) {
             let count = |v| s.iterations.iter().filter(|i| i.verdict == v).count();
             let mut why: Vec<String> =
@@ -195,11 +197,28 @@ impl Report {
                 s.label(),
                 format!("{:?}", s.layer),
                 format!("{}/{}/{}", count(Verdict::Pass), count(Verdict::Fail), count(Verdict::Unknown)),
+                format!("{:.0} s", s.seconds),
+                per_minute(s.iterations.len(), s.seconds),
                 s.verdict.name().to_string(),
                 why.first().map(|w| w.chars().take(120).collect()).unwrap_or_default(),
             ]);
         }
-        t.build().with(tabled::settings::Style::sharp()).to_string()
+        let total: usize =
+            self.nodes.iter().map(|n| n.scenarios.iter().map(|s| s.iterations.len()).sum::<usize>()).sum();
+        format!(
+            "{}\n{total} iterations in {:.0} s: {} per minute",
+            t.build().with(tabled::settings::Style::sharp()),
+            self.duration_seconds,
+            per_minute(total, self.duration_seconds)
+        )
+    }
+}
+
+/// Iterations per minute, the runner's own throughput.
+pub fn per_minute(iterations: usize, seconds: f64) -> String {
+    match seconds > 0.0 {
+        true => format!("{:.1}", iterations as f64 * 60.0 / seconds),
+        false => "-".into(),
     }
 }
 

@@ -114,6 +114,10 @@ pub struct ScenarioReport {
     pub verdict: Verdict,
     pub iterations: Vec<Iteration>,
     pub kpis: Vec<Kpi>,
+    /// Wall time of the scenario on its node, node set-up and teardown included (the
+    /// runner's own throughput; 0 in reports before it was recorded).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 impl SuiteEntry {

@@ -43,9 +43,10 @@ pub struct Iteration {
     pub n: u32,
     /// The apps this iteration exercised.
     pub apps: Vec<String>,
-    /// The app under test of a per-app scenario (the others are its dependencies).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<String>,
+    /// A per-app scenario: each app is scored on its own (the scorecard), and an app that
+    /// fails a step leaves the iteration while the others go on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_app: bool,
     pub verdict: Verdict,
     /// Each step with its evidence, in order.
     pub steps: Vec<StepRecord>,
@@ -110,7 +111,8 @@ pub struct StepCtx<'a> {
     pub agent: &'a AgentClient<'a>,
     pub catalog: Catalog,
     pub backend: BackendKind,
-    pub apps: &'a [String],
+    /// The apps still in the iteration (a per-app scenario drops those that failed).
+    pub apps: Vec<String>,
     pub n: u32,
     pub rng: rand::rngs::StdRng,
     pub memory: Memory,
@@ -128,7 +130,7 @@ pub fn iterate(
     let mut it = Iteration {
         n,
         apps: apps.to_vec(),
-        subject: s.per_app.then(|| apps.last().cloned()).flatten(),
+        per_app: s.per_app,
         verdict: Verdict::Pass,
         steps: Vec::new(),
         failures: Vec::new(),
@@ -159,7 +161,7 @@ pub fn iterate(
         agent,
         catalog,
         backend,
-        apps,
+        apps: apps.to_vec(),
         n,
         rng: rand::rngs::StdRng::seed_from_u64(seed),
         memory: Memory { aside_before, ..Memory::default() },
@@ -196,6 +198,11 @@ fn run_steps(ctx: &mut StepCtx, it: &mut Iteration) {
         }
         match result {
             Ok(evidence) => {
+                let failed = evidence.failed_apps();
+                for (app, why) in &failed {
+                    it.failures.push(format!("{app}: {}: {why}", step.name()));
+                }
+                ctx.apps.retain(|a| !failed.contains_key(a));
                 if evidence.took_effect == Some(false) {
                     it.unknowns.push(format!("{} did not take effect: {:?}", step.name(), evidence.details));
                 }
@@ -209,6 +216,9 @@ fn run_steps(ctx: &mut StepCtx, it: &mut Iteration) {
                 }
                 let seconds = Some(started.elapsed().as_secs_f64());
                 it.steps.push(StepRecord { step: record, seconds, evidence: Some(evidence), error: None });
+                if ctx.apps.is_empty() {
+                    return;
+                }
             }
             // A history's fault that could not act (a kill of a container that is not there)
             // is part of the history, recorded above; the model decides.
@@ -272,16 +282,20 @@ impl Step {
             Step::WaitConverged => Some("converged"),
             Step::WaitReady => Some("agent-ready"),
             Step::Check => Some("model"),
-            Step::Exec { expect: Some(_), .. } | Step::Reachable => Some("check"),
+            Step::Exec { expect: Some(_), .. }
+            | Step::ContainerPresent
+            | Step::ValidState
+            | Step::RpcReachable
+            | Step::UiReachable => Some("check"),
             _ => None,
         }
     }
 }
 
-/// The iterations of one scenario on a node. Per-app scenarios (the lifecycle matrix) run
-/// every iteration once per app, the app under test last after the dependencies it needs,
-/// from a clean node. `each` is told of every iteration as it ends (progress); `stop` ends
-/// the run early (a signal, or --fail-fast after a failure).
+/// The iterations of one scenario on a node, all its apps together. A per-app scenario (the
+/// lifecycle matrix) scores each app on its own and starts every iteration from a clean
+/// node. `each` is told of every iteration as it ends (progress); `stop` ends the run early
+/// (a signal, or --fail-fast after a failure).
 pub fn run_scenario(
     s: &Scenario,
     node: &dyn Node,
@@ -291,34 +305,35 @@ pub fn run_scenario(
     mut each: impl FnMut(&[String], &Iteration) -> bool,
 ) -> Vec<Iteration> {
     let agent = crate::node::agent(node);
+    // The apps with the dependencies they need, dependencies first.
     let catalog = node.catalog().ok();
-    let with_deps = |app: &String| {
-        let mut group: Vec<String> = Vec::new();
-        let mut todo = vec![app.clone()];
-        while let Some(a) = todo.pop() {
-            if !group.contains(&a) {
-                let deps = catalog.as_ref().and_then(|c| c.get(&a)).map(|m| m.depends_on.clone());
-                todo.extend(deps.unwrap_or_default());
-                group.insert(0, a);
+    let mut all: Vec<String> = Vec::new();
+    let mut todo: Vec<String> = apps.iter().rev().cloned().collect();
+    while let Some(a) = todo.pop() {
+        if all.contains(&a) {
+            continue;
+        }
+        let deps = catalog.as_ref().and_then(|c| c.get(&a)).map(|m| m.depends_on.clone()).unwrap_or_default();
+        match deps.iter().filter(|d| !all.contains(d)).cloned().collect::<Vec<_>>() {
+            missing if missing.is_empty() => all.push(a),
+            missing => {
+                todo.push(a);
+                todo.extend(missing);
             }
         }
-        group
-    };
-    let groups: Vec<Vec<String>> =
-        if s.per_app { apps.iter().map(with_deps).collect() } else { vec![apps.to_vec()] };
+    }
+    let apps = &all;
     let mut results = Vec::new();
-    for group in &groups {
-        for n in 1..=iterations {
-            let it = iterate(s, node, &agent, group, n, seed ^ u64::from(n));
-            let go_on = each(group, &it);
-            results.push(it);
-            if !go_on {
-                return results;
-            }
+    for n in 1..=iterations {
+        let it = iterate(s, node, &agent, apps, n, seed ^ u64::from(n));
+        let go_on = each(apps, &it);
+        results.push(it);
+        if !go_on {
+            break;
         }
         if s.per_app {
-            // A clean node for the next app.
-            let _ = clean(&agent, group, s.converge_timeout.0);
+            // A clean node for the next iteration, whatever this one left.
+            let _ = clean(&agent, apps, s.converge_timeout.0);
         }
     }
     results

@@ -42,7 +42,7 @@ pub fn check(ctx: &StepCtx, inv: Invariant) -> Result<()> {
                 ctx.node,
                 ctx.agent,
                 &ctx.catalog,
-                ctx.apps,
+                &ctx.apps,
                 &entries,
                 &mut seen,
                 ctx.s.converge_timeout.0,
@@ -54,7 +54,7 @@ pub fn check(ctx: &StepCtx, inv: Invariant) -> Result<()> {
 /// Desired == observed within the timeout, and the next tick is a no-op with exactly one
 /// podman call (observation) and no systemctl call.
 fn converged(ctx: &StepCtx) -> Result<()> {
-    ctx.agent.wait_converged(ctx.apps, ctx.s.converge_timeout.0)?;
+    ctx.agent.wait_converged(&ctx.apps, ctx.s.converge_timeout.0)?;
     let r = ctx.agent.reconcile()?;
     ensure!(
         r.actions.is_empty() && r.podman_calls == 1 && r.systemctl_calls == 0,
@@ -68,7 +68,7 @@ fn converged(ctx: &StepCtx) -> Result<()> {
 fn apps_up(ctx: &StepCtx) -> Result<()> {
     let observed = super::checker::containers(ctx.node)?;
     let mut down = Vec::new();
-    for app in ctx.apps {
+    for app in &ctx.apps {
         let c = observed.iter().find(|c| &c.app == app);
         if !c.is_some_and(|c| c.running && c.health.as_deref().is_none_or(|h| h == "healthy")) {
             down.push(format!("{app} (container: {c:?})"));

@@ -218,8 +218,17 @@ pub enum Step {
         #[serde(default)]
         expect: Option<String>,
     },
-    /// Each app with a published port answers HTTP on it, from inside the node.
-    Reachable,
+    /// Uninstall keeping data and secrets, until gone, then install again.
+    Reinstall,
+    /// Podman has one container of each app.
+    ContainerPresent,
+    /// The agent says each app runs, healthy, and podman agrees.
+    ValidState,
+    /// Each app's own API answers a request authenticated with the secret the agent
+    /// generated for it (manifest `rpc`; n/a without one).
+    RpcReachable,
+    /// Every UI URL of each app's manifest answers 200 with a body (n/a without `ui`).
+    UiReachable,
     /// Writes a file on the node (a path under the node's root, e.g. the catalog's build
     /// context of an app), as a platform update would.
     WriteFile {
@@ -313,7 +322,11 @@ impl Step {
                 | Step::WriteData
                 | Step::SnapshotContainers
                 | Step::Exec { expect: Some(_), .. }
-                | Step::Reachable
+                | Step::Reinstall
+                | Step::ContainerPresent
+                | Step::ValidState
+                | Step::RpcReachable
+                | Step::UiReachable
                 | Step::Boot
                 | Step::MeasureInstall
                 | Step::MeasureTicks { .. }

@@ -15,8 +15,11 @@ use sha2::Digest;
 use super::engine::StepCtx;
 use super::history::{self, Entry, History, Outcome};
 use super::model::{kpi, ApiOp, CatalogChange, Step};
-use crate::evidence::Evidence;
+use super::probe;
+use crate::evidence::{Evidence, FAILED_APPS};
 use crate::node::{DiskFault, FileFault, PODMAN_FAIL_FLAG};
+use archy_agent::manifest::Manifest;
+use std::collections::BTreeMap;
 
 /// Where the agent looks for an armed kill point, under the node's root.
 pub fn failpoint_file() -> String {
@@ -32,10 +35,7 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         Step::Start => each(ctx, "start"),
         Step::Stop => each(ctx, "stop"),
         Step::Restart => each(ctx, "restart"),
-        Step::WaitConverged => {
-            let t = ctx.agent.wait_converged(ctx.apps, timeout)?;
-            Ok(Evidence::default().with("seconds", t.as_secs_f64()))
-        }
+        Step::WaitConverged => wait_converged(ctx),
         Step::WaitReady => {
             Ok(Evidence::default().with("seconds", ctx.agent.wait_ready(timeout)?.as_secs_f64()))
         }
@@ -78,12 +78,12 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         Step::PodmanFail { duration } => podman_fail(ctx, duration.0),
         Step::DiskFault { fault, duration } => disk_fault(ctx, *fault, duration.0),
         Step::MeasureInstall => {
-            super::measure::install(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, timeout, ctx.n)
+            super::measure::install(ctx.node, ctx.agent, &ctx.catalog, &ctx.apps, timeout, ctx.n)
         }
         Step::MeasureTicks { counts, ticks } => {
             super::measure::ticks(ctx.node, ctx.agent, counts, *ticks, timeout)
         }
-        Step::MeasureCalls => super::measure::calls(ctx.agent, ctx.apps, timeout),
+        Step::MeasureCalls => super::measure::calls(ctx.agent, &ctx.apps, timeout),
         Step::MeasureStartup => {
             let start = Instant::now();
             let e = ctx.node.restart_agent()?;
@@ -96,7 +96,19 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
             Ok(e.measure(kpi::BOOT_TO_READY, vec![ready.as_secs_f64()]))
         }
         Step::Exec { argv, expect } => exec(ctx, argv, expect.as_deref()),
-        Step::Reachable => reachable(ctx),
+        Step::Reinstall => {
+            let mut failed = apart(ctx, &ctx.apps, |app| Ok(ctx.agent.uninstall(app, false)?))?;
+            let apps: Vec<String> = ctx.apps.iter().filter(|a| !failed.contains_key(*a)).cloned().collect();
+            failed.extend(settle(ctx, &apps)?);
+            let apps: Vec<String> = apps.into_iter().filter(|a| !failed.contains_key(a)).collect();
+            let again = each_of(ctx, &apps, "install")?;
+            failed.extend(again.failed_apps());
+            Ok(again.with(FAILED_APPS, failed))
+        }
+        Step::ContainerPresent => per_app(ctx, |ctx, m| probe::container_present(ctx.node, &m.id)),
+        Step::ValidState => per_app(ctx, |ctx, m| probe::valid_state(ctx.node, ctx.agent, m)),
+        Step::RpcReachable => per_app(ctx, |ctx, m| probe::rpc(ctx.node, m)),
+        Step::UiReachable => per_app(ctx, |ctx, m| probe::ui(ctx.node, m)),
         Step::Op { op, app } => {
             let index = ctx.memory.history.len();
             let e = history::request(ctx.agent, &ctx.memory.history, index, 0, *op, app.as_deref(), timeout);
@@ -109,7 +121,7 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         Step::Check => {
             let entries = ctx.memory.history.entries();
             let seen = &mut ctx.memory.seen;
-            super::checker::check(ctx.node, ctx.agent, &ctx.catalog, ctx.apps, &entries, seen, timeout)?;
+            super::checker::check(ctx.node, ctx.agent, &ctx.catalog, &ctx.apps, &entries, seen, timeout)?;
             Ok(Evidence::default().with("up", seen.ups.last().map(|(_, up)| up.clone()).unwrap_or_default()))
         }
         Step::Catalog { change, app } => {
@@ -130,9 +142,13 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
 /// `package.<op>` for every app. An agent that died at its armed kill point during the
 /// request is asked again once it is back, as any client would.
 fn each(ctx: &StepCtx, op: &str) -> Result<Evidence> {
+    each_of(ctx, &ctx.apps, op)
+}
+
+fn each_of(ctx: &StepCtx, apps: &[String], op: &str) -> Result<Evidence> {
     let failpoint = failpoint_file();
     let mut retried = Vec::new();
-    for app in ctx.apps {
+    let failed = apart(ctx, apps, |app| {
         // Only a kill point armed in this iteration can cut a request (and a look at the
         // node's disk costs a round trip over SSH).
         let armed = ctx.memory.armed && ctx.node.stat(&failpoint)?.is_some();
@@ -140,24 +156,71 @@ fn each(ctx: &StepCtx, op: &str) -> Result<Evidence> {
             ensure!(armed && ctx.node.stat(&failpoint)?.is_none(), e);
             ctx.agent.wait_ready(ctx.s.converge_timeout.0)?;
             ctx.agent.op(op, app)?;
-            retried.push(app);
+            retried.push(app.to_string());
+        }
+        Ok(())
+    })?;
+    Ok(Evidence::default()
+        .with("apps", apps)
+        .with("retried_after_agent_death", retried)
+        .with(FAILED_APPS, failed))
+}
+
+/// `f` for each app. In a per-app scenario an app's error fails that app alone and the
+/// others go on (the returned map, for `FAILED_APPS`); elsewhere the first error ends the step.
+fn apart(
+    ctx: &StepCtx,
+    apps: &[String],
+    mut f: impl FnMut(&str) -> Result<()>,
+) -> Result<BTreeMap<String, String>> {
+    let mut failed = BTreeMap::new();
+    for app in apps {
+        match f(app) {
+            Err(e) if ctx.s.per_app => {
+                failed.insert(app.clone(), format!("{e:#}"));
+            }
+            r => r?,
         }
     }
-    Ok(Evidence::default().with("apps", ctx.apps).with("retried_after_agent_death", retried))
+    Ok(failed)
+}
+
+/// `wait-converged`. In a per-app scenario, the apps that are not up (or gone) by the timeout
+/// fail alone: the tick cannot converge with them, but the others have.
+fn wait_converged(ctx: &StepCtx) -> Result<Evidence> {
+    let start = Instant::now();
+    let failed = settle(ctx, &ctx.apps)?;
+    Ok(Evidence::default().with("seconds", start.elapsed().as_secs_f64()).with(FAILED_APPS, failed))
+}
+
+fn settle(ctx: &StepCtx, apps: &[String]) -> Result<BTreeMap<String, String>> {
+    let Err(e) = ctx.agent.wait_converged(apps, ctx.s.converge_timeout.0) else { return Ok(BTreeMap::new()) };
+    if !ctx.s.per_app {
+        return Err(e);
+    }
+    let list = ctx.agent.list()?;
+    let failed: BTreeMap<String, String> = list
+        .into_iter()
+        .filter(|a| apps.contains(&a.id) && a.desired != archy_agent::store::Desired::Stopped && !a.up)
+        .map(|a| (a.id.clone(), format!("not settled within {:?}: {a:?}", ctx.s.converge_timeout.0)))
+        .collect();
+    // Every app settled, yet no tick converged: the node's failure, not one app's.
+    if failed.is_empty() {
+        return Err(e);
+    }
+    Ok(failed)
 }
 
 fn purge(ctx: &StepCtx) -> Result<Evidence> {
-    for app in ctx.apps {
-        // Not installed is already the goal.
-        ctx.agent.uninstall(app, true)?;
-    }
-    Ok(Evidence::default().with("apps", ctx.apps).with("purge", true))
+    // Not installed is already the goal.
+    let failed = apart(ctx, &ctx.apps, |app| Ok(ctx.agent.uninstall(app, true)?))?;
+    Ok(Evidence::default().with("apps", &ctx.apps).with("purge", true).with(FAILED_APPS, failed))
 }
 
 /// A file with random content into each app's first data volume, remembered by checksum.
 fn write_data(ctx: &mut StepCtx) -> Result<Evidence> {
     let mut written = Vec::new();
-    for app in ctx.apps {
+    for app in &ctx.apps {
         let Some(vol) = ctx.catalog.get(app).and_then(|m| m.volumes.first()) else { continue };
         let path = format!("data/apps/{app}/{}/archy-chaos-{:08x}.bin", vol.name, ctx.rng.next_u32());
         let mut bytes = vec![0u8; 4096];
@@ -296,17 +359,20 @@ fn exec(ctx: &StepCtx, argv: &[String], expect: Option<&str>) -> Result<Evidence
     Ok(Evidence::default().with("argv", argv).with("stdout", stdout.chars().take(200).collect::<String>()))
 }
 
-/// Each app with a published port answers HTTP on it, from inside the node.
-fn reachable(ctx: &StepCtx) -> Result<Evidence> {
-    let mut answered = Vec::new();
-    for app in ctx.apps {
-        let Some(port) = ctx.catalog.get(app).and_then(|m| m.ports.first()) else { continue };
-        let url = format!("http://127.0.0.1:{}/", port.host);
-        let out = ctx.node.exec(&["wget", "-q", "-O", "/dev/null", &url])?;
-        ensure!(out.status.success(), "{app} does not answer on {url}");
-        answered.push(url);
-    }
-    Ok(Evidence::default().with("answered", answered))
+/// A check of each app: its evidence by app, or the first app's error. A check no app has
+/// (no `rpc`, no `ui`) is `n/a`, shown so in the scorecard.
+fn per_app(ctx: &StepCtx, check: impl Fn(&StepCtx, &Manifest) -> Result<Evidence>) -> Result<Evidence> {
+    let mut by_app = serde_json::Map::new();
+    let mut applicable = false;
+    let failed = apart(ctx, &ctx.apps, |app| {
+        let m = ctx.catalog.get(app).with_context(|| format!("{app} is not in the node's catalog"))?;
+        let e = check(ctx, m)?;
+        applicable |= !e.details.contains_key(probe::NOT_APPLICABLE);
+        by_app.insert(app.to_string(), serde_json::to_value(e)?);
+        Ok(())
+    })?;
+    let e = Evidence::of(by_app.into()).with(FAILED_APPS, failed);
+    Ok(if applicable { e } else { e.with(probe::NOT_APPLICABLE, true) })
 }
 
 /// Where `catalog` steps keep what they took out of the catalog, under the node's root.
