@@ -183,6 +183,9 @@ enum NodeCommand {
         #[arg(long, default_value = "KILL")]
         signal: String,
     },
+    /// Make the kernel OOM-kill an app's main process (a memory limit on its container and
+    /// processes growing past it); SIGKILL stands in where no limit can be enforced
+    Oom { name: String, app: String },
     /// Cut the node's network link (needs --netns at up).
     Partition { name: String },
     /// Restore the node's network link.
@@ -280,6 +283,10 @@ enum RemoteAction {
         #[arg(long, default_value = "KILL")]
         signal: String,
     },
+    /// The kernel OOM-kills the app (the host's `oom_kill` command), else the SIGKILL stand-in.
+    Oom {
+        app: String,
+    },
     Partition,
     Heal,
     Exec {
@@ -344,6 +351,7 @@ fn remote_command(n: &node::ssh::SshNode, action: RemoteAction) -> anyhow::Resul
         RemoteAction::KillAgent { signal } => show(n.kill_agent(&signal)?),
         RemoteAction::RestartAgent => show(n.restart_agent()?),
         RemoteAction::KillContainer { app, signal } => show(n.kill_container(&app, &signal)?),
+        RemoteAction::Oom { app } => show(n.oom_kill(&app)?),
         RemoteAction::Partition => show(n.partition()?),
         RemoteAction::Heal => show(n.heal()?),
         RemoteAction::Exec { argv } => {
@@ -424,6 +432,7 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
         NodeCommand::KillContainer { name, app, signal } => {
             show(LocalNode::open(&name)?.kill_container(&app, &signal)?)
         }
+        NodeCommand::Oom { name, app } => show(LocalNode::open(&name)?.oom_kill(&app)?),
         NodeCommand::Partition { name } => show(LocalNode::open(&name)?.partition()?),
         NodeCommand::Heal { name } => show(LocalNode::open(&name)?.heal()?),
         NodeCommand::Fault { name, path, fault } => show(LocalNode::open(&name)?.file_fault(&path, fault)?),

@@ -49,6 +49,17 @@ pub trait Node: Send + Sync {
     fn restart_agent(&self) -> Result<Evidence>;
     /// Kills an app's main process, as the OOM killer would.
     fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence>;
+    /// The kernel's OOM killer kills an app's main process: the app's container is held to a
+    /// memory limit and made to grow past it. The evidence's `kind` says what ran:
+    /// `kernel-oom` (it took effect only if the kernel's OOM-kill count for that memory cgroup
+    /// went up and the main process died), or `sigkill-stand-in` where the node offers no limit
+    /// the runner can enforce ([`Node::oom_stand_in`], with the reason).
+    fn oom_kill(&self, app: &str) -> Result<Evidence>;
+    /// What `oom_kill` falls back to: SIGKILL to the app's main process, which is what an OOM
+    /// kill leaves behind, and `why` no kernel OOM kill could be had.
+    fn oom_stand_in(&self, app: &str, why: &str) -> Result<Evidence> {
+        Ok(self.kill_container(app, "KILL")?.with("kind", OOM_STAND_IN).with("why_no_kernel_oom", why))
+    }
     fn partition(&self) -> Result<Evidence>;
     fn heal(&self) -> Result<Evidence>;
     /// Runs a command on the node as the service user, in its environment.
@@ -192,6 +203,11 @@ pub fn checked(rel: &str) -> Result<&str> {
 pub fn agent(node: &dyn Node) -> AgentClient<'_> {
     AgentClient::at(node.api_addr(), Box::new(move || node.token()))
 }
+
+/// `kind` of an `oom_kill` evidence: the kernel's OOM killer did it.
+pub const OOM_KERNEL: &str = "kernel-oom";
+/// `kind` of an `oom_kill` evidence: no memory limit could be enforced; SIGKILL stood in.
+pub const OOM_STAND_IN: &str = "sigkill-stand-in";
 
 /// While this file exists (under the node's root), the agent's podman fails. Beside the
 /// podman wrapper, not on the data root: a full or read-only data root must not keep podman

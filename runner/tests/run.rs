@@ -45,6 +45,44 @@ fn reboot_survive_passes_with_evidence_and_a_replay_command() {
     assert!(r["nodes"][0]["environment"]["podman"].as_str().unwrap().starts_with('4'), "{r}");
 }
 
+/// A real OOM kill: this host lets the runner (root) enforce a memory limit (the testbed's
+/// cgroup v1 memory hierarchy, or the v2 memory controller), so the kernel kills fx-web's main
+/// process in every iteration, never the SIGKILL stand-in, and fx-web comes back each time.
+#[test]
+fn oom_survive_is_a_kernel_oom_kill_every_iteration() {
+    // Fails loudly, never skips: without podman there are no nodes to test.
+    assert!(
+        std::process::Command::new("podman").arg("--version").output().is_ok_and(|o| o.status.success()),
+        "podman is missing: run scripts/setup-host"
+    );
+    let reports = tempfile::tempdir().unwrap();
+    let (code, r, text) = run(&["oom-survive", "--iterations", "3"], reports.path());
+    assert_eq!(code, 0, "{text}\n{r}");
+    let sc = &r["nodes"][0]["scenarios"][0];
+    let iterations = sc["iterations"].as_array().unwrap();
+    assert_eq!(iterations.len(), 3, "{sc}");
+    for it in iterations {
+        assert_eq!(it["verdict"], "pass", "{it}");
+        let oom = it["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["step"].get("oom").is_some())
+            .expect("oom step");
+        let e = &oom["evidence"];
+        assert_eq!(e["kind"], "kernel-oom", "this host must let the runner enforce a memory limit: {e}");
+        assert!(e["oom_kill_after"].as_u64().unwrap() > e["oom_kill_before"].as_u64().unwrap(), "{e}");
+        assert_eq!(e["main_process_killed"], true, "{e}");
+        assert_eq!(e["took_effect"], true, "{e}");
+        assert!(it["measures"]["recovery_seconds"][0].as_f64().unwrap() > 0.0, "{it}");
+    }
+    // The Markdown says which fault ran, though every iteration passed.
+    let file = std::fs::read_dir(reports.path()).unwrap().next().unwrap().unwrap().path();
+    let (ok, md, err) = support::chaos(&["report", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(md.contains("Faults as they ran: `oom` ran as kernel-oom x3."), "{md}");
+}
+
 #[test]
 fn fm3_fails_agent_restart_survive_naming_the_invariant() {
     let reports = tempfile::tempdir().unwrap();

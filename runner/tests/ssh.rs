@@ -330,6 +330,11 @@ fn provisioned_hosts_are_driven_over_ssh() {
     // The API through the forward (no --api anywhere), and what a poll costs.
     a.ok(&["rpc", "package.install", r#"{"id":"fx-web"}"#]);
     a.wait_app_up("fx-web");
+    // No oom_kill command for this host: SIGKILL stands in, and the evidence says so and why.
+    let e: Value = serde_json::from_str(&a.ok(&["oom", "fx-web"])).unwrap();
+    assert_eq!(e["kind"], "sigkill-stand-in", "{e}");
+    assert!(e["why_no_kernel_oom"].as_str().unwrap().contains("no oom_kill command"), "{e}");
+    a.wait_app_up("fx-web");
     let forwarded: Value = serde_json::from_str(&b.ok(&["ping"])).unwrap();
     let direct = format!("{}:8719", b.addr);
     let direct: Value = serde_json::from_str(&b.ok(&["--api", &direct, "ping"])).unwrap();

@@ -15,6 +15,8 @@ use serde_json::json;
 
 use super::{checked, Backend, DiskFault, Evidence, FileFault, FileKind, Node, Stat, PODMAN_FAIL_FLAG};
 
+mod oom;
+
 const INIT: &str = include_str!("node-init.sh");
 /// The range of node addresses: 10.213.<index>.0/30 per node, host side .1, node side .2.
 const NODE_NET: &str = "10.213.0.0/16";
@@ -747,17 +749,23 @@ impl LocalNode {
         .effect(before != after))
     }
 
-    /// Kills an app's main process, as the OOM killer would.
-    pub fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence> {
+    /// The pid of an app's main process in the node's PID namespace.
+    fn container_pid(&self, app: &str) -> Result<i32> {
         let out = self.exec(&["podman", "inspect", "--format", "{{.State.Pid}}", &format!("archy-{app}")])?;
         ensure!(
             out.status.success(),
             "no container for `{app}`: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
-        // A pid in the node's PID namespace: the signal is sent from inside the node.
         let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().context("container pid")?;
         ensure!(pid > 0, "`{app}` is not running");
+        Ok(pid)
+    }
+
+    /// Kills an app's main process, as the OOM killer would.
+    pub fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence> {
+        // A pid in the node's PID namespace: the signal is sent from inside the node.
+        let pid = self.container_pid(app)?;
         let out = self.exec(&["kill", "-s", signal.trim_start_matches("SIG"), &pid.to_string()])?;
         ensure!(out.status.success(), "kill {pid}: {}", String::from_utf8_lossy(&out.stderr).trim());
         Ok(Evidence::of(json!({"fault": "kill_container", "app": app, "pid": pid, "signal": signal})))
@@ -928,6 +936,9 @@ impl Node for LocalNode {
     }
     fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence> {
         LocalNode::kill_container(self, app, signal)
+    }
+    fn oom_kill(&self, app: &str) -> Result<Evidence> {
+        LocalNode::oom_kill(self, app)
     }
     fn partition(&self) -> Result<Evidence> {
         LocalNode::partition(self)

@@ -31,6 +31,11 @@ pub struct SshCommands {
     pub restart_agent: String,
     pub agent_pid: String,
     pub kill_container: String,
+    /// Makes the kernel OOM-kill `{app}`'s main process (a memory limit the host enforces and
+    /// something growing past it) and prints, as the last line, the kernel's OOM-kill count
+    /// of that memory cgroup before and after: two numbers. None: the `oom` step's SIGKILL
+    /// stand-in (`kill_container`), said so in its evidence.
+    pub oom_kill: Option<String>,
     pub partition: Option<String>,
     pub heal: Option<String>,
     /// Prints the agent's API token [default: the file `data/agent/api-token` under the root].
@@ -51,6 +56,7 @@ impl Default for SshCommands {
             restart_agent: "systemctl --user restart archy-agent.service".into(),
             agent_pid: "systemctl --user show -p MainPID --value archy-agent.service".into(),
             kill_container: "kill -s {signal} $(podman inspect -f '{{.State.Pid}}' archy-{app})".into(),
+            oom_kill: None,
             partition: None,
             heal: None,
             token: None,
@@ -621,6 +627,13 @@ impl Drop for Ssh {
     }
 }
 
+/// The two numbers of the `oom_kill` command's last line: the OOM-kill count before and after.
+fn oom_counts(out: &str) -> Option<(u64, u64)> {
+    let mut f = out.lines().rev().find(|l| !l.trim().is_empty())?.split_whitespace();
+    let counts = (f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+    f.next().is_none().then_some(counts)
+}
+
 fn stdout(bytes: Vec<u8>) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
@@ -694,6 +707,28 @@ impl Node for SshNode {
     fn kill_container(&self, app: &str, signal: &str) -> Result<Evidence> {
         self.run_ok(&self.commands.kill_container.replace("{signal}", signal).replace("{app}", app))?;
         Ok(Evidence::of(json!({"fault": "kill_container", "app": app, "signal": signal})))
+    }
+
+    fn oom_kill(&self, app: &str) -> Result<Evidence> {
+        let Some(cmd) = &self.commands.oom_kill else {
+            return self
+                .oom_stand_in(app, "no oom_kill command is configured for this host (--ssh-commands)");
+        };
+        let out = self.run_ok(&cmd.replace("{app}", app))?;
+        let (before, after) = oom_counts(&out).with_context(|| {
+            format!(
+                "{}: the oom_kill command's last line is not two OOM-kill counts (before after): {out:?}",
+                self.host()
+            )
+        })?;
+        Ok(Evidence::of(json!({
+            "fault": "oom_kill",
+            "kind": super::OOM_KERNEL,
+            "app": app,
+            "oom_kill_before": before,
+            "oom_kill_after": after,
+        }))
+        .effect(after > before))
     }
 
     fn partition(&self) -> Result<Evidence> {
@@ -866,5 +901,19 @@ impl Node for SshNode {
             "disk faults need a local node: {} is a host over SSH, whose disks the runner does not own (run the scenario on a local node: `--node local`)",
             self.host()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oom_counts;
+
+    #[test]
+    fn oom_kill_command_output() {
+        assert_eq!(oom_counts("limit set\n0 1\n"), Some((0, 1)));
+        assert_eq!(oom_counts("2 2\n\n"), Some((2, 2)));
+        for bad in ["", "1", "1 2 3", "a b", "-1 2", "1\n"] {
+            assert_eq!(oom_counts(bad), None, "{bad:?}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! A run report in Markdown (CommonMark with GFM tables) for people: per node, a scorecard,
 //! KPIs against their thresholds, and every iteration that did not pass with its evidence.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::model::{ExploreReport, Iteration, NodeReport, Report, ScenarioReport, Verdict};
 use crate::scenario::history::Outcome;
@@ -196,6 +196,7 @@ fn scenario(sc: &ScenarioReport, level: usize) -> String {
             .map_or("-".into(), |r| format!("{r:.2} s"));
         out.push_str(&format!("| {} | {} | {recovery} |\n", it.n, it.verdict.name()));
     }
+    out.push_str(&fault_kinds(&sc.iterations));
     for it in sc.iterations.iter().filter(|i| i.verdict != Verdict::Pass) {
         out.push_str(&format!("\n{h}# {} iteration {}: {}\n\n", sc.label(), it.n, it.verdict.name()));
         for why in it.failures.iter().chain(&it.unknowns) {
@@ -218,6 +219,34 @@ fn scenario(sc: &ScenarioReport, level: usize) -> String {
         }
     }
     out
+}
+
+/// How its faults ran, where their evidence says (`kind`: e.g. the kernel's OOM kill or the
+/// SIGKILL standing in for it, and why), also when every iteration passed: a stand-in proves
+/// less than the real fault, and the reader must see which one the verdict is about.
+fn fault_kinds(iterations: &[Iteration]) -> String {
+    let mut seen: BTreeMap<(String, String), (usize, BTreeSet<String>)> = BTreeMap::new();
+    for step in iterations.iter().flat_map(|i| &i.steps) {
+        let Some(details) = step.evidence.as_ref().map(|e| &e.details) else { continue };
+        let Some(kind) = details.get("kind").and_then(|k| k.as_str()) else { continue };
+        let e = seen.entry((step.kind().unwrap_or_default().to_string(), kind.to_string())).or_default();
+        e.0 += 1;
+        e.1.extend(details.get("why_no_kernel_oom").and_then(|w| w.as_str()).map(str::to_string));
+    }
+    if seen.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = seen
+        .iter()
+        .map(|((step, kind), (n, why))| {
+            let why: Vec<&str> = why.iter().map(String::as_str).collect();
+            match why.is_empty() {
+                true => format!("`{step}` ran as {kind} x{n}"),
+                false => format!("`{step}` ran as {kind} x{n} ({})", cell(&why.join("; "))),
+            }
+        })
+        .collect();
+    format!("\nFaults as they ran: {}.\n", parts.join(", "))
 }
 
 /// Apps x states (`scorecard`), empty unless the scenario ran per app.
@@ -257,4 +286,48 @@ fn upper(v: Verdict) -> String {
 /// Text from outside (a command, a node's address) inside a table cell: a pipe would end it.
 fn cell(text: &str) -> String {
     text.replace('|', "\\|").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evidence::Evidence;
+    use crate::scenario::engine::StepRecord;
+
+    fn iteration(n: u32, evidence: Evidence) -> Iteration {
+        Iteration {
+            n,
+            apps: vec!["fx-web".into()],
+            subject: None,
+            verdict: Verdict::Pass,
+            steps: vec![
+                StepRecord { step: "install".into(), seconds: None, evidence: None, error: None },
+                StepRecord {
+                    step: serde_json::json!({"oom": {"app": "fx-web"}}),
+                    seconds: Some(0.3),
+                    evidence: Some(evidence),
+                    error: None,
+                },
+            ],
+            failures: vec![],
+            unknowns: vec![],
+            measures: BTreeMap::new(),
+            log: String::new(),
+        }
+    }
+
+    #[test]
+    fn passing_iterations_still_say_how_their_faults_ran() {
+        let kernel = Evidence::default().with("kind", "kernel-oom").effect(true);
+        let stand_in = Evidence::default()
+            .with("kind", "sigkill-stand-in")
+            .with("why_no_kernel_oom", "no oom_kill command | configured");
+        let its = [iteration(1, kernel.clone()), iteration(2, kernel), iteration(3, stand_in)];
+        assert_eq!(
+            fault_kinds(&its),
+            "\nFaults as they ran: `oom` ran as kernel-oom x2, `oom` ran as sigkill-stand-in x1 (no oom_kill command \\| configured).\n"
+        );
+        // Faults whose evidence says nothing of their kind add nothing.
+        assert_eq!(fault_kinds(&[iteration(1, Evidence::default())]), "");
+    }
 }

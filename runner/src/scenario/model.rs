@@ -160,6 +160,12 @@ pub enum Step {
         #[serde(default = "kill")]
         signal: String,
     },
+    /// The kernel's OOM killer kills the app's main process (`Node::oom_kill`): a real one
+    /// where the node lets the runner enforce a memory limit, else a SIGKILL stand-in; the
+    /// evidence's `kind` says which.
+    Oom {
+        app: String,
+    },
     /// A file fault on a path under the node's data root, `{app}` substituted per app.
     FileFault {
         path: String,

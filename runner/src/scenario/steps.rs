@@ -50,6 +50,7 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
         Step::KillAgent { signal } => ctx.node.kill_agent(signal),
         Step::RestartAgent => ctx.node.restart_agent(),
         Step::KillContainer { app, signal } => ctx.node.kill_container(app, signal),
+        Step::Oom { app } => ctx.node.oom_kill(app),
         Step::FileFault { path, fault } => file_fault(ctx, path, *fault),
         Step::Partition => {
             let e = ctx.node.partition()?;
