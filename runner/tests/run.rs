@@ -223,6 +223,29 @@ fn smoke_suite_every_scenario_passes_once() {
     };
     assert_eq!(gate("smoke")["suite_problems"], serde_json::json!([]));
     assert_eq!(gate("release")["exit_code"], 1);
+    // The scorecard: every cell that applies full, and an app without an API n/a, never full.
+    let (ok, md, err) = support::chaos(&["report", report.to_str().unwrap(), "--format", "md"]);
+    assert!(ok, "{err}");
+    let card = md
+        .split("Scorecard\n")
+        .nth(1)
+        .and_then(|c| c.split("cells full").next())
+        .unwrap_or_else(|| panic!("{md}"));
+    let row = |app: &str| {
+        card.lines()
+            .find(|l| l.starts_with(&format!("| {app} |")))
+            .unwrap_or_else(|| panic!("no {app}: {card}"))
+    };
+    assert!(
+        row("fx-web").starts_with("| fx-web | 1/1 full | 1/1 full | 1/1 full | 1/1 full | 1/1 full |"),
+        "{card}"
+    );
+    assert!(
+        row("fx-gateway").starts_with("| fx-gateway | 1/1 full | 1/1 full | 1/1 full | 1/1 full |"),
+        "{card}"
+    );
+    assert!(row("fx-hostnet").starts_with("| fx-hostnet | 1/1 full | 1/1 full | n/a | 1/1 full |"), "{card}");
+    assert!(!card.contains("partial") && !card.contains("missing"), "{card}");
     for sc in scenarios {
         // Every fault left evidence of having taken effect.
         for step in sc["iterations"][0]["steps"].as_array().unwrap() {

@@ -298,7 +298,7 @@ mod tests {
         Iteration {
             n,
             apps: vec!["fx-web".into()],
-            subject: None,
+            per_app: false,
             verdict: Verdict::Pass,
             steps: vec![
                 StepRecord { step: "install".into(), seconds: None, evidence: None, error: None },

@@ -165,3 +165,88 @@ pub fn scorecard(iterations: &[Iteration]) -> Option<Scorecard> {
     }
     Some(Scorecard { states: names, rows })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evidence::{Evidence, FAILED_APPS};
+    use crate::scenario::Verdict;
+    use serde_json::json;
+
+    fn step(kind: &str, evidence: Option<Evidence>, error: Option<&str>) -> StepRecord {
+        StepRecord { step: json!(kind), seconds: None, evidence, error: error.map(str::to_string) }
+    }
+
+    fn ok(kind: &str) -> StepRecord {
+        step(kind, Some(Evidence::default()), None)
+    }
+
+    fn iteration(steps: Vec<StepRecord>) -> Iteration {
+        Iteration {
+            n: 1,
+            apps: vec!["a".into(), "b".into()],
+            per_app: true,
+            verdict: Verdict::Pass,
+            steps,
+            failures: vec![],
+            unknowns: vec![],
+            measures: Default::default(),
+            log: String::new(),
+        }
+    }
+
+    fn cell(card: &Scorecard, app: &str, state: &str) -> Cell {
+        let i = card.states.iter().position(|s| s == state).unwrap_or_else(|| panic!("no column {state}"));
+        card.rows[app][i]
+    }
+
+    #[test]
+    fn the_platforms_ten_columns_come_first_and_unreached_states_are_missing() {
+        let card = scorecard(&[iteration(vec![ok("install"), ok("wait-converged"), ok("stop")])]).unwrap();
+        assert_eq!(card.states[..10], PLATFORM.map(|(_, n)| n.to_string()));
+        assert_eq!(card.states[10..], ["install".to_string()]);
+        assert_eq!(cell(&card, "a", "stop"), Cell::Runs { ok: 1, of: 1 });
+        assert_eq!(cell(&card, "a", "reboot survives").to_string(), "0/1 missing");
+        assert_eq!(card.full(), (4, 22));
+    }
+
+    #[test]
+    fn an_app_without_an_api_is_na_never_full() {
+        let rpc = Evidence::of(json!({"a": {NOT_APPLICABLE: "no RPC"}, "b": {"url": "x"}}));
+        let card = scorecard(&[iteration(vec![step("rpc-reachable", Some(rpc), None)])]).unwrap();
+        assert_eq!(cell(&card, "a", "RPC reachable"), Cell::NotApplicable);
+        assert_eq!(cell(&card, "a", "RPC reachable").to_string(), "n/a");
+        assert!(!Cell::NotApplicable.full());
+        assert_eq!(cell(&card, "b", "RPC reachable").to_string(), "1/1 full");
+    }
+
+    /// One app failing a step fails its own cells only: it leaves the iteration, the others
+    /// go on (a wait's failure is the state's it waited for).
+    #[test]
+    fn an_app_that_fails_leaves_the_iteration_alone() {
+        let failed = |app: &str| Evidence::default().with(FAILED_APPS, json!({app: "not settled"}));
+        let good = iteration(vec![ok("start"), ok("wait-converged"), ok("restart"), ok("wait-converged")]);
+        let bad = iteration(vec![
+            ok("start"),
+            step("wait-converged", Some(failed("b")), None),
+            ok("restart"),
+            ok("wait-converged"),
+        ]);
+        let card = scorecard(&[good, bad]).unwrap();
+        assert_eq!(cell(&card, "a", "start").to_string(), "2/2 full");
+        assert_eq!(cell(&card, "a", "restart").to_string(), "2/2 full");
+        assert_eq!(cell(&card, "b", "start").to_string(), "1/2 partial");
+        assert_eq!(cell(&card, "b", "restart").to_string(), "1/2 partial");
+        // A step's own error is every app's.
+        let card = scorecard(&[iteration(vec![step("reboot", None, Some("boot failed"))])]).unwrap();
+        assert_eq!(cell(&card, "a", "reboot survives").to_string(), "0/1 missing");
+        assert_eq!(cell(&card, "b", "reboot survives").to_string(), "0/1 missing");
+    }
+
+    #[test]
+    fn a_scenario_that_is_not_per_app_has_no_scorecard() {
+        let mut it = iteration(vec![ok("install")]);
+        it.per_app = false;
+        assert_eq!(scorecard(&[it]), None);
+    }
+}
