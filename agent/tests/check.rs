@@ -10,7 +10,7 @@ use support::*;
 #[test]
 fn real_catalog_is_valid() {
     let out = expect_code(Command::new(agent_bin()).arg("check").arg("apps").current_dir(repo_root()), 0);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("17 apps, all valid"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("21 apps, all valid"), "{out:?}");
 }
 
 #[test]

@@ -139,6 +139,38 @@ fn every_catalog_manifest_parses_on_its_own() {
     }
 }
 
+/// The platform once shipped a stale `:latest` of a companion UI built on its nodes. Every
+/// image the catalog builds is tagged with its app's version (a new version, a new tag), is
+/// built FROM the image every node imports (nodes have no registry), and serves each of its
+/// `ui` paths from a non-empty file of its build context (copied to /www; `/` is index.html).
+#[test]
+fn every_image_built_on_the_node_is_pinned_offline_and_serves_its_ui_paths() {
+    let catalog = Catalog::load(&repo_root().join("apps")).unwrap();
+    let built: Vec<&Manifest> = catalog.apps.values().filter(|m| m.build.is_some()).collect();
+    assert!(built.len() >= 4, "fx-ui and the three companion UIs: {}", built.len());
+    for m in built {
+        let dir = repo_root().join("apps").join(&m.id);
+        let pinned = m.image.starts_with("localhost/") && m.image.ends_with(&format!(":{}", m.version));
+        assert!(pinned, "{}: {} is not localhost/NAME:<version {}>", m.id, m.image, m.version);
+        let containerfile =
+            std::fs::read_to_string(dir.join(&m.build.as_ref().unwrap().containerfile)).unwrap();
+        assert_eq!(containerfile.lines().next(), Some("FROM localhost/archy-fixture:1"), "{}", m.id);
+        for u in &m.ui {
+            let file = match u.path.trim_start_matches('/') {
+                "" => "index.html",
+                f => f,
+            };
+            let len = std::fs::metadata(dir.join(file)).map(|f| f.len()).unwrap_or(0);
+            assert!(len > 0, "{}: ui path {} has no non-empty {file} beside the manifest", m.id, u.path);
+            assert!(
+                containerfile.contains(file) || containerfile.contains("COPY . "),
+                "{}: {file} not copied",
+                m.id
+            );
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 

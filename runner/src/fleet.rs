@@ -17,6 +17,10 @@ use crate::report::{exit, Report, Verdict};
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
     pub version: u32,
+    /// Apps protected on every node that does not set its own `protected` (the synced chain
+    /// and channels of a real node: hours to resync).
+    #[serde(default)]
+    pub protected: Vec<String>,
     pub nodes: Vec<FleetNode>,
 }
 
@@ -25,9 +29,10 @@ pub struct Inventory {
 pub struct FleetNode {
     /// `local:NAME` (a node-in-a-box on this machine) or `ssh://user@host[:port]`.
     pub node: String,
-    /// Apps destructive scenarios must leave alone on this node.
+    /// Apps destructive scenarios must leave alone on this node, instead of the fleet's
+    /// `protected` (`[]`: none).
     #[serde(default)]
-    pub protected: Vec<String>,
+    pub protected: Option<Vec<String>>,
     /// Per-node overrides of the fleet command's settings.
     #[serde(default)]
     pub iterations: Option<u32>,
@@ -95,6 +100,11 @@ impl Inventory {
         }
         Ok(inv)
     }
+
+    /// The apps protected on `node`: its own list, else the fleet's.
+    pub fn protected<'a>(&'a self, node: &'a FleetNode) -> &'a [String] {
+        node.protected.as_deref().unwrap_or(&self.protected)
+    }
 }
 
 impl FleetNode {
@@ -145,7 +155,7 @@ fn fleet(args: &FleetArgs) -> Result<u8> {
                 cmd.args(["--backend", b.name()]);
             }
             for (flag, list) in
-                [("--apps", &n.apps), ("--protected", &n.protected), ("--break", &n.breakages)]
+                [("--apps", &n.apps[..]), ("--protected", inv.protected(n)), ("--break", &n.breakages[..])]
             {
                 if !list.is_empty() {
                     cmd.args([flag, &list.join(",")]);
@@ -242,4 +252,43 @@ fn fleet(args: &FleetArgs) -> Result<u8> {
     println!("{}", render(&fleet));
     println!("fleet verdict: {}; report: {}", verdict.name(), path.display());
     Ok(worst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inventory(text: &str) -> Inventory {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.yml");
+        std::fs::write(&path, text).unwrap();
+        Inventory::load(&path).unwrap()
+    }
+
+    /// The fleet's `protected` holds on every node unless the node names its own list;
+    /// `protected: []` clears it.
+    #[test]
+    fn fleet_protected_is_every_nodes_default_unless_the_node_overrides_it() {
+        let inv = inventory(
+            "version: 1\nprotected: [bitcoin-knots, lnd]\nnodes:\n  - node: local:a\n  - node: local:b\n    protected: [electrumx]\n  - node: local:c\n    protected: []\n",
+        );
+        let got: Vec<&[String]> = inv.nodes.iter().map(|n| inv.protected(n)).collect();
+        assert_eq!(got, [&["bitcoin-knots".to_string(), "lnd".into()][..], &["electrumx".to_string()], &[]]);
+        let none = inventory("version: 1\nnodes:\n  - node: local:a\n");
+        assert!(none.protected(&none.nodes[0]).is_empty());
+    }
+
+    /// The example the nightly runs protects what the platform protects on its verification
+    /// node, on every node.
+    #[test]
+    fn the_nightly_example_protects_the_platforms_synced_apps_on_every_node() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/nightly/fleet.yml");
+        let inv = Inventory::load(&path).unwrap();
+        for n in &inv.nodes {
+            let p = inv.protected(n);
+            for app in ["bitcoin-knots", "electrumx", "lnd"] {
+                assert!(p.iter().any(|a| a == app), "{}: {app} not protected: {p:?}", n.node);
+            }
+        }
+    }
 }

@@ -27,7 +27,7 @@ pub enum Layer {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Apps {
-    /// `fixtures` (every fixture that can be healthy) or `all`.
+    /// `fixtures` (every app that runs here, [`runs_here`], and can be healthy) or `all`.
     Named(String),
     List(Vec<String>),
 }
@@ -566,7 +566,7 @@ impl Scenario {
                 .values()
                 // Never healthy, or slow on purpose: explore's, not every scenario's.
                 .filter(|m| {
-                    m.fixture
+                    runs_here(m)
                         && !super::checker::NEVER_HEALTHY.contains(&m.id.as_str())
                         && m.id != SLOW_FIXTURE
                 })
@@ -585,6 +585,14 @@ impl Scenario {
         }
         Ok(ids)
     }
+}
+
+/// Whether an app runs on a test node, which has no registry: a fixture, or an app whose
+/// image the node builds (the platform's companion UIs, built FROM the imported fixture
+/// image). `apps: fixtures` is these, so the real apps that can run here (a stale companion
+/// image once shipped) go through the same scenarios as the fixtures.
+pub fn runs_here(m: &archy_agent::manifest::Manifest) -> bool {
+    m.fixture || m.build.is_some()
 }
 
 /// A named selection of scenarios with iteration counts (`scenarios/suites/<id>.yml`).
@@ -739,6 +747,29 @@ mod tests {
         let reboot =
             plan.iter().find(|p| p.scenario.id == "reboot-survive" && p.backend == Backend::Quadlet).unwrap();
         assert_eq!(reboot.iterations, 120);
+    }
+
+    /// `apps: fixtures` is every app a node without a registry runs: the fixtures that can be
+    /// healthy and the companion UIs the node builds, never an app of an upstream image.
+    #[test]
+    fn fixtures_are_the_apps_that_run_here_and_can_be_healthy() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let catalog = Catalog::load(&root.join("apps")).unwrap();
+        let s: Scenario = serde_yaml::from_str(
+            "version: 1\nid: x\nlayer: L3\ndescription: x\napps: fixtures\nsteps: [install]\n",
+        )
+        .unwrap();
+        let apps = s.apps(&catalog, Path::new("x.yml")).unwrap();
+        for id in ["fx-web", "fx-ui", "archy-bitcoin-ui", "archy-lnd-ui", "archy-electrs-ui"] {
+            assert!(apps.iter().any(|a| a == id), "{id} missing from {apps:?}");
+        }
+        for id in ["fx-crashloop", SLOW_FIXTURE, "bitcoin-knots", "bitcoin-core", "lnd"] {
+            assert!(!apps.iter().any(|a| a == id), "{id} in {apps:?}");
+        }
+        for id in &apps {
+            let m = catalog.get(id).unwrap();
+            assert!(m.fixture || m.image.starts_with("localhost/"), "{id}: {}", m.image);
+        }
     }
 
     #[test]
