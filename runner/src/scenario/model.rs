@@ -27,7 +27,8 @@ pub enum Layer {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Apps {
-    /// `fixtures` (every app that runs here, [`runs_here`], and can be healthy) or `all`.
+    /// `fixtures` (every fixture that can be healthy), `runnable` (those and every other app
+    /// that runs here, [`runs_here`]: the companion UIs) or `all`.
     Named(String),
     List(Vec<String>),
 }
@@ -561,12 +562,12 @@ impl Scenario {
     /// The apps this scenario runs, checked against the catalog.
     pub fn apps(&self, catalog: &Catalog, file: &Path) -> Result<Vec<String>> {
         let ids: Vec<String> = match &self.apps {
-            Apps::Named(n) if n == "fixtures" => catalog
+            Apps::Named(n) if n == "fixtures" || n == "runnable" => catalog
                 .apps
                 .values()
                 // Never healthy, or slow on purpose: explore's, not every scenario's.
                 .filter(|m| {
-                    runs_here(m)
+                    (m.fixture || (n == "runnable" && runs_here(m)))
                         && !super::checker::NEVER_HEALTHY.contains(&m.id.as_str())
                         && m.id != SLOW_FIXTURE
                 })
@@ -574,7 +575,7 @@ impl Scenario {
                 .collect(),
             Apps::Named(n) if n == "all" => catalog.apps.keys().cloned().collect(),
             Apps::Named(n) => {
-                bail!("{}: apps: `{n}` is neither `fixtures`, `all` nor a list", file.display())
+                bail!("{}: apps: `{n}` is neither `fixtures`, `runnable`, `all` nor a list", file.display())
             }
             Apps::List(l) => l.clone(),
         };
@@ -589,8 +590,9 @@ impl Scenario {
 
 /// Whether an app runs on a test node, which has no registry: a fixture, or an app whose
 /// image the node builds (the platform's companion UIs, built FROM the imported fixture
-/// image). `apps: fixtures` is these, so the real apps that can run here (a stale companion
-/// image once shipped) go through the same scenarios as the fixtures.
+/// image). `apps: runnable` is these (the lifecycle matrix: the companion UIs are scored like
+/// the fixtures); `apps: fixtures` keeps the fixtures, so a fault scenario's twenty
+/// iterations do not pay three image builds per node for apps the matrix already scores.
 pub fn runs_here(m: &archy_agent::manifest::Manifest) -> bool {
     m.fixture || m.build.is_some()
 }
@@ -749,17 +751,26 @@ mod tests {
         assert_eq!(reboot.iterations, 120);
     }
 
-    /// `apps: fixtures` is every app a node without a registry runs: the fixtures that can be
-    /// healthy and the companion UIs the node builds, never an app of an upstream image.
+    /// `apps: runnable` is every app a node without a registry runs: the fixtures that can be
+    /// healthy and the companion UIs the node builds, never an app of an upstream image;
+    /// `apps: fixtures` the fixtures alone.
     #[test]
-    fn fixtures_are_the_apps_that_run_here_and_can_be_healthy() {
+    fn runnable_apps_are_the_apps_that_run_here_and_can_be_healthy() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let catalog = Catalog::load(&root.join("apps")).unwrap();
         let s: Scenario = serde_yaml::from_str(
-            "version: 1\nid: x\nlayer: L3\ndescription: x\napps: fixtures\nsteps: [install]\n",
+            "version: 1\nid: x\nlayer: L3\ndescription: x\napps: runnable\nsteps: [install]\n",
         )
         .unwrap();
         let apps = s.apps(&catalog, Path::new("x.yml")).unwrap();
+        let mut fixtures = s.clone();
+        fixtures.apps = Apps::Named("fixtures".into());
+        let fixtures = fixtures.apps(&catalog, Path::new("x.yml")).unwrap();
+        assert!(
+            fixtures.iter().all(|a| catalog.get(a).unwrap().fixture)
+                && fixtures.contains(&"fx-ui".to_string())
+        );
+        assert_eq!(apps.len(), fixtures.len() + 3, "{apps:?} {fixtures:?}");
         for id in ["fx-web", "fx-ui", "archy-bitcoin-ui", "archy-lnd-ui", "archy-electrs-ui"] {
             assert!(apps.iter().any(|a| a == id), "{id} missing from {apps:?}");
         }

@@ -27,9 +27,10 @@ exec 3<>"/dev/tcp/127.0.0.1/$port" || exit 7
 } >&3
 cat <&3"#;
 
-/// An answer: the status code and the body.
+/// An answer: the status code, where a redirect points, and the body.
 pub struct Answer {
     pub status: u16,
+    pub location: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -62,7 +63,11 @@ fn parse(raw: &[u8]) -> Result<Answer> {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no end of headers")?;
     let head = String::from_utf8_lossy(&raw[..split]);
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no status code")?;
-    Ok(Answer { status, body: raw[split + 4..].to_vec() })
+    let location = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("location").then(|| v.trim().to_string())
+    });
+    Ok(Answer { status, location, body: raw[split + 4..].to_vec() })
 }
 
 /// The evidence key of a check the app's manifest gives nothing to (no API, no UI).
@@ -115,8 +120,21 @@ pub fn ui(node: &dyn Node, m: &Manifest) -> Result<Evidence> {
     }
     let mut answered = Vec::new();
     for u in &m.ui {
-        let a = http(node, u.port, &u.path, "", None)?;
-        let url = format!("http://127.0.0.1:{}{}", u.port, u.path);
+        // A web app sends `/` to its login or setup page, as a browser would follow.
+        let mut path = u.path.clone();
+        let mut a = http(node, u.port, &path, "", None)?;
+        for _ in 0..5 {
+            match (&a.location, a.status) {
+                (Some(to), 301 | 302 | 303 | 307 | 308) => {
+                    let to = to.strip_prefix(&format!("http://127.0.0.1:{}", u.port)).unwrap_or(to);
+                    ensure!(to.starts_with('/'), "{}: {path} redirects off the app, to {to}", m.id);
+                    path = to.to_string();
+                    a = http(node, u.port, &path, "", None)?;
+                }
+                _ => break,
+            }
+        }
+        let url = format!("http://127.0.0.1:{}{path}", u.port);
         ensure!(
             a.status == 200 && !a.body.is_empty(),
             "{}: {url} answered {} with {} bytes",
@@ -184,7 +202,9 @@ mod tests {
     #[test]
     fn an_answer_is_its_status_and_body() {
         let a = parse(b"HTTP/1.0 401 Unauthorized\r\nContent-Length: 3\r\n\r\nno\n").unwrap();
-        assert_eq!((a.status, a.body.as_slice()), (401, b"no\n".as_slice()));
+        assert_eq!((a.status, a.body.as_slice(), a.location), (401, b"no\n".as_slice(), None));
+        let a = parse(b"HTTP/1.1 302 Found\r\nlocation: /login?r=%2F\r\n\r\n").unwrap();
+        assert_eq!((a.status, a.location.as_deref()), (302, Some("/login?r=%2F")));
         assert!(parse(b"garbage").is_err());
         assert!(parse(b"HTTP/1.0 x\r\n\r\n").is_err());
     }
