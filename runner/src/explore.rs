@@ -590,6 +590,7 @@ impl Explorer<'_> {
                 unknowns,
                 measures: Default::default(),
                 log,
+                seconds: 0.0,
             });
             if !failures.is_empty() {
                 bar.finish_and_clear();

@@ -52,9 +52,16 @@ pub struct RunArgs {
     /// Where the JSON report goes (`archy-chaos report FILE` renders it).
     #[arg(long, default_value = "reports/out")]
     pub report_dir: PathBuf,
-    /// Keep the last local node afterwards (to look at it; `archy-chaos node down NAME`).
+    /// Keep the last local node afterwards (to look at it; `archy-chaos node down NAME`);
+    /// runs on one lane.
     #[arg(long)]
     pub keep_node: bool,
+    /// Local nodes per `--node local`, each a fresh node taking the next share of a scenario's
+    /// iterations (an L6 scenario runs whole, alone on the machine). 2 on this 2-core testbed
+    /// runs a release in two thirds of the time of one; the report has one section per
+    /// `--node` whatever the lanes.
+    #[arg(long, default_value_t = 2)]
+    pub lanes: u32,
     /// Deliberately broken node for proving the suite (podman backend): podman runs in the
     /// agent's cgroup, the platform's FM3.
     #[arg(long)]
@@ -259,6 +266,10 @@ fn targets(args: &RunArgs) -> Result<Vec<Target>> {
             Some(("local", name)) if LocalNode::open(name).is_ok() => bail!(
                 "--node {n}: node {name} exists: run brings up a fresh node per scenario (`archy-chaos node down {name}` first)"
             ),
+            Some(("local", name)) if args.lanes > 1 && name.len() + 1 + (args.lanes - 1).to_string().len() > 12 => bail!(
+                "--node {n}: with --lanes {} the nodes are named {name}x1 and so on, which must fit in 12 characters: use a shorter name or --lanes 1",
+                args.lanes
+            ),
             Some(("local", name)) => Target::Local(name.to_string()),
             Some(("ssh", _)) => Target::Ssh(Box::new(
                 args.ssh.node(n).with_context(|| format!("--node {n}"))?,
@@ -328,6 +339,7 @@ impl Driver<'_> {
         &self,
         name: &str,
         w: &Work,
+        range: std::ops::RangeInclusive<u32>,
         seed: u64,
         last: bool,
         env: &mut Option<Environment>,
@@ -343,10 +355,9 @@ impl Driver<'_> {
         };
         let bin = std::env::current_exe()?.with_file_name("archy-agent");
         let node = LocalNode::up(&opts, &bin, &args.catalog).context("cannot bring up a local node")?;
-        let results =
-            scenario::engine::run_scenario(&w.scenario, &node, &w.apps, w.iterations, seed, |g, it| {
-                self.each(w, g, it)
-            });
+        let results = scenario::engine::run_scenario(&w.scenario, &node, &w.apps, range, seed, |g, it| {
+            self.each(w, g, it)
+        });
         if last || self.stopped() {
             *env = Some(crate::environment::environment(&node, self.cpu_before()));
         }
@@ -364,6 +375,7 @@ impl Driver<'_> {
         &self,
         node: &SshNode,
         w: &Work,
+        range: std::ops::RangeInclusive<u32>,
         seed: u64,
         last: bool,
         env: &mut Option<Environment>,
@@ -379,7 +391,7 @@ impl Driver<'_> {
         // it for that scenario only, on a host with nothing installed.
         let switched = crate::node::provision::switch_backend(node, w.backend, &kept)?;
         let results =
-            scenario::engine::run_scenario(s, node, &w.apps, w.iterations, seed, |g, it| self.each(w, g, it));
+            scenario::engine::run_scenario(s, node, &w.apps, range, seed, |g, it| self.each(w, g, it));
         if let Some(switched) = switched {
             let installed: Vec<String> = agent.list()?.into_iter().map(|a| a.id).collect();
             scenario::engine::clean(&agent, &installed, s.converge_timeout.0)?;
@@ -400,34 +412,107 @@ impl Driver<'_> {
 /// CPU counters at the start of the run, for the busy and steal fractions.
 static CPU_BEFORE: std::sync::OnceLock<(u64, u64, u64)> = std::sync::OnceLock::new();
 
-/// Every scenario on one node, in order, until the run stops.
-fn run_node(d: Driver, target: &Target, work: &[Work], seed: u64) -> NodeReport {
-    let (args, bar) = (d.args, d.bar);
-    let mut environment = None;
-    let mut scenarios = Vec::new();
+/// One share of a scenario's iterations: `first..=last` of work entry `work`.
+#[derive(Clone, Copy)]
+struct Share {
+    work: usize,
+    first: u32,
+    last: u32,
+}
+
+/// The shares of a run on one target: an SSH host (or one lane) takes every scenario whole;
+/// `lanes` local nodes split each scenario's iterations between them, but an L6 one, which
+/// has the machine to itself anyway.
+fn shares(work: &[Work], lanes: u32) -> Vec<Share> {
+    let mut out = Vec::new();
     for (i, w) in work.iter().enumerate() {
-        if d.stopped() {
-            break;
+        if w.iterations == 0 {
+            out.push(Share { work: i, first: 1, last: 0 }); // reported, with nothing run
+            continue;
         }
-        bar.set_message(w.label());
-        // An L6 scenario has the machine to itself: the run's other nodes wait between their
-        // scenarios, so it measures the agent on this machine, not the run's other nodes (two
-        // nodes at once put raw `podman ps` at 20 apps at 3.9 s p99, against a 250 ms target).
-        let _alone = (w.scenario.layer == scenario::Layer::L6)
-            .then(|| d.measuring.write().unwrap_or_else(|e| e.into_inner()));
-        let _shared = _alone.is_none().then(|| d.measuring.read().unwrap_or_else(|e| e.into_inner()));
-        let scenario_seed = seed ^ ((i as u64) << 32);
-        let started = std::time::Instant::now();
-        let results = match target {
-            Target::Local(name) => d.local(name, w, scenario_seed, i + 1 == work.len(), &mut environment),
-            Target::Ssh(node) => d.ssh(node, w, scenario_seed, i + 1 == work.len(), &mut environment),
-        };
-        let results = results.unwrap_or_else(|e| {
-            d.say(format!("archy-chaos: {}: {} (verdict: unknown): {e:#}", d.label, w.scenario.id));
-            Vec::new()
-        });
-        scenarios.push(ScenarioReport::new(&w.scenario, w.backend, results, started.elapsed().as_secs_f64()));
+        let parts = if w.scenario.layer == scenario::Layer::L6 { 1 } else { lanes.clamp(1, w.iterations) };
+        let size = w.iterations.div_ceil(parts);
+        let mut first = 1;
+        while first <= w.iterations {
+            let last = (first + size - 1).min(w.iterations);
+            out.push(Share { work: i, first, last });
+            first = last + 1;
+        }
     }
+    out
+}
+
+/// Every scenario on one target, in order, until the run stops: a local target runs them on
+/// `--lanes` fresh nodes at once, each taking the next share.
+fn run_node(d: Driver, target: &Target, work: &[Work], seed: u64) -> NodeReport {
+    let args = d.args;
+    let lanes = match target {
+        Target::Local(_) if !args.keep_node => args.lanes.max(1),
+        _ => 1,
+    };
+    let queue =
+        std::sync::Mutex::new(shares(work, lanes).into_iter().collect::<std::collections::VecDeque<_>>());
+    let environment = std::sync::Mutex::new(None);
+    // Per work entry: its iterations and the node time its shares took.
+    let done = std::sync::Mutex::new(vec![(Vec::new(), 0.0f64); work.len()]);
+    std::thread::scope(|s| {
+        for lane in 0..lanes {
+            let (d, queue, environment, done) = (&d, &queue, &environment, &done);
+            s.spawn(move || loop {
+                if d.stopped() {
+                    break;
+                }
+                let Some((share, last)) =
+                    queue.lock().ok().and_then(|mut q| q.pop_front().map(|s| (s, q.is_empty())))
+                else {
+                    break;
+                };
+                let w = &work[share.work];
+                d.bar.set_message(w.label());
+                // An L6 scenario has the machine to itself: the run's other nodes wait between
+                // their shares, so it measures the agent on this machine, not the run's other
+                // nodes (two nodes at once put raw `podman ps` at 20 apps at 3.9 s p99, against a
+                // 250 ms target).
+                let _alone = (w.scenario.layer == scenario::Layer::L6)
+                    .then(|| d.measuring.write().unwrap_or_else(|e| e.into_inner()));
+                let _shared = _alone.is_none().then(|| d.measuring.read().unwrap_or_else(|e| e.into_inner()));
+                let scenario_seed = seed ^ ((share.work as u64) << 32);
+                let started = std::time::Instant::now();
+                let mut env = None;
+                let range = share.first..=share.last;
+                let results = match target {
+                    Target::Local(name) => {
+                        let name = if lane == 0 { name.clone() } else { format!("{name}x{lane}") };
+                        d.local(&name, w, range, scenario_seed, last, &mut env)
+                    }
+                    Target::Ssh(node) => d.ssh(node, w, range, scenario_seed, last, &mut env),
+                };
+                let results = results.unwrap_or_else(|e| {
+                    d.say(format!("archy-chaos: {}: {} (verdict: unknown): {e:#}", d.label, w.scenario.id));
+                    Vec::new()
+                });
+                if let Ok(mut done) = done.lock() {
+                    done[share.work].0.extend(results);
+                    done[share.work].1 += started.elapsed().as_secs_f64();
+                }
+                if let (Some(env), Ok(mut e)) = (env, environment.lock()) {
+                    e.get_or_insert(env);
+                }
+            });
+        }
+    });
+    let done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    let scenarios = work
+        .iter()
+        .zip(done)
+        // A scenario never started (the run stopped first) is not reported.
+        .filter(|(_, (its, secs))| !its.is_empty() || *secs > 0.0)
+        .map(|(w, (mut its, secs))| {
+            its.sort_by_key(|i| i.n);
+            ScenarioReport::new(&w.scenario, w.backend, its, secs)
+        })
+        .collect();
+    let environment = environment.into_inner().unwrap_or_else(|e| e.into_inner());
     let backend = match (target, environment.as_ref().and_then(|e| e.agent_backend.clone())) {
         (Target::Ssh(_), Some(b)) => b,
         (Target::Ssh(_), None) => "unknown".into(),
@@ -456,4 +541,26 @@ fn replay(args: &RunArgs, seed: u64) -> String {
         r.push_str(" --fm3");
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn work(id: &str, layer: &str, iterations: u32) -> Work {
+        let text = format!("version: 1\nid: {id}\nlayer: {layer}\ndescription: x\napps: [fx-web]\nsteps: [install]\n");
+        let scenario: Scenario = serde_yaml::from_str(&text).unwrap();
+        Work { scenario, apps: vec!["fx-web".into()], backend: Backend::Quadlet, iterations }
+    }
+
+    /// Lanes split a scenario's iterations into consecutive shares, never an L6 one, and a
+    /// scenario of no iterations still gets its (empty) share, so the report names it.
+    #[test]
+    fn lanes_share_iterations_but_not_an_l6_scenario() {
+        let w = [work("a", "L3", 20), work("b", "L6", 5), work("c", "L5", 1), work("d", "L3", 0), work("e", "L5", 3)];
+        let got: Vec<(usize, u32, u32)> = shares(&w, 2).iter().map(|s| (s.work, s.first, s.last)).collect();
+        assert_eq!(got, [(0, 1, 10), (0, 11, 20), (1, 1, 5), (2, 1, 1), (3, 1, 0), (4, 1, 2), (4, 3, 3)]);
+        let one: Vec<(usize, u32, u32)> = shares(&w, 1).iter().map(|s| (s.work, s.first, s.last)).collect();
+        assert_eq!(one, [(0, 1, 20), (1, 1, 5), (2, 1, 1), (3, 1, 0), (4, 1, 3)]);
+    }
 }

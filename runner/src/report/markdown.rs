@@ -313,6 +313,7 @@ mod tests {
             unknowns: vec![],
             measures: BTreeMap::new(),
             log: String::new(),
+            seconds: 0.0,
         }
     }
 

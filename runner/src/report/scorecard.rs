@@ -192,6 +192,7 @@ mod tests {
             unknowns: vec![],
             measures: Default::default(),
             log: String::new(),
+            seconds: 0.0,
         }
     }
 

@@ -59,6 +59,9 @@ pub struct Iteration {
     /// The node's last log lines, for an iteration that did not pass.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub log: String,
+    /// Wall time of the iteration, its invariants included (0: not recorded).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// One step as it ran: its evidence, or the error that ended the iteration.
@@ -137,7 +140,9 @@ pub fn iterate(
         unknowns: Vec::new(),
         measures: BTreeMap::new(),
         log: String::new(),
+        seconds: 0.0,
     };
+    let started = Instant::now();
     // The node's own catalog (what its agent runs) and backend, read once per iteration (a
     // `write-file` into the catalog changes files, not manifests), and the state files already
     // moved aside (a host keeps those of earlier scenarios).
@@ -152,6 +157,7 @@ pub fn iterate(
         Ok(p) => p,
         Err(e) => {
             it.unknowns.push(format!("reading the node's catalog, agent status and data root: {e:#}"));
+            it.seconds = started.elapsed().as_secs_f64();
             return finish(it, node);
         }
     };
@@ -172,6 +178,7 @@ pub fn iterate(
     if it.failures.is_empty() && (it.unknowns.is_empty() || s.is_history()) {
         check_invariants(&ctx, &mut it);
     }
+    it.seconds = started.elapsed().as_secs_f64();
     finish(it, node)
 }
 
@@ -300,7 +307,7 @@ pub fn run_scenario(
     s: &Scenario,
     node: &dyn Node,
     apps: &[String],
-    iterations: u32,
+    iterations: std::ops::RangeInclusive<u32>,
     seed: u64,
     mut each: impl FnMut(&[String], &Iteration) -> bool,
 ) -> Vec<Iteration> {
@@ -324,7 +331,7 @@ pub fn run_scenario(
     }
     let apps = &all;
     let mut results = Vec::new();
-    for n in 1..=iterations {
+    for n in iterations {
         let it = iterate(s, node, &agent, apps, n, seed ^ u64::from(n));
         let go_on = each(apps, &it);
         results.push(it);
