@@ -90,18 +90,19 @@ fn a_per_app_run_renders_its_scorecard_and_kpis() {
     assert!(ok, "{err}");
     assert!(
         md.contains("## Scorecard")
-            && md.contains("| fx-web | 4/4 full | 2/2 full |")
-            && md.contains("45/45 cells full")
+            && md.contains("| fx-web | 2/2 full | 2/2 full | 2/2 full | 2/2 full |")
+            && md.contains("| fx-ui | 2/2 full | 2/2 full | n/a | 2/2 full |")
+            && md.contains("98/98 cells full")
             && md.contains("| install_ratio | 4 |")
-            && md.contains("p50 <= 4.00x: PASS"),
+            && md.contains("p50 <= 2.50x: PASS"),
         "{md}"
     );
     commonmark(&md);
     check_snapshot("lifecycle-l6-report.md", &md);
     let (ok, xml, err) = chaos(&["report", LIFECYCLE, "--format", "junit"]);
     assert!(ok, "{err}");
-    // One case per iteration (10 per-app, 2 + 2 for the L6 scenarios) and per threshold (2 + 3).
-    assert_eq!(junit(dir.path(), &xml), 19, "{xml}");
+    // One case per iteration (2 of the matrix, 2 + 2 of the L6 scenarios) and per threshold.
+    assert_eq!(junit(dir.path(), &xml), 20, "{xml}");
     check_snapshot("lifecycle-l6-report.junit.xml", &xml);
 }
 
@@ -133,17 +134,17 @@ fn a_run_over_two_nodes_has_a_section_and_suites_per_node() {
     assert!(
         md.starts_with("# archy-chaos run — FAIL\n")
             && md.contains("| local:run15619 | podman | 0/1 | fail |\n")
-            && md.contains("| local:run16781 | quadlet | 3/3 | pass |\n")
+            && md.contains("| local:run15520 | quadlet | 3/3 | pass |\n")
             && md.contains("\n## node local:run15619 — FAIL\n")
             && md.contains("\n### agent-restart-survive@podman (L3) — FAIL\n")
             && md.contains("\n#### agent-restart-survive@podman iteration 1: fail\n")
-            && md.contains("\n## node local:run16781 — PASS\n")
+            && md.contains("\n## node local:run15520 — PASS\n")
             && md.contains("\n### Scorecard\n"),
         "{md}"
     );
     commonmark(&md);
     let xml = render(dir.path(), &r, "junit");
-    assert_eq!(junit(dir.path(), &xml), 1 + 19, "{xml}");
+    assert_eq!(junit(dir.path(), &xml), 1 + 20, "{xml}");
     let doc = roxmltree::Document::parse(&xml).unwrap();
     let suites: Vec<&str> = doc
         .descendants()
@@ -154,9 +155,9 @@ fn a_run_over_two_nodes_has_a_section_and_suites_per_node() {
         suites,
         [
             "agent-restart-survive@podman on local:run15619",
-            "lifecycle-matrix on local:run16781",
-            "cold-install on local:run16781",
-            "calls-per-op on local:run16781"
+            "lifecycle-matrix on local:run15520",
+            "cold-install on local:run15520",
+            "calls-per-op on local:run15520"
         ]
     );
 }
