@@ -163,7 +163,7 @@ fn red_lines_and_alerts_are_the_scenario_files_thresholds() {
         ("agent-startup", "boot_to_ready_seconds", "p99"),
         ("calls-per-op", "install_podman_calls", "max"),
     ];
-    let [tick, install, boot, _calls] = targets.map(|(s, k, q)| threshold(s, k, q));
+    let [tick, install, boot, calls] = targets.map(|(s, k, q)| threshold(s, k, q));
     let d = dashboard("agent-kpis.json");
     let red_line = |title: &str| -> f64 {
         let p = panels(&d)
@@ -186,6 +186,7 @@ fn red_lines_and_alerts_are_the_scenario_files_thresholds() {
         "cold-install.yml: install_seconds p99"
     );
     assert_eq!(red_line("Agent start-up duration"), boot, "agent-startup.yml: boot_to_ready_seconds p99");
+    assert_eq!(red_line("Podman calls per install"), calls, "calls-per-op.yml: install_podman_calls max");
 
     let rules: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(dir("prometheus").join("rules.yml")).unwrap()).unwrap();
@@ -503,11 +504,14 @@ fn every_panel_and_rule_query_answers_from_a_real_node_and_a_real_run() {
     assert_eq!(restarts(), Some(1.0), "fx-web's restart counted once");
 
     // A real run pushes its results; the gate pushes them again with its decision. An empty
-    // baseline judges the run's verdict alone.
+    // baseline judges the run's verdict alone. lifecycle-matrix runs per app: its scorecard.
     let reports = tmp.path().join("reports");
     let out = chaos_cmd(&[
         "run",
         "agent-startup",
+        "lifecycle-matrix",
+        "--apps",
+        "fx-web",
         "--iterations",
         "1",
         "--pushgateway",
@@ -521,6 +525,7 @@ fn every_panel_and_rule_query_answers_from_a_real_node_and_a_real_run() {
     assert!(matches!(out.status.code(), Some(0..=2)), "archy-chaos run: {:?}\n{log}", out.status);
     let pushed = get(&format!("{pg}/metrics")).unwrap_or_default();
     assert!(pushed.contains("archy_chaos_run_pass{"), "the run pushed nothing:\n{log}");
+    assert!(pushed.contains("archy_chaos_scorecard_ok{"), "the run pushed no scorecard:\n{log}");
     let report = std::fs::read_dir(&reports)
         .unwrap()
         .flatten()
