@@ -548,7 +548,9 @@ mod tests {
     use super::*;
 
     fn work(id: &str, layer: &str, iterations: u32) -> Work {
-        let text = format!("version: 1\nid: {id}\nlayer: {layer}\ndescription: x\napps: [fx-web]\nsteps: [install]\n");
+        let text = format!(
+            "version: 1\nid: {id}\nlayer: {layer}\ndescription: x\napps: [fx-web]\nsteps: [install]\n"
+        );
         let scenario: Scenario = serde_yaml::from_str(&text).unwrap();
         Work { scenario, apps: vec!["fx-web".into()], backend: Backend::Quadlet, iterations }
     }
@@ -557,7 +559,13 @@ mod tests {
     /// scenario of no iterations still gets its (empty) share, so the report names it.
     #[test]
     fn lanes_share_iterations_but_not_an_l6_scenario() {
-        let w = [work("a", "L3", 20), work("b", "L6", 5), work("c", "L5", 1), work("d", "L3", 0), work("e", "L5", 3)];
+        let w = [
+            work("a", "L3", 20),
+            work("b", "L6", 5),
+            work("c", "L5", 1),
+            work("d", "L3", 0),
+            work("e", "L5", 3),
+        ];
         let got: Vec<(usize, u32, u32)> = shares(&w, 2).iter().map(|s| (s.work, s.first, s.last)).collect();
         assert_eq!(got, [(0, 1, 10), (0, 11, 20), (1, 1, 5), (2, 1, 1), (3, 1, 0), (4, 1, 2), (4, 3, 3)]);
         let one: Vec<(usize, u32, u32)> = shares(&w, 1).iter().map(|s| (s.work, s.first, s.last)).collect();
