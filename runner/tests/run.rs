@@ -308,6 +308,8 @@ fn an_interrupted_run_tears_down_its_node_and_writes_the_report_so_far() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(130), "{text}");
     assert!(!node.exists(), "the node outlived the run: {text}");
+    // The second lane's node too (iterations 4 and 5).
+    assert!(!support::nodes_dir().join("tintx1").exists(), "the second lane's node outlived the run: {text}");
     let report: Value = std::fs::read_dir(reports.path())
         .unwrap()
         .find_map(|e| serde_json::from_slice(&std::fs::read(e.ok()?.path()).ok()?).ok())
