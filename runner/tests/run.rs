@@ -341,5 +341,7 @@ fn fail_fast_stops_at_the_first_failed_iteration() {
     assert_eq!(code, 1, "{text}\n{r}");
     let scenarios = r["nodes"][0]["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), 1, "the second scenario ran: {text}");
-    assert_eq!(scenarios[0]["iterations"].as_array().unwrap().len(), 1, "{text}");
+    // Each of the run's two lanes finishes the iteration it is in; neither starts another.
+    let ran = scenarios[0]["iterations"].as_array().unwrap().len();
+    assert!((1..=2).contains(&ran), "{ran} iterations ran: {text}");
 }

@@ -230,7 +230,8 @@ pub fn fixture_copies(fx_web: &str, n: usize) -> Vec<(String, String)> {
             let text = fx_web
                 .replace("id: fx-web", &format!("id: {id}"))
                 .replace("interval: 2s", "interval: 30s")
-                .replace("host: 18080", &format!("host: {}", 18100 + i));
+                // Its host port, and the ui and rpc entries that name it.
+                .replace("18080", &(18100 + i).to_string());
             (id, text)
         })
         .collect()
@@ -257,4 +258,20 @@ pub fn calls(agent: &AgentClient, apps: &[String], timeout: Duration) -> Result<
             .measure(&kpi::calls(op.name(), "systemctl"), vec![after.1 - before.1]);
     }
     Ok(evidence)
+}
+
+#[cfg(test)]
+mod tests {
+    /// tick-scaling's copies went invalid when fx-web's ui and rpc came to name its host port.
+    #[test]
+    fn bug_fixture_copies_of_fx_web_are_valid_manifests() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../apps/fx-web");
+        let text = std::fs::read_to_string(dir.join("manifest.yml")).unwrap();
+        for (id, copy) in super::fixture_copies(&text, 3) {
+            let path = dir.join(format!("{id}.yml"));
+            if let Err(p) = archy_agent::manifest::Manifest::parse(&path, &copy) {
+                panic!("{id}: {p}");
+            }
+        }
+    }
 }
