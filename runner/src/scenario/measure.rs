@@ -241,23 +241,36 @@ pub fn fixture_copies(fx_web: &str, n: usize) -> Vec<(String, String)> {
 /// each lifecycle operation on the first app, from the operation to convergence.
 pub fn calls(agent: &AgentClient, apps: &[String], timeout: Duration) -> Result<Evidence> {
     let app = apps.first().context("no app")?;
-    let count = || -> Result<(f64, f64)> {
-        let calls = agent.exec_calls()?;
-        let sum =
-            |tool: &str| calls.iter().filter(|c| c.tool == tool && c.verb != "ps").map(|c| c.count).sum();
-        Ok((sum("podman"), sum("systemctl")))
+    // Every call but the ticks' `ps`, by "tool verb": the evidence says which calls an
+    // operation made, the KPIs how many.
+    let count = || -> Result<BTreeMap<String, f64>> {
+        let mut by = BTreeMap::new();
+        for c in agent.exec_calls()?.into_iter().filter(|c| c.verb != "ps") {
+            *by.entry(format!("{} {}", c.tool, c.verb)).or_default() += c.count;
+        }
+        Ok(by)
     };
     let mut evidence = Evidence::default().with("app", app);
+    let mut made = BTreeMap::new();
     for op in ApiOp::LIFECYCLE {
         let before = count()?;
         agent.op(op.name(), app)?;
         agent.wait_converged(std::slice::from_ref(app), timeout)?;
-        let after = count()?;
+        let delta: BTreeMap<String, f64> = count()?
+            .into_iter()
+            .map(|(k, n)| (n - before.get(&k).copied().unwrap_or(0.0), k))
+            .filter(|(n, _)| *n > 0.0)
+            .map(|(n, k)| (k, n))
+            .collect();
+        let sum = |tool: &str| {
+            delta.iter().filter(|(k, _)| k.starts_with(&format!("{tool} "))).map(|(_, n)| n).sum()
+        };
         evidence = evidence
-            .measure(&kpi::calls(op.name(), "podman"), vec![after.0 - before.0])
-            .measure(&kpi::calls(op.name(), "systemctl"), vec![after.1 - before.1]);
+            .measure(&kpi::calls(op.name(), "podman"), vec![sum("podman")])
+            .measure(&kpi::calls(op.name(), "systemctl"), vec![sum("systemctl")]);
+        made.insert(op.name(), delta);
     }
-    Ok(evidence)
+    Ok(evidence.with("calls", made))
 }
 
 #[cfg(test)]
