@@ -10,6 +10,7 @@ mod explore;
 mod fleet;
 mod gate;
 mod interrupt;
+mod lazyfs;
 mod node;
 mod push;
 mod report;
@@ -110,6 +111,12 @@ enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
+    /// The lazy data root (as root): mount BACKING at MOUNT through a FUSE layer that keeps
+    /// an undo of everything not yet fsynced, and serve CONTROL, a unix socket taking one
+    /// line: `cut SEED [tear]` drops every unsynced byte and directory change (answers what
+    /// was lost as JSON) and unmounts, as a power cut would; `flush` keeps everything, as a
+    /// clean shutdown syncs; `unmount` flushes and unmounts. Runs until cut or unmounted.
+    Lazyfs { backing: std::path::PathBuf, mount: std::path::PathBuf, control: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -509,6 +516,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Gate(args) => gate::run(&args),
+        Command::Lazyfs { backing, mount, control } => match lazyfs::serve(&backing, &mount, &control) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("archy-chaos: lazyfs: {e:#}");
+                ExitCode::from(EXIT_UNKNOWN)
+            }
+        },
         Command::Bench { what } => match match what {
             BenchWhat::Agent(args) => bench::agent(&args),
             BenchWhat::Node(args) => bench::node(&args),
