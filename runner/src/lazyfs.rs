@@ -7,7 +7,7 @@
 //! unlink and rename keeps what reverses it until its directory is fsynced (a rename, until
 //! both of its directories are). [`Lazy::cut`] applies the undo, newest first, and may tear
 //! the last unsynced write of a file (a seeded prefix of it survives); [`Lazy::flush`] drops
-//! it, as a clean shutdown syncs everything. The undo lives in memory and in `undo/` beside
+//! it, as a clean shutdown syncs everything. The undo lives in memory and in a hidden directory of
 //! the backing directory: a cut must come before the daemon goes away.
 
 use std::collections::HashMap;
@@ -31,6 +31,9 @@ use serde::Serialize;
 /// Attributes and entries are cached by the kernel this long; a cut is followed by a new
 /// mount (a reboot), so nothing stale outlives it.
 const TTL: Duration = Duration::from_secs(1);
+
+/// The undo's directory in the backing root, which the view does not show.
+const UNDO: &str = ".archy-lazy-undo";
 
 /// What a cut lost, relative to the backing directory.
 #[derive(Debug, Default, Serialize, PartialEq)]
@@ -130,9 +133,10 @@ fn time(secs: i64, nsecs: i64) -> SystemTime {
 }
 
 impl Lazy {
-    /// A lazy view of `backing`; the undo goes to `undo` (created, emptied), which must be
-    /// on the same filesystem as `backing` (unlinked files are moved there, not copied).
-    pub fn new(backing: &Path, undo: &Path) -> Result<Arc<Lazy>> {
+    /// A lazy view of `backing`. The undo goes to [`UNDO`] inside it (emptied), hidden from
+    /// the view: an unlinked file is moved there, which must not cross filesystems.
+    pub fn new(backing: &Path) -> Result<Arc<Lazy>> {
+        let undo = &backing.join(UNDO);
         let root_ino = std::fs::metadata(backing)
             .with_context(|| format!("backing directory {}", backing.display()))?
             .ino();
@@ -372,6 +376,9 @@ impl State {
 impl Filesystem for Fs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let mut st = self.0.lock();
+        if parent.0 == 1 && name == UNDO {
+            return reply.error(Errno::ENOENT);
+        }
         let rel = st.rel(parent.0, name);
         match self.0.entry(&mut st, rel) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
@@ -688,6 +695,9 @@ impl Filesystem for Fs {
             vec![(ino.0, FileType::Directory, OsString::from(".")), (1, FileType::Directory, "..".into())];
         for e in entries {
             let Ok(m) = e.metadata() else { continue };
+            if ino.0 == 1 && e.file_name() == UNDO {
+                continue;
+            }
             all.push((self.0.to_attr(&st, &m).ino.0, kind(m.file_type()), e.file_name()));
         }
         for (i, (ino, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
@@ -810,11 +820,7 @@ impl Fs {
 /// control socket: `cut SEED [tear]` (answers the [`Lost`] JSON, then unmounts and exits, as
 /// the power goes), `flush` (answers `{}`), `unmount` (flushes, unmounts, exits).
 pub fn serve(backing: &Path, mount: &Path, control: &Path) -> Result<()> {
-    let undo = backing.with_file_name(format!(
-        ".{}.lazy-undo",
-        backing.file_name().map_or("root".into(), |n| n.to_string_lossy())
-    ));
-    let lazy = Lazy::new(backing, &undo)?;
+    let lazy = Lazy::new(backing)?;
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("archy-lazy".into()),

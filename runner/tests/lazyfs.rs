@@ -205,6 +205,10 @@ fn a_clean_shutdown_and_the_kernel_path_keep_everything() {
     // The lazy path, shut down cleanly.
     let mut fs = Lazy::new();
     program(&fs.mount.clone());
+    let mut names: Vec<_> = std::fs::read_dir(&fs.mount).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["synced", "undirred", "unsynced"], "the undo directory is not in the view");
+    assert!(!fs.at(".archy-lazy-undo").exists());
     assert_eq!(fs.command("unmount"), serde_json::json!({}));
     assert!(fs.child.wait().unwrap().success());
     check(&fs.backing);

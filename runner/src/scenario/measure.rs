@@ -258,12 +258,14 @@ pub fn calls(agent: &AgentClient, apps: &[String], timeout: Duration) -> Result<
         agent.wait_converged(std::slice::from_ref(app), timeout)?;
         let delta: BTreeMap<String, f64> = count()?
             .into_iter()
-            .map(|(k, n)| (n - before.get(&k).copied().unwrap_or(0.0), k))
-            .filter(|(n, _)| *n > 0.0)
-            .map(|(n, k)| (k, n))
+            .filter_map(|(k, n)| {
+                let d = n - before.get(&k).copied().unwrap_or(0.0);
+                (d > 0.0).then_some((k, d))
+            })
             .collect();
+        // Folded from 0.0: `Sum` of no f64 is -0.0, which would read as "fewer calls than 0".
         let sum = |tool: &str| {
-            delta.iter().filter(|(k, _)| k.starts_with(&format!("{tool} "))).map(|(_, n)| n).sum()
+            delta.iter().filter(|(k, _)| k.starts_with(&format!("{tool} "))).fold(0.0, |a, (_, n)| a + n)
         };
         evidence = evidence
             .measure(&kpi::calls(op.name(), "podman"), vec![sum("podman")])
