@@ -1028,22 +1028,17 @@ impl Reconciler {
     /// What a container needs on the host before it is created: data directories and the
     /// environment file with the values read from secrets.
     fn prepare(&self, m: &Manifest) -> Result<(), String> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::PermissionsExt;
         // The app's directory is the service user's alone: apps write files 0644 (LND's
         // macaroons), and only the container, which sees its volumes mounted, reads them.
         let own = self.target.data_root.join("apps").join(&m.id);
         let private = std::fs::Permissions::from_mode(0o700);
         for dir in [own.parent().unwrap_or(&own), &own] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .and_then(|()| std::fs::set_permissions(dir, private.clone()))
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            crate::atomic::create_dir_all(dir, 0o700).map_err(|e| e.to_string())?;
+            std::fs::set_permissions(dir, private.clone()).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         for v in &m.volumes {
-            let dir = own.join(&v.name);
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            crate::atomic::create_dir_all(&own.join(&v.name), 0o755).map_err(|e| e.to_string())?;
         }
         secrets::write_env_file(&self.target.secrets_root(), m).map_err(|e| e.to_string())?;
         Ok(())

@@ -456,8 +456,7 @@ impl Runtime for Quadlet {
                 build(e, image, context, containerfile, context_hash)?
             }
             Op::WriteUnit { unit, .. } => {
-                std::fs::create_dir_all(&self.unit_dir)
-                    .map_err(|source| Error::Io { path: self.unit_dir.clone(), source })?;
+                atomic::create_dir_all(&self.unit_dir, 0o755)?;
                 atomic::write(&self.unit_dir, &unit.file_name, unit.text.as_bytes(), 0o644)?;
             }
             Op::RemoveUnit { app } => {

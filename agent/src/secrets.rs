@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -476,11 +476,7 @@ fn random_hex(bytes: usize) -> String {
 /// Creates `dir` (mode 0700) if needed, and checks that an existing one is ours.
 fn ensure_dir(dir: &Path) -> Result<(), Error> {
     match fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err(dir, "create directory")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(crate::atomic::create_dir_all(dir, 0o700)?),
         Err(e) => Err(io_err(dir, "stat")(e)),
         Ok(m) if !m.is_dir() => Err(Error::NotADir { path: dir.into() }),
         Ok(m) => {

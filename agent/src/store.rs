@@ -283,7 +283,6 @@ impl Store {
 
 /// Creates the state directory (0700) and makes its entry in the parent durable.
 fn create_dir(dir: &Path) -> Result<(), Error> {
-    use std::os::unix::fs::DirBuilderExt;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let err = |source| Error::Dir { path: dir.into(), source };
     if let Ok(meta) = std::fs::metadata(dir) {
@@ -300,11 +299,7 @@ fn create_dir(dir: &Path) -> Result<(), Error> {
         }
         return Ok(());
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
-    if let Some(parent) = dir.parent() {
-        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(err)?;
-    }
-    Ok(())
+    crate::atomic::create_dir_all(dir, 0o700).map_err(|e| err(e.source))
 }
 
 fn to_bytes(s: &State) -> Vec<u8> {

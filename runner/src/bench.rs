@@ -399,6 +399,7 @@ pub fn node(args: &NodeBenchArgs) -> Result<()> {
         netns: true,
         fm3: false,
         breakages: Vec::new(),
+        lazy: false,
     };
     let bin = std::env::current_exe()?.with_file_name("archy-agent");
     let node = LocalNode::up(&opts, &bin, &args.catalog)?;

@@ -293,6 +293,7 @@ impl Explorer<'_> {
             netns: true,
             fm3: false,
             breakages: self.args.breakages.clone(),
+            lazy: false,
         };
         let bin = std::env::current_exe()?.with_file_name("archy-agent");
         LocalNode::up(&opts, &bin, &self.args.catalog).context("cannot bring up a local node")

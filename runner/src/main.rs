@@ -402,7 +402,15 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
     match cmd {
         NodeCommand::Up { name, backend, netns, fm3, breakages, user, catalog, bare } => {
             let bin = std::env::current_exe()?.with_file_name("archy-agent");
-            let opts = node::local::UpOptions { name: name.clone(), user, backend, netns, fm3, breakages };
+            let opts = node::local::UpOptions {
+                name: name.clone(),
+                user,
+                backend,
+                netns,
+                fm3,
+                breakages,
+                lazy: false,
+            };
             if bare {
                 LocalNode::up_bare(&opts)?;
                 println!("node {name} up, without an agent");

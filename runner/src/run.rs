@@ -16,6 +16,13 @@ use crate::report::model::Environment;
 use crate::report::{exit, NodeReport, Report, ScenarioReport, SuiteRecord};
 use crate::scenario::{self, Scenario, Verdict};
 
+/// What survives a local node's power cut (`--durability`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Durability {
+    Kernel,
+    Lazy,
+}
+
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// Scenarios (`scenarios/<id>.yml`, e.g. `reboot-survive`) and suites
@@ -66,6 +73,11 @@ pub struct RunArgs {
     /// agent's cgroup, the platform's FM3.
     #[arg(long)]
     pub fm3: bool,
+    /// What a local node's power cut keeps: `kernel` (every write the agent made, as the
+    /// page cache survives a killed process) or `lazy` (only what it fsynced: the data root
+    /// is the lazy filesystem, `archy-chaos lazyfs`; each cut's evidence says what was lost).
+    #[arg(long, value_enum, default_value_t = Durability::Kernel)]
+    pub durability: Durability,
     /// Deliberately broken agent behaviour, for proving that the suite catches it (never on
     /// a real node): secrets never re-checked after install, state written in place,
     /// ports published under host networking.
@@ -352,6 +364,7 @@ impl Driver<'_> {
             netns: true,
             fm3: args.fm3,
             breakages: args.breakages.clone(),
+            lazy: args.durability == Durability::Lazy,
         };
         let bin = std::env::current_exe()?.with_file_name("archy-agent");
         let node = LocalNode::up(&opts, &bin, &args.catalog).context("cannot bring up a local node")?;
@@ -539,6 +552,9 @@ fn replay(args: &RunArgs, seed: u64) -> String {
     }
     if args.fm3 {
         r.push_str(" --fm3");
+    }
+    if args.durability == Durability::Lazy {
+        r.push_str(" --durability lazy");
     }
     r
 }

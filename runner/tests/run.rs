@@ -45,6 +45,37 @@ fn reboot_survive_passes_with_evidence_and_a_replay_command() {
     assert!(r["nodes"][0]["environment"]["podman"].as_str().unwrap().starts_with('4'), "{r}");
 }
 
+/// Issue 16: on a lazy data root a power cut drops what was never synced. The agent created
+/// `apps/`, `secrets/<app>` and the volumes' directories without syncing their parents, so
+/// the cut took them, and the runner's synced file in a volume with them (`data-intact`
+/// failed); now only what the apps themselves never synced goes, and the cut says what.
+#[test]
+fn bug_a_lazy_data_root_lost_the_directories_the_agent_never_synced() {
+    let reports = tempfile::tempdir().unwrap();
+    let args = ["reboot-survive", "--durability", "lazy", "--iterations", "2", "--seed", "5"];
+    let (code, r, text) = run(&args, reports.path());
+    assert_eq!(code, 0, "{text}\n{r}");
+    assert!(r["replay"].as_str().unwrap().contains("--durability lazy"), "{r}");
+    for it in r["nodes"][0]["scenarios"][0]["iterations"].as_array().unwrap() {
+        let cut =
+            it["steps"].as_array().unwrap().iter().find(|s| s["step"] == "power-cut").expect("power-cut");
+        let lost = &cut["evidence"]["lost"];
+        let entries: Vec<&str> =
+            lost["entries"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+        // fx-web's httpd writes its pages without fsync: the lazy layer ran and dropped them.
+        assert!(entries.iter().any(|e| e.starts_with("created apps/fx-web/data/www")), "{lost}");
+        // Nothing the agent wrote and acknowledged: no state, no secret, no directory of its own.
+        for e in &entries {
+            let path = e.rsplit(' ').next().unwrap();
+            // apps/, apps/<app> and apps/<app>/<volume> are the agent's; what is below, the app's.
+            let agents = path.starts_with("secrets")
+                || path.starts_with("state")
+                || (path.starts_with("apps") && path.split('/').count() <= 3);
+            assert!(!agents || path.ends_with("/.lock"), "{e}: {lost}");
+        }
+    }
+}
+
 /// A real OOM kill: this host lets the runner (root) enforce a memory limit (the testbed's
 /// cgroup v1 memory hierarchy, or the v2 memory controller), so the kernel kills fx-web's main
 /// process in every iteration, never the SIGKILL stand-in, and fx-web comes back each time.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use archy_agent::manifest::Catalog;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{checked, Backend, DiskFault, Evidence, FileFault, FileKind, Node, Stat, PODMAN_FAIL_FLAG};
 
@@ -25,7 +25,7 @@ const NETNS_AGENT_PORT: u16 = 8719;
 /// Size of the filesystem under a node's data root: quick to fill, ample for the fixtures.
 const DATA_SIZE: u64 = 128 << 20;
 /// The file a `full` disk fault fills the data root with.
-const FILL_FILE: &str = "data/.archy-chaos-fill";
+const FILL_FILE: &str = ".archy-chaos-fill";
 /// Free space under which the data root counts as full: less than one small write.
 const FULL_BELOW: u64 = 64 << 10;
 
@@ -51,6 +51,10 @@ pub struct NodeSpec {
     /// manager, not for an agent).
     #[serde(default)]
     pub bare: bool,
+    /// The data root is the lazy filesystem (`lazyfs`) over the image mounted at `data.lower`:
+    /// a power cut loses what the node never synced, as real hardware does.
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 /// How `node up` makes a node.
@@ -65,6 +69,8 @@ pub struct UpOptions {
     pub fm3: bool,
     /// Deliberate agent bugs (`archy_agent::failpoint::BREAKAGES`), for proving the suite.
     pub breakages: Vec<String>,
+    /// The data root forgets unsynced writes on a power cut (`NodeSpec::lazy`).
+    pub lazy: bool,
 }
 
 pub struct LocalNode {
@@ -140,10 +146,13 @@ fn write_home(root: &Path) -> Result<()> {
 /// node's files and from which every boot's namespace copies its mounts. Its own filesystem
 /// makes disk faults real for every process of the node: full is ENOSPC, read-only EROFS.
 /// No root reserve (`-m 0`), so full is full for the service user too.
-fn mount_data(root: &Path) -> Result<()> {
-    let (img, data) = (root.join("data.img"), root.join("data"));
-    if mount_at(&data)?.is_some() {
+fn mount_data(root: &Path, lazy: bool) -> Result<()> {
+    let (img, data) = (root.join("data.img"), root.join(if lazy { "data.lower" } else { "data" }));
+    if lazy && mount_at(&root.join("data"))?.is_some() {
         return Ok(());
+    }
+    if mount_at(&data)?.is_some() {
+        return if lazy { mount_lazy(root) } else { Ok(()) };
     }
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     if !img.exists() {
@@ -162,7 +171,46 @@ fn mount_data(root: &Path) -> Result<()> {
         std::fs::rename(&new, &img)?;
     }
     run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&data))?;
+    if lazy {
+        mount_lazy(root)?;
+    }
     Ok(())
+}
+
+/// The lazy filesystem over `data.lower` at `data`, served by `archy-chaos lazyfs` in a
+/// process group of its own (a Ctrl-C of the runner is not a power cut of the data root).
+fn mount_lazy(root: &Path) -> Result<()> {
+    let (lower, data, control) = (root.join("data.lower"), root.join("data"), root.join("lazyfs.sock"));
+    std::fs::create_dir_all(&data)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(root.join("lazyfs.log"))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("lazyfs").arg(&lower).arg(&data).arg(&control);
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+    std::mem::forget(crate::exec::spawn(&mut cmd).context("starting the lazy data root")?);
+    let start = Instant::now();
+    while !(control.exists() && mount_at(&data)?.is_some()) {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the lazy data root did not mount at {} (is /dev/fuse here?); see {}",
+            data.display(),
+            root.join("lazyfs.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// One command to a node's lazy data root (`lazyfs::serve`); its answer, JSON.
+fn lazy_control(root: &Path, command: &str) -> Result<Value> {
+    use std::io::{BufRead, Write};
+    let socket = root.join("lazyfs.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&socket)
+        .with_context(|| format!("the lazy data root's control {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    writeln!(s, "{command}")?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&s).read_line(&mut answer)?;
+    serde_json::from_str(&answer).with_context(|| format!("lazyfs answered {answer:?} to {command}"))
 }
 
 /// What is mounted at `path` in this process's mount namespace: (the mount's options, the
@@ -354,7 +402,7 @@ impl LocalNode {
     }
 
     fn create(opts: &UpOptions, agent: Option<(&Path, &Path)>) -> Result<LocalNode> {
-        let UpOptions { name, user, backend, netns, fm3, breakages } = opts;
+        let UpOptions { name, user, backend, netns, fm3, breakages, lazy } = opts;
         let (name, user, backend, netns) = (name.as_str(), user.as_str(), *backend, *netns);
         ensure!(
             !name.is_empty()
@@ -389,11 +437,12 @@ impl LocalNode {
             port,
             podman_cgroup: !fm3,
             bare: agent.is_none(),
+            lazy: *lazy,
         };
 
         let home = root.join("home");
         write_home(&root)?;
-        mount_data(&root)?; // before the chown below, which then owns the filesystem's root
+        mount_data(&root, spec.lazy)?; // before the chown below, which then owns the filesystem's root
         let cat = root.join("catalog");
         if let Some((agent_bin, catalog)) = agent {
             install_agent(&root, &spec, opts, agent_bin, catalog, u.uid.as_raw())?;
@@ -523,8 +572,8 @@ impl LocalNode {
         let _power = self.power.lock().unwrap_or_else(|e| e.into_inner());
         ensure!(self.init_pid().is_none(), "node `{}` is already up", self.spec.name);
         let start = Instant::now();
-        // After this machine rebooted the image is there but no longer mounted.
-        mount_data(&self.root)?;
+        // After this machine rebooted (or a cut of the lazy data root) it is not mounted.
+        mount_data(&self.root, self.spec.lazy)?;
         let cg = self.cgroup();
         std::fs::create_dir_all(&cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
         let log = std::fs::File::create(self.root.join("node.log"))?;
@@ -608,13 +657,26 @@ impl LocalNode {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), nix::sys::signal::SIGKILL)?;
         self.wait_gone(Duration::from_secs(10))?;
         let left = self.processes().len();
-        Ok(Evidence::of(json!({
+        let mut ev = Evidence::of(json!({
             "fault": "power_cut",
             "init_pid": init,
             "processes_killed": before,
             "processes_left": left,
         }))
-        .effect(before > 0 && left == 0))
+        .effect(before > 0 && left == 0);
+        if self.spec.lazy {
+            // Every process is dead: now the unsynced writes go, and the view with them.
+            ev = ev.with("lost", lazy_control(&self.root, "cut 0")?);
+            let start = Instant::now();
+            while mount_at(&self.root.join("data"))?.is_some() {
+                ensure!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "the lazy data root did not unmount after its cut"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(ev)
     }
 
     /// Stops the agent and every app unit through the user manager, as a clean shutdown
@@ -637,6 +699,8 @@ impl LocalNode {
         let clean = self.wait_gone(Duration::from_secs(90)).is_ok();
         if !clean {
             self.cut()?;
+        } else if self.spec.lazy {
+            lazy_control(&self.root, "flush")?; // a clean shutdown syncs everything
         }
         Ok(Evidence::of(json!({"fault": "graceful_shutdown", "units_stopped": stopped, "clean": clean}))
             .effect(clean))
@@ -794,6 +858,11 @@ impl LocalNode {
         Ok(self.root.join(checked(rel)?))
     }
 
+    /// Where the data image is mounted: the data root itself, or under its lazy view.
+    fn lower(&self) -> PathBuf {
+        self.root.join(if self.spec.lazy { "data.lower" } else { "data" })
+    }
+
     fn user(&self) -> Result<nix::unistd::User> {
         nix::unistd::User::from_name(&self.spec.user)?
             .with_context(|| format!("no user `{}`: run scripts/setup-host", self.spec.user))
@@ -801,7 +870,16 @@ impl LocalNode {
 
     /// Unmounts the data root (lazily if something still holds it) and frees its loop device.
     fn unmount_data(&self) -> Result<()> {
-        let (img, data) = (self.root.join("data.img"), self.root.join("data"));
+        if self.spec.lazy && mount_at(&self.root.join("data"))?.is_some() {
+            if lazy_control(&self.root, "unmount").is_err() {
+                run(Command::new("umount").arg("-l").arg(self.root.join("data")))?;
+            }
+            let start = Instant::now();
+            while mount_at(&self.root.join("data"))?.is_some() && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let (img, data) = (self.root.join("data.img"), self.lower());
         if mount_at(&data)?.is_some()
             && !crate::exec::output(Command::new("umount").arg(&data))?.status.success()
         {
@@ -820,7 +898,7 @@ impl LocalNode {
 
     /// A disk fault on the data root's filesystem, with what the runner and the node then see.
     pub fn disk_fault(&self, fault: DiskFault, on: bool) -> Result<Evidence> {
-        let data = self.root.join("data");
+        let (data, view) = (self.lower(), self.root.join("data"));
         ensure!(
             mount_at(&data)?.is_some(),
             "node `{}`: {} is not mounted (boot the node: it mounts its data root)",
@@ -851,7 +929,7 @@ impl LocalNode {
                 }
                 let ro = mount_at(&data)?.is_some_and(|(_, fs)| fs.split(',').any(|o| o == "ro"));
                 // A write as the service user inside the node, when it is up.
-                let probe = data.join(".archy-chaos-probe");
+                let probe = view.join(".archy-chaos-probe");
                 let writable = match self.init_pid() {
                     Some(_) => {
                         let script = format!("touch {0} && rm -f {0}", probe.display());
@@ -863,7 +941,7 @@ impl LocalNode {
                     .effect(ro == on && writable != Some(on))
             }
             DiskFault::Full => {
-                let path = self.root.join(FILL_FILE);
+                let path = data.join(FILL_FILE);
                 if on {
                     fill(&path)?;
                 } else if path.exists() {
@@ -973,7 +1051,14 @@ impl Node for LocalNode {
         }
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
         nix::unistd::chown(&path, Some(u.uid), Some(u.gid))
-            .with_context(|| format!("chown {}", path.display()))
+            .with_context(|| format!("chown {}", path.display()))?;
+        // Synced, file and directory entry: what the runner wrote is what a power cut of a
+        // lazy data root must keep (`data-intact` checks it).
+        let dir = path.parent().context("a file without a directory")?;
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::File::open(dir)?.sync_all())
+            .with_context(|| format!("fsync {}", path.display()))
     }
     fn stat(&self, rel: &str) -> Result<Option<Stat>> {
         let path = self.path(rel)?;
