@@ -34,7 +34,8 @@ pub fn create_dir_all(dir: &Path, mode: u32) -> Result<(), Error> {
         create_dir_all(parent, mode)?;
     }
     match fs::DirBuilder::new().mode(mode).create(dir) {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()), // made meanwhile
+        // Made meanwhile by another writer; a file of that name is still an error.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
         r => r.map_err(io_err(dir, "create directory"))?,
     }
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -90,4 +91,22 @@ pub fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), Erro
     }
     result?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "fsync directory"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn create_dir_all_makes_every_missing_directory_and_refuses_a_file_in_the_way() {
+        let t = tempfile::tempdir().unwrap();
+        let deep = t.path().join("a/b/c");
+        super::create_dir_all(&deep, 0o700).unwrap();
+        assert!(deep.is_dir());
+        assert_eq!(std::fs::metadata(t.path().join("a/b")).unwrap().permissions().mode() & 0o777, 0o700);
+        super::create_dir_all(&deep, 0o700).unwrap(); // there already: nothing to do
+        std::fs::write(t.path().join("f"), "").unwrap();
+        let e = super::create_dir_all(&t.path().join("f"), 0o700).unwrap_err();
+        assert!(e.to_string().contains("cannot create directory"), "{e}");
+    }
 }
