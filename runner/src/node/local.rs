@@ -186,7 +186,9 @@ fn mount_lazy(root: &Path) -> Result<()> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("lazyfs").arg(&lower).arg(&data).arg(&control);
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
-    std::mem::forget(crate::exec::spawn(&mut cmd).context("starting the lazy data root")?);
+    let child = crate::exec::spawn(&mut cmd).context("starting the lazy data root")?;
+    std::fs::write(root.join("lazyfs.pid"), child.id().to_string())?;
+    std::mem::forget(child); // reaped by `reap_lazy` once it has unmounted
     let start = Instant::now();
     while !(control.exists() && mount_at(&data)?.is_some()) {
         ensure!(
@@ -196,6 +198,25 @@ fn mount_lazy(root: &Path) -> Result<()> {
             root.join("lazyfs.log").display()
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Waits (10 s at most) for the lazy data root to be unmounted, and reaps its server if
+/// this process started it.
+fn reap_lazy(root: &Path) -> Result<()> {
+    let start = Instant::now();
+    while mount_at(&root.join("data"))?.is_some() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the lazy data root at {} stays mounted",
+            root.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Ok(pid) = std::fs::read_to_string(root.join("lazyfs.pid")) {
+        let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap_or(0));
+        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
     }
     Ok(())
 }
@@ -667,14 +688,7 @@ impl LocalNode {
         if self.spec.lazy {
             // Every process is dead: now the unsynced writes go, and the view with them.
             ev = ev.with("lost", lazy_control(&self.root, "cut 0")?);
-            let start = Instant::now();
-            while mount_at(&self.root.join("data"))?.is_some() {
-                ensure!(
-                    start.elapsed() < Duration::from_secs(10),
-                    "the lazy data root did not unmount after its cut"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            reap_lazy(&self.root)?;
         }
         Ok(ev)
     }
@@ -874,10 +888,7 @@ impl LocalNode {
             if lazy_control(&self.root, "unmount").is_err() {
                 run(Command::new("umount").arg("-l").arg(self.root.join("data")))?;
             }
-            let start = Instant::now();
-            while mount_at(&self.root.join("data"))?.is_some() && start.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            reap_lazy(&self.root)?;
         }
         let (img, data) = (self.root.join("data.img"), self.lower());
         if mount_at(&data)?.is_some()
