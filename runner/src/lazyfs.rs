@@ -105,6 +105,10 @@ fn errno(e: std::io::Error) -> Errno {
     Errno::from(e)
 }
 
+fn nix_errno(e: nix::errno::Errno) -> Errno {
+    Errno::from_i32(e as i32)
+}
+
 fn kind(ft: std::fs::FileType) -> FileType {
     use std::os::unix::fs::FileTypeExt;
     if ft.is_dir() {
@@ -249,9 +253,8 @@ impl Lazy {
     }
 
     fn to_attr(&self, st: &State, m: &std::fs::Metadata) -> FileAttr {
-        let ino = if m.ino() == st.root_ino { 1 } else { m.ino() };
         FileAttr {
-            ino: INodeNo(ino),
+            ino: INodeNo(st.ino(m)),
             size: m.size(),
             blocks: m.blocks(),
             atime: time(m.atime(), m.atime_nsec()),
@@ -288,7 +291,7 @@ impl Lazy {
             Some(nix::unistd::Gid::from_raw(req.gid())),
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
-        .map_err(|e| Errno::from_i32(e as i32))?;
+        .map_err(nix_errno)?;
         st.log.push(Change::Created { dir, name: name.into() });
         self.entry(st, rel)
     }
@@ -350,6 +353,15 @@ impl Lazy {
 }
 
 impl State {
+    /// The inode the kernel knows a backing file by: its own, but 1 for the backing root.
+    fn ino(&self, m: &std::fs::Metadata) -> u64 {
+        if m.ino() == self.root_ino {
+            1
+        } else {
+            m.ino()
+        }
+    }
+
     fn rel(&self, dir: u64, name: &OsStr) -> PathBuf {
         self.paths.get(&dir).map_or_else(|| PathBuf::from(name), |p| p.join(name))
     }
@@ -427,7 +439,7 @@ impl Filesystem for Fs {
                     gid.map(nix::unistd::Gid::from_raw),
                     nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
                 )
-                .map_err(|e| Errno::from_i32(e as i32))?;
+                .map_err(nix_errno)?;
             }
             if let Some(size) = size {
                 let now = std::fs::metadata(&path).map_err(errno)?.len();
@@ -453,7 +465,7 @@ impl Filesystem for Fs {
                     &spec(mtime),
                     nix::sys::stat::UtimensatFlags::NoFollowSymlink,
                 )
-                .map_err(|e| Errno::from_i32(e as i32))?;
+                .map_err(nix_errno)?;
             }
             self.0.attr(&st, ino.0)
         })();
@@ -491,7 +503,7 @@ impl Filesystem for Fs {
         let kind = nix::sys::stat::SFlag::from_bits_truncate(mode & nix::libc::S_IFMT);
         let perm = nix::sys::stat::Mode::from_bits_truncate(mode & !umask & 0o7777);
         let r = nix::sys::stat::mknod(&path, kind, perm, rdev.into())
-            .map_err(|e| Errno::from_i32(e as i32))
+            .map_err(nix_errno)
             .and_then(|()| self.0.made(&mut st, req, parent.0, name));
         match r {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
@@ -549,7 +561,7 @@ impl Filesystem for Fs {
             let (old, new) = (st.rel(parent.0, name), st.rel(newparent.0, newname));
             let (from, to) = (self.0.backing.join(&old), self.0.backing.join(&new));
             let m = std::fs::symlink_metadata(&from).map_err(errno)?;
-            let ino = self.0.to_attr(&st, &m).ino.0;
+            let ino = st.ino(&m);
             let target = std::fs::symlink_metadata(&to).ok();
             if flags.contains(RenameFlags::RENAME_EXCHANGE) {
                 return Err(Errno::EINVAL);
@@ -566,7 +578,7 @@ impl Filesystem for Fs {
                     }
                     let grave = self.0.grave(&mut st);
                     std::fs::rename(&to, &grave).map_err(errno)?;
-                    Some((self.0.to_attr(&st, &t).ino.0, grave))
+                    Some((st.ino(&t), grave))
                 }
                 None => None,
             };
@@ -698,7 +710,7 @@ impl Filesystem for Fs {
             if ino.0 == 1 && e.file_name() == UNDO {
                 continue;
             }
-            all.push((self.0.to_attr(&st, &m).ino.0, kind(m.file_type()), e.file_name()));
+            all.push((st.ino(&m), kind(m.file_type()), e.file_name()));
         }
         for (i, (ino, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, &name) {
@@ -726,7 +738,7 @@ impl Filesystem for Fs {
                 s.name_max() as u32,
                 s.fragment_size() as u32,
             ),
-            Err(e) => reply.error(Errno::from_i32(e as i32)),
+            Err(e) => reply.error(nix_errno(e)),
         }
     }
 
@@ -781,7 +793,7 @@ impl Fs {
                 }
                 _ => {}
             }
-            let ino = self.0.to_attr(&st, &m).ino.0;
+            let ino = st.ino(&m);
             let grave = self.0.grave(&mut st);
             std::fs::rename(&path, &grave).map_err(errno)?;
             st.paths.retain(|i, p| *i == 1 || *p != rel);
