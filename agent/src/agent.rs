@@ -69,6 +69,7 @@ fn podman_version(exec: &Exec, config: &Config) -> PodmanVersion {
                     "podman-version",
                     format!("{stamp} {v}\n").as_bytes(),
                     0o600,
+                    crate::atomic::Kind::Other,
                 );
             }
             v

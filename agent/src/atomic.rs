@@ -66,10 +66,25 @@ pub fn remove_stale_temps(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// What a file holds: a deliberately broken agent (`failpoint::BREAKAGES`) leaves one fsync
+/// out for secrets or for the state alone, so the lazy data root's proof names what it lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Secret,
+    State,
+    Other,
+}
+
 /// Atomically replaces `dir/name` with `bytes` at `mode`: a temp file created exclusively
 /// in the same directory, fsynced, renamed over the target, then the directory fsynced. The
 /// rename replaces whatever was there (even a root-owned file) without privilege.
-pub fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), Error> {
+pub fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32, kind: Kind) -> Result<(), Error> {
+    use crate::failpoint::broken;
+    let sync_file = !match kind {
+        Kind::Secret => broken("no-secret-fsync"),
+        Kind::State => broken("no-state-fsync"),
+        Kind::Other => false,
+    };
     let tmp = dir.join(format!(".{name}.{}.{:08x}{TMP_SUFFIX}", std::process::id(), rand::rng().next_u32()));
     let target = dir.join(name);
     let result = (|| {
@@ -83,13 +98,36 @@ pub fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), Erro
         // The umask may have taken bits away; set the mode exactly.
         f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(&tmp, "chmod"))?;
         f.write_all(bytes).map_err(io_err(&tmp, "write"))?;
-        f.sync_all().map_err(io_err(&tmp, "fsync"))?;
+        if sync_file {
+            f.sync_all().map_err(io_err(&tmp, "fsync"))?;
+        }
         fs::rename(&tmp, &target).map_err(io_err(&target, "rename into place"))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result?;
+    sync_dir(dir)
+}
+
+/// Removes `dir/name` (already gone is fine) and makes that durable: an unlink whose
+/// directory is not synced is undone by a power cut (a removed unit would start again).
+pub fn remove(dir: &Path, name: &str) -> Result<(), Error> {
+    let path = dir.join(name);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => {
+            r.map_err(io_err(&path, "remove"))?;
+            sync_dir(dir)
+        }
+    }
+}
+
+/// Makes the entries of `dir` (creates, renames, unlinks) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), Error> {
+    if crate::failpoint::broken("no-dir-fsync") {
+        return Ok(());
+    }
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "fsync directory"))
 }
 

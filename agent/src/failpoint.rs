@@ -36,9 +36,18 @@ pub const FILE: &str = "agent/failpoint";
 /// The breakages there are: generated secrets are never checked after install; the state
 /// file is truncated and rewritten in place; ports are published under host networking;
 /// the reconciler thread panics in its second tick; it panics on an installed app missing
-/// from the catalog (explore's bug 1).
-pub const BREAKAGES: &[&str] =
-    &["no-secret-heal", "non-atomic-state", "publish-host-ports", "reconciler-panic", "catalog-panic"];
+/// from the catalog (explore's bug 1); a secret's file, the state file, or a directory after
+/// a rename is never fsynced (caught only by a data root that forgets, `--durability lazy`).
+pub const BREAKAGES: &[&str] = &[
+    "no-secret-heal",
+    "non-atomic-state",
+    "publish-host-ports",
+    "reconciler-panic",
+    "catalog-panic",
+    "no-secret-fsync",
+    "no-state-fsync",
+    "no-dir-fsync",
+];
 
 pub const BREAK_ENV: &str = "ARCHY_AGENT_BREAK";
 

@@ -262,6 +262,16 @@ fn podman_flag(key: &str, v: &str) -> Option<String> {
     })
 }
 
+/// The spec hash of a unit file that is whole as the renderer wrote it: its label matches the
+/// rest of its bytes. `None` for a torn, truncated or edited unit (or one without the label).
+pub fn whole_hash(text: &str) -> Option<&str> {
+    let label = format!("\nLabel={LABEL_SPEC_HASH}=");
+    let start = text.find(&label)? + 1;
+    let end = start + text[start..].find('\n')? + 1;
+    let hash = &text[start + label.len() - 1..end - 1];
+    (spec_hash(&format!("{}{}", &text[..start], &text[end..])) == hash).then_some(hash)
+}
+
 fn spec_hash(text: &str) -> String {
     let mut h = Sha256::new();
     h.update(format!("archy-quadlet-renderer/{RENDERER_VERSION}\n"));

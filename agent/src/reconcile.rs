@@ -1007,6 +1007,10 @@ impl Reconciler {
                         }
                         _ => {}
                     }
+                    // A purge a power cut undoes would hand the old secrets to the next install.
+                    if let Some(parent) = dir.parent().filter(|p| p.is_dir()) {
+                        crate::atomic::sync_dir(parent).map_err(|e| e.to_string())?;
+                    }
                 }
                 Ok(())
             }

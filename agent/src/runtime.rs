@@ -457,17 +457,16 @@ impl Runtime for Quadlet {
             }
             Op::WriteUnit { unit, .. } => {
                 atomic::create_dir_all(&self.unit_dir, 0o755)?;
-                atomic::write(&self.unit_dir, &unit.file_name, unit.text.as_bytes(), 0o644)?;
+                atomic::write(
+                    &self.unit_dir,
+                    &unit.file_name,
+                    unit.text.as_bytes(),
+                    0o644,
+                    atomic::Kind::Other,
+                )?;
             }
-            Op::RemoveUnit { app } => {
-                let path = self.unit_dir.join(format!("{app}.container"));
-                match std::fs::remove_file(&path) {
-                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(Error::Io { path, source: err });
-                    }
-                    _ => {}
-                }
-            }
+            // Synced: a removed unit that a power cut brings back starts the app at boot.
+            Op::RemoveUnit { app } => atomic::remove(&self.unit_dir, &format!("{app}.container"))?,
             Op::DaemonReload => drop(e.systemctl(&["daemon-reload"])?),
             // --no-block unless asked to wait: a health-gated start may take minutes, and so
             // may a stop; the next ticks observe them.

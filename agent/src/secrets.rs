@@ -156,6 +156,8 @@ pub fn ensure_in(dir: &Path, secrets: &[GeneratedSecret]) -> Result<Vec<Ensured>
     }
     if first {
         (&lock).write_all(b"1").map_err(io_err(&lock_path, "mark the secrets directory ensured"))?;
+        // Synced like the secrets: after a power cut a healed secret is not counted generated.
+        lock.sync_data().map_err(io_err(&lock_path, "fsync lock file"))?;
     }
     Ok(out)
 }
@@ -221,7 +223,7 @@ fn replace(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
             tracing::warn!(path = %aside.display(), error = %e, "cannot remove a directory moved out of a secret's place");
         }
     }
-    Ok(atomic::write(dir, name, bytes, 0o600)?)
+    Ok(atomic::write(dir, name, bytes, 0o600, atomic::Kind::Secret)?)
 }
 
 /// The content of `path` if it is a regular file, read without following a symlink or

@@ -176,7 +176,7 @@ impl Store {
                 if let Read::Bad(reason) = read(&dir.join(PREVIOUS_FILE)) {
                     let moved = move_aside(dir, PREVIOUS_FILE, reason);
                     tracing::warn!(?moved, reason, "the state's second copy was damaged; rewriting it");
-                    let _ = atomic::write(dir, PREVIOUS_FILE, &to_bytes(&state), 0o600);
+                    let _ = atomic::write(dir, PREVIOUS_FILE, &to_bytes(&state), 0o600, atomic::Kind::State);
                 }
                 return Ok((Store { dir: dir.into(), state }, None));
             }
@@ -269,15 +269,15 @@ impl Store {
             f.write_all(&bytes).map_err(|e| err("write", e))?;
         } else {
             failpoint::hit(&self.dir, "state_write");
-            atomic::write(&self.dir, STATE_FILE, &bytes, 0o600)?;
+            atomic::write(&self.dir, STATE_FILE, &bytes, 0o600, atomic::Kind::State)?;
         }
         self.state = next;
-        atomic::write(&self.dir, PREVIOUS_FILE, &bytes, 0o600)?;
+        atomic::write(&self.dir, PREVIOUS_FILE, &bytes, 0o600, atomic::Kind::State)?;
         Ok(r)
     }
 
     fn write_current(&mut self) -> Result<(), Error> {
-        Ok(atomic::write(&self.dir, STATE_FILE, &to_bytes(&self.state), 0o600)?)
+        Ok(atomic::write(&self.dir, STATE_FILE, &to_bytes(&self.state), 0o600, atomic::Kind::State)?)
     }
 }
 

@@ -5,7 +5,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use archy_agent::manifest::Catalog;
-use archy_agent::quadlet::{render, PodmanVersion, Target, LABEL_SPEC_HASH};
+use archy_agent::quadlet::{render, whole_hash, PodmanVersion, Target, LABEL_SPEC_HASH};
 use support::*;
 
 fn catalog() -> Catalog {
@@ -29,6 +29,21 @@ fn every_app_renders_its_golden_unit() {
     // Podman 5 targets: health-gated start, no cidfile workaround.
     let web = c.get("fx-web").unwrap();
     assert_snapshot(&snapshot("fx-web.podman5.container"), &render(web, &target("5.4.2")).text);
+}
+
+/// `units-intact` reads a unit's own hash label: a unit cut short by a power cut, or torn in
+/// the middle, no longer matches it.
+#[test]
+fn a_whole_unit_matches_its_hash_label_and_a_torn_one_does_not() {
+    for m in catalog().apps.values() {
+        let unit = render(m, &target("4.3.1"));
+        assert_eq!(whole_hash(&unit.text), Some(unit.hash.as_str()), "{}", m.id);
+        for cut in [0, unit.text.len() / 3, unit.text.len() - 1] {
+            assert_eq!(whole_hash(&unit.text[..cut]), None, "{} cut at {cut}", m.id);
+        }
+        let edited = unit.text.replacen("Restart=", "Restart=no\n#", 1);
+        assert_eq!(whole_hash(&edited), None, "{}", m.id);
+    }
 }
 
 #[test]

@@ -372,7 +372,7 @@ fn agent_table(apps: usize, figures: &Value) -> String {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct NodeBenchArgs {
-    /// Power cuts measured; medians are reported.
+    /// Power cuts measured (per node); medians are reported.
     #[arg(long, default_value_t = 5)]
     pub samples: usize,
     #[arg(long, default_value = "archy")]
@@ -478,6 +478,125 @@ pub fn node(args: &NodeBenchArgs) -> Result<()> {
         format!("{:.1} MiB in {} processes", f("node_rss_bytes") / 1048576.0, f("node_processes")),
         "reported".into(),
     ]);
+    println!("{}", t.build().with(tabled::settings::Style::sharp()));
+    Ok(())
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DurabilityBenchArgs {
+    /// Each sample is a round: both nodes measured, one after the other.
+    #[command(flatten)]
+    pub node: NodeBenchArgs,
+    /// The scenario directory reboot-survive is read from.
+    #[arg(long, default_value = "scenarios")]
+    pub scenarios: PathBuf,
+}
+
+/// `archy-chaos bench durability`: what the lazy data root costs the agent, each figure as a
+/// ratio to the kernel path. Two nodes of this machine, one of each, are measured in turn in
+/// every round, so machine noise hits both: a no-op tick (five per round), fx-web's install
+/// from nothing (request to healthy), and a whole reboot-survive iteration as the engine
+/// runs it (install, data, power cut, boot, converged, every invariant).
+pub fn durability(bench: &DurabilityBenchArgs) -> Result<()> {
+    use crate::node::local::{LocalNode, UpOptions};
+    use crate::node::Node;
+    use crate::scenario::{engine, Scenario, Verdict};
+    let args = &bench.node;
+    let file = bench.scenarios.join("reboot-survive.yml");
+    let s = Scenario::load(&file)?;
+    let bin = std::env::current_exe()?.with_file_name("archy-agent");
+    let mut nodes = Vec::new();
+    let result = (|| -> Result<Value> {
+        for (mode, lazy) in [("k", false), ("l", true)] {
+            let opts = UpOptions {
+                name: format!("bd{mode}{}", std::process::id() % 100000),
+                user: args.user.clone(),
+                backend: crate::node::Backend::Quadlet,
+                netns: true,
+                fm3: false,
+                breakages: Vec::new(),
+                lazy,
+            };
+            nodes.push(LocalNode::up(&opts, &bin, &args.catalog)?);
+        }
+        let apps = s.apps(&nodes[0].catalog()?, &file)?;
+        let timeout = Duration::from_secs(120);
+        let (mut tick, mut install, mut scenario) = ([vec![], vec![]], [vec![], vec![]], [vec![], vec![]]);
+        for round in 0..args.samples {
+            eprintln!("bench: round {}/{}", round + 1, args.samples);
+            for (k, node) in nodes.iter().enumerate() {
+                let agent = crate::node::agent(node);
+                agent.uninstall("fx-web", true)?;
+                let start = Instant::now();
+                while agent.app("fx-web")?.is_some() {
+                    ensure!(start.elapsed() < timeout, "{}: fx-web not purged", node.spec.name);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let start = Instant::now();
+                agent.op("install", "fx-web")?;
+                while !agent.app("fx-web")?.is_some_and(|a| a.up) {
+                    ensure!(start.elapsed() < timeout, "{}: fx-web not up", node.spec.name);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                install[k].push(start.elapsed().as_secs_f64());
+                let it = engine::iterate(&s, node, &agent, &apps, round as u32 + 1, round as u64);
+                ensure!(
+                    it.verdict == Verdict::Pass,
+                    "{}: reboot-survive did not pass: {:?} {:?}",
+                    node.spec.name,
+                    it.failures,
+                    it.unknowns
+                );
+                scenario[k].push(it.seconds);
+                for _ in 0..5 {
+                    let start = Instant::now();
+                    let r = agent.reconcile()?;
+                    ensure!(r.actions.is_empty(), "{}: the tick was no no-op: {r:?}", node.spec.name);
+                    tick[k].push(start.elapsed().as_secs_f64());
+                }
+            }
+        }
+        let figure = |[kernel, lazy]: [Vec<f64>; 2]| {
+            let (kernel, lazy) = (median(kernel), median(lazy));
+            json!({"kernel": kernel, "lazy": lazy, "ratio": lazy / kernel})
+        };
+        Ok(json!({
+            "samples": args.samples,
+            "apps": apps,
+            "no_op_tick_seconds": figure(tick),
+            "install_seconds": figure(install),
+            "reboot_survive_seconds": figure(scenario),
+        }))
+    })();
+    for n in &nodes {
+        if let Err(e) = n.down() {
+            eprintln!("bench: removing node {}: {e:#}", n.spec.name);
+        }
+    }
+    let figures = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&figures)?);
+        return Ok(());
+    }
+    let mut t = tabled::builder::Builder::default();
+    t.push_record(["figure (median)", "kernel", "lazy", "lazy / kernel", "goal"]);
+    for (key, name) in [
+        ("no_op_tick_seconds", "no-op tick".to_string()),
+        ("install_seconds", "install fx-web, request to healthy".into()),
+        (
+            "reboot_survive_seconds",
+            format!("reboot-survive iteration, {} apps", figures["apps"].as_array().map_or(0, Vec::len)),
+        ),
+    ] {
+        let f = |k: &str| figures[key][k].as_f64().unwrap_or(f64::NAN);
+        t.push_record([
+            name,
+            format!("{:.3} s", f("kernel")),
+            format!("{:.3} s", f("lazy")),
+            format!("{:.2}x", f("ratio")),
+            "<= 1.2x".into(),
+        ]);
+    }
     println!("{}", t.build().with(tabled::settings::Style::sharp()));
     Ok(())
 }

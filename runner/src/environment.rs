@@ -57,6 +57,7 @@ pub fn environment(node: &dyn Node, cpu_before: (u64, u64, u64)) -> Environment 
         agent_backend: agent.as_ref().map(|a| a.backend.as_str().to_string()),
         agent_broken: agent.map(|a| a.broken),
         runner_version: env!("CARGO_PKG_VERSION").into(),
+        durability: Some(node.durability().into()),
         runner_calls: crate::exec::calls()
             .into_iter()
             .map(|(program, calls, seconds)| (program, RunnerCalls { calls, seconds }))

@@ -379,7 +379,7 @@ fn write_baseline(report: &Report, from: &Path, out: &Path) -> Result<usize> {
     let mut bytes = serde_json::to_vec_pretty(&doc)?;
     bytes.push(b'\n');
     // Atomic, so a gate reading it concurrently never sees half a baseline.
-    archy_agent::atomic::write(dir, name, &bytes, 0o644)?;
+    archy_agent::atomic::write(dir, name, &bytes, 0o644, archy_agent::atomic::Kind::Other)?;
     Ok(n)
 }
 

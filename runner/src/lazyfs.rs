@@ -188,7 +188,11 @@ impl Lazy {
         let mut lost = Lost::default();
         let log = std::mem::take(&mut st.log);
         for change in log.into_iter().rev() {
+            // A change inside a directory whose removal was synced went with it.
+            let gone = |st: &State, dir: u64| !st.paths.contains_key(&dir);
             match change {
+                Change::Created { dir, .. } | Change::Removed { dir, .. } if gone(&st, dir) => {}
+                Change::Renamed { from, to, .. } if gone(&st, from.0) || gone(&st, to.0) => {}
                 Change::Created { dir, name } => {
                     let rel = st.rel(dir, &name);
                     let path = self.backing.join(&rel);

@@ -133,6 +133,10 @@ enum BenchWhat {
     /// A local node: boot to ready, power cut to every fixture app healthy, node memory.
     /// Run as root after scripts/setup-host.
     Node(bench::NodeBenchArgs),
+    /// What the lazy data root (`run --durability lazy`) costs the agent: no-op tick, install
+    /// and a whole reboot-survive iteration, each as a ratio to the kernel path, on two nodes
+    /// measured in turn. Run as root after scripts/setup-host.
+    Durability(bench::DurabilityBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -534,6 +538,7 @@ fn main() -> ExitCode {
         Command::Bench { what } => match match what {
             BenchWhat::Agent(args) => bench::agent(&args),
             BenchWhat::Node(args) => bench::node(&args),
+            BenchWhat::Durability(args) => bench::durability(&args),
         } {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -65,6 +65,8 @@ pub trait Node: Send + Sync {
     /// Runs a command on the node as the service user, in its environment.
     fn exec(&self, argv: &[&str]) -> Result<Output>;
 
+    /// What a power cut keeps (the report's environment): `lazy`, `kernel` or `host`.
+    fn durability(&self) -> &'static str;
     /// The node's root as the node itself names it (what the agent's config points at).
     fn root_on_node(&self) -> PathBuf;
     /// Uid of the service user on the node.

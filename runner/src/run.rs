@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use archy_agent::manifest::Catalog;
 
 use crate::node::local::UpOptions;
@@ -73,11 +73,14 @@ pub struct RunArgs {
     /// agent's cgroup, the platform's FM3.
     #[arg(long)]
     pub fm3: bool,
-    /// What a local node's power cut keeps: `kernel` (every write the agent made, as the
-    /// page cache survives a killed process) or `lazy` (only what it fsynced: the data root
-    /// is the lazy filesystem, `archy-chaos lazyfs`; each cut's evidence says what was lost).
-    #[arg(long, value_enum, default_value_t = Durability::Kernel)]
-    pub durability: Durability,
+    /// What a local node's power cut keeps: `lazy` (only what the node fsynced, as on real
+    /// hardware: its data root and Quadlet unit directory are the lazy filesystem,
+    /// `archy-chaos lazyfs`, and each cut's evidence says what was lost) or `kernel` (every
+    /// write, as the page cache survives the killed processes). Default: lazy where this
+    /// machine has FUSE (/dev/fuse), else kernel. A host over SSH keeps what its own power
+    /// cut keeps; asking it for lazy makes its scenarios unknown.
+    #[arg(long, value_enum)]
+    pub durability: Option<Durability>,
     /// Deliberately broken agent behaviour, for proving that the suite catches it (never on
     /// a real node): secrets never re-checked after install, state written in place,
     /// ports published under host networking.
@@ -98,6 +101,13 @@ pub struct RunArgs {
     pub json: bool,
     #[arg(long, default_value = "archy")]
     pub user: String,
+}
+
+impl RunArgs {
+    /// Whether local nodes get the lazy data root: asked, or where this machine has FUSE.
+    fn lazy(&self) -> bool {
+        self.durability.map_or_else(|| Path::new("/dev/fuse").exists(), |d| d == Durability::Lazy)
+    }
 }
 
 /// One scenario to run, resolved: its apps, backend and iteration count.
@@ -364,10 +374,13 @@ impl Driver<'_> {
             netns: true,
             fm3: args.fm3,
             breakages: args.breakages.clone(),
-            lazy: args.durability == Durability::Lazy,
+            lazy: args.lazy(),
         };
         let bin = std::env::current_exe()?.with_file_name("archy-agent");
-        let node = LocalNode::up(&opts, &bin, &args.catalog).context("cannot bring up a local node")?;
+        let node = LocalNode::up(&opts, &bin, &args.catalog).with_context(|| match opts.lazy {
+            true => "cannot bring up a local node with a lazy data root (--durability kernel runs without)",
+            false => "cannot bring up a local node",
+        })?;
         let results = scenario::engine::run_scenario(&w.scenario, &node, &w.apps, range, seed, |g, it| {
             self.each(w, g, it)
         });
@@ -394,6 +407,10 @@ impl Driver<'_> {
         env: &mut Option<Environment>,
     ) -> Result<Vec<scenario::Iteration>> {
         let s = &w.scenario;
+        ensure!(
+            self.args.durability != Some(Durability::Lazy),
+            "--durability lazy is for local nodes: a host over SSH keeps what its own power cut keeps"
+        );
         let agent = crate::node::agent(node);
         let installed = agent.list().context("listing the host's apps")?;
         let (kept, others): (Vec<String>, Vec<String>) =
@@ -553,8 +570,10 @@ fn replay(args: &RunArgs, seed: u64) -> String {
     if args.fm3 {
         r.push_str(" --fm3");
     }
-    if args.durability == Durability::Lazy {
-        r.push_str(" --durability lazy");
+    // As it ran: the default depends on the machine.
+    let local = args.node.is_empty() || args.node.iter().any(|n| n.starts_with("local"));
+    if args.durability.is_some() || local {
+        r.push_str(if args.lazy() { " --durability lazy" } else { " --durability kernel" });
     }
     r
 }

@@ -173,6 +173,22 @@ fn a_rename_or_unlink_without_a_directory_fsync_is_reverted() {
     assert_eq!(lost["entries"], serde_json::json!([]), "{lost}");
 }
 
+/// A purge: a whole tree removed, and only its top's removal synced (in its parent). The cut
+/// put the tree's inner entries back at the root of the filesystem, the path of a directory
+/// that no longer had one.
+#[test]
+fn bug_a_cut_restored_the_insides_of_a_removed_tree_at_the_root() {
+    let mut fs = Lazy::new();
+    std::fs::create_dir_all(fs.backing.join("apps/web/data/www")).unwrap();
+    std::fs::write(fs.backing.join("apps/web/data/www/index.html"), "hi").unwrap();
+    std::fs::remove_dir_all(fs.at("apps/web")).unwrap();
+    sync_dir(&fs.at("apps"));
+    let lost = fs.cut(1, false);
+    assert_eq!(std::fs::read_dir(&fs.backing).unwrap().count(), 2, "apps and the undo dir only: {lost}");
+    assert!(!fs.backing.join("apps/web").exists() && !fs.backing.join("data").exists(), "{lost}");
+    assert_eq!(lost["entries"], serde_json::json!([]), "{lost}");
+}
+
 #[test]
 fn a_torn_write_keeps_a_seeded_prefix_of_the_last_unsynced_write() {
     let mut fs = Lazy::new();

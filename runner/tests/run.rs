@@ -159,6 +159,51 @@ fn a_non_atomic_state_write_fails_kill9_mid_install() {
     assert_breakage_caught(&["kill9-mid-install"], "non-atomic-state", &["state-valid"], &[]);
 }
 
+/// Issue 16's proof: an agent that leaves one fsync out fails reboot-survive where a power
+/// cut keeps only what was synced, naming what it lost, and passes it where the page cache
+/// keeps every write (so the lazy data root is what catches it).
+#[test]
+fn an_agent_that_leaves_an_fsync_out_fails_reboot_survive_only_on_a_lazy_data_root() {
+    for (breakage, invariant) in [
+        ("no-secret-fsync", "secrets-unchanged"),
+        ("no-state-fsync", "state-valid"),
+        ("no-dir-fsync", "secrets-unchanged"),
+    ] {
+        assert_breakage_caught(&["reboot-survive"], breakage, &[invariant], &["--durability", "lazy"]);
+    }
+    let reports = tempfile::tempdir().unwrap();
+    let all = "no-secret-fsync,no-state-fsync,no-dir-fsync";
+    let args = ["reboot-survive", "--iterations", "1", "--durability", "kernel", "--break", all];
+    let (code, r, text) = run(&args, reports.path());
+    assert_eq!(code, 0, "{text}\n{r}");
+    let env = &r["nodes"][0]["environment"];
+    assert_eq!(env["durability"], "kernel", "{env}");
+    assert_eq!(env["agent_broken"].as_array().unwrap().len(), 3, "{env}");
+}
+
+/// Issue 16: a purge is an unlink of the app's unit and the removal of its data and secrets,
+/// none of them synced in their directories. A power cut brought them back, the agent adopted
+/// the unit as one of its own, and the purged app ran again (`state-unchanged`: acknowledged
+/// absent, now running).
+#[test]
+fn bug_a_purged_app_came_back_after_a_power_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("purge-cut.yml"),
+        "version: 1\nid: purge-cut\nlayer: L3\ndescription: purge, then a power cut\napps: [fx-web]\ndestructive: true\nsteps: [install, wait-converged, purge, wait-converged, power-cut, boot, wait-converged]\ninvariants: [state-unchanged, units-intact]\nskip: { apps-up: purged }\n",
+    )
+    .unwrap();
+    let reports = tempfile::tempdir().unwrap();
+    let args = ["purge-cut", "--scenarios", dir.path().to_str().unwrap(), "--durability", "lazy"];
+    let (code, r, text) = run(&args, reports.path());
+    assert_eq!(code, 0, "{text}\n{r}");
+    let it = &r["nodes"][0]["scenarios"][0]["iterations"][0];
+    let cut = it["steps"].as_array().unwrap().iter().find(|s| s["step"] == "power-cut").expect("power-cut");
+    assert_eq!(cut["evidence"]["lost_units"]["entries"], serde_json::json!([]), "{cut}");
+    let lost = cut["evidence"]["lost"]["entries"].to_string();
+    assert!(!lost.contains("fx-web"), "{lost}");
+}
+
 #[test]
 fn publish_port_under_host_networking_fails_the_host_network_fixture() {
     assert_breakage_caught(

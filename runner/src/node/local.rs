@@ -141,92 +141,112 @@ fn write_home(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A lazy filesystem of a node (`lazyfs`): the view at `mount` over the directory `lower`,
+/// served with its control socket, pid file and log at `<name>.sock`, `.pid` and `.log`.
+#[derive(Clone, Copy)]
+struct Lazy {
+    lower: &'static str,
+    mount: &'static str,
+    name: &'static str,
+}
+
+/// The data root, over the data image. Podman's storage is not lazy: its images come back
+/// by a pull or build, its containers from units, and it is podman's crash-safety, not the
+/// agent's; a cut of it would fail scenarios on what no agent can fix (vfs copies of image
+/// layers through FUSE would also cost seconds per container).
+const LAZY_DATA: Lazy = Lazy { lower: "data.lower", mount: "data", name: "lazyfs" };
+/// The Quadlet unit directory, over a directory of this machine's disk: not the data image,
+/// whose disk faults are the data root's alone.
+const LAZY_UNITS: Lazy =
+    Lazy { lower: "units.lower", mount: "home/.config/containers/systemd", name: "lazyfs-units" };
+
 /// Makes `<root>/data` a filesystem of its own (created once, mounted if it is not): a sparse
 /// ext4 image loop-mounted in this machine's mount namespace, where the runner reads the
 /// node's files and from which every boot's namespace copies its mounts. Its own filesystem
 /// makes disk faults real for every process of the node: full is ENOSPC, read-only EROFS.
-/// No root reserve (`-m 0`), so full is full for the service user too.
+/// No root reserve (`-m 0`), so full is full for the service user too. A lazy node has the
+/// image at `data.lower`, and the lazy views of it and of its unit directory over them.
 fn mount_data(root: &Path, lazy: bool) -> Result<()> {
-    let (img, data) = (root.join("data.img"), root.join(if lazy { "data.lower" } else { "data" }));
-    if lazy && mount_at(&root.join("data"))?.is_some() {
-        return Ok(());
+    let (img, data) = (root.join("data.img"), root.join(if lazy { LAZY_DATA.lower } else { "data" }));
+    if mount_at(&data)?.is_none() {
+        std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+        if !img.exists() {
+            ensure!(
+                std::fs::read_dir(&data)?.next().is_none(),
+                "{} holds files but there is no {}: the node was made by an older archy-chaos; take it down (`archy-chaos node down NAME`) and up again",
+                data.display(),
+                img.display()
+            );
+            // Formatted under another name first: an image that exists is a whole filesystem.
+            let new = root.join("data.img.new");
+            std::fs::File::create(&new)
+                .and_then(|f| f.set_len(DATA_SIZE))
+                .with_context(|| format!("creating {}", new.display()))?;
+            run(Command::new("mkfs.ext4").args(["-q", "-m", "0"]).arg(&new).stdin(Stdio::null()))?;
+            std::fs::rename(&new, &img)?;
+        }
+        run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&data))?;
     }
-    if mount_at(&data)?.is_some() {
-        return if lazy { mount_lazy(root) } else { Ok(()) };
-    }
-    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-    if !img.exists() {
-        ensure!(
-            std::fs::read_dir(&data)?.next().is_none(),
-            "{} holds files but there is no {}: the node was made by an older archy-chaos; take it down (`archy-chaos node down NAME`) and up again",
-            data.display(),
-            img.display()
-        );
-        // Formatted under another name first: an image that exists is a whole filesystem.
-        let new = root.join("data.img.new");
-        std::fs::File::create(&new)
-            .and_then(|f| f.set_len(DATA_SIZE))
-            .with_context(|| format!("creating {}", new.display()))?;
-        run(Command::new("mkfs.ext4").args(["-q", "-m", "0"]).arg(&new).stdin(Stdio::null()))?;
-        std::fs::rename(&new, &img)?;
-    }
-    run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&data))?;
-    if lazy {
-        mount_lazy(root)?;
+    for l in [LAZY_DATA, LAZY_UNITS].into_iter().filter(|_| lazy) {
+        if mount_at(&root.join(l.mount))?.is_none() {
+            mount_lazy(root, l)?;
+        }
     }
     Ok(())
 }
 
-/// The lazy filesystem over `data.lower` at `data`, served by `archy-chaos lazyfs` in a
-/// process group of its own (a Ctrl-C of the runner is not a power cut of the data root).
-fn mount_lazy(root: &Path) -> Result<()> {
-    let (lower, data, control) = (root.join("data.lower"), root.join("data"), root.join("lazyfs.sock"));
-    std::fs::create_dir_all(&data)?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(root.join("lazyfs.log"))?;
+/// The lazy filesystem `l`, served by `archy-chaos lazyfs` in a process group of its own (a
+/// Ctrl-C of the runner is not a power cut of the node's files).
+fn mount_lazy(root: &Path, l: Lazy) -> Result<()> {
+    let (lower, mount) = (root.join(l.lower), root.join(l.mount));
+    let (control, log_file) = (root.join(format!("{}.sock", l.name)), root.join(format!("{}.log", l.name)));
+    std::fs::create_dir_all(&lower)?;
+    std::fs::create_dir_all(&mount)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_file)?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("lazyfs").arg(&lower).arg(&data).arg(&control);
+    cmd.arg("lazyfs").arg(&lower).arg(&mount).arg(&control);
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
-    let child = crate::exec::spawn(&mut cmd).context("starting the lazy data root")?;
-    std::fs::write(root.join("lazyfs.pid"), child.id().to_string())?;
+    let child = crate::exec::spawn(&mut cmd).context("starting a lazy filesystem")?;
+    std::fs::write(root.join(format!("{}.pid", l.name)), child.id().to_string())?;
     std::mem::forget(child); // reaped by `reap_lazy` once it has unmounted
     let start = Instant::now();
-    while !(control.exists() && mount_at(&data)?.is_some()) {
+    while !(control.exists() && mount_at(&mount)?.is_some()) {
         ensure!(
             start.elapsed() < Duration::from_secs(10),
-            "the lazy data root did not mount at {} (is /dev/fuse here?); see {}",
-            data.display(),
-            root.join("lazyfs.log").display()
+            "the lazy filesystem did not mount at {} (is /dev/fuse here?); see {}",
+            mount.display(),
+            log_file.display()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
 }
 
-/// Waits (10 s at most) for the lazy data root to be unmounted, and reaps its server if
-/// this process started it.
-fn reap_lazy(root: &Path) -> Result<()> {
+/// Waits (10 s at most) for the lazy filesystem `l` to be unmounted, and reaps its server
+/// if this process started it.
+fn reap_lazy(root: &Path, l: Lazy) -> Result<()> {
     let start = Instant::now();
-    while mount_at(&root.join("data"))?.is_some() {
+    while mount_at(&root.join(l.mount))?.is_some() {
         ensure!(
             start.elapsed() < Duration::from_secs(10),
-            "the lazy data root at {} stays mounted",
-            root.display()
+            "the lazy filesystem at {} stays mounted",
+            root.join(l.mount).display()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    if let Ok(pid) = std::fs::read_to_string(root.join("lazyfs.pid")) {
+    if let Ok(pid) = std::fs::read_to_string(root.join(format!("{}.pid", l.name))) {
         let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap_or(0));
         let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
     }
     Ok(())
 }
 
-/// One command to a node's lazy data root (`lazyfs::serve`); its answer, JSON.
-fn lazy_control(root: &Path, command: &str) -> Result<Value> {
+/// One command to the lazy filesystem `l` (`lazyfs::serve`); its answer, JSON.
+fn lazy_control(root: &Path, l: Lazy, command: &str) -> Result<Value> {
     use std::io::{BufRead, Write};
-    let socket = root.join("lazyfs.sock");
+    let socket = root.join(format!("{}.sock", l.name));
     let mut s = std::os::unix::net::UnixStream::connect(&socket)
-        .with_context(|| format!("the lazy data root's control {}", socket.display()))?;
+        .with_context(|| format!("the lazy filesystem's control {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     writeln!(s, "{command}")?;
     let mut answer = String::new();
@@ -686,9 +706,12 @@ impl LocalNode {
         }))
         .effect(before > 0 && left == 0);
         if self.spec.lazy {
-            // Every process is dead: now the unsynced writes go, and the view with them.
-            ev = ev.with("lost", lazy_control(&self.root, "cut 0")?);
-            reap_lazy(&self.root)?;
+            // Every process is dead: now the unsynced writes go, and the views with them.
+            ev = ev
+                .with("lost", lazy_control(&self.root, LAZY_DATA, "cut 0")?)
+                .with("lost_units", lazy_control(&self.root, LAZY_UNITS, "cut 0")?);
+            reap_lazy(&self.root, LAZY_DATA)?;
+            reap_lazy(&self.root, LAZY_UNITS)?;
         }
         Ok(ev)
     }
@@ -714,7 +737,9 @@ impl LocalNode {
         if !clean {
             self.cut()?;
         } else if self.spec.lazy {
-            lazy_control(&self.root, "flush")?; // a clean shutdown syncs everything
+            // A clean shutdown syncs everything.
+            lazy_control(&self.root, LAZY_DATA, "flush")?;
+            lazy_control(&self.root, LAZY_UNITS, "flush")?;
         }
         Ok(Evidence::of(json!({"fault": "graceful_shutdown", "units_stopped": stopped, "clean": clean}))
             .effect(clean))
@@ -874,7 +899,7 @@ impl LocalNode {
 
     /// Where the data image is mounted: the data root itself, or under its lazy view.
     fn lower(&self) -> PathBuf {
-        self.root.join(if self.spec.lazy { "data.lower" } else { "data" })
+        self.root.join(if self.spec.lazy { LAZY_DATA.lower } else { "data" })
     }
 
     fn user(&self) -> Result<nix::unistd::User> {
@@ -884,11 +909,13 @@ impl LocalNode {
 
     /// Unmounts the data root (lazily if something still holds it) and frees its loop device.
     fn unmount_data(&self) -> Result<()> {
-        if self.spec.lazy && mount_at(&self.root.join("data"))?.is_some() {
-            if lazy_control(&self.root, "unmount").is_err() {
-                run(Command::new("umount").arg("-l").arg(self.root.join("data")))?;
+        for l in [LAZY_DATA, LAZY_UNITS] {
+            if self.spec.lazy && mount_at(&self.root.join(l.mount))?.is_some() {
+                if lazy_control(&self.root, l, "unmount").is_err() {
+                    run(Command::new("umount").arg("-l").arg(self.root.join(l.mount)))?;
+                }
+                reap_lazy(&self.root, l)?;
             }
-            reap_lazy(&self.root)?;
         }
         let (img, data) = (self.root.join("data.img"), self.lower());
         if mount_at(&data)?.is_some()
@@ -1041,6 +1068,13 @@ impl Node for LocalNode {
 
     fn root_on_node(&self) -> PathBuf {
         self.root.clone()
+    }
+    fn durability(&self) -> &'static str {
+        if self.spec.lazy {
+            "lazy"
+        } else {
+            "kernel"
+        }
     }
     fn service_uid(&self) -> Result<u32> {
         Ok(self.user()?.uid.as_raw())

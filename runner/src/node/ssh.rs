@@ -766,6 +766,9 @@ impl Node for SshNode {
         self.run(&line.join(" "))
     }
 
+    fn durability(&self) -> &'static str {
+        "host"
+    }
     fn root_on_node(&self) -> PathBuf {
         self.root().unwrap_or_else(|_| PathBuf::from(&self.root))
     }

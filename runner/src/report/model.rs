@@ -89,6 +89,10 @@ pub struct Environment {
     /// Deliberate breakages (`--break`): never empty on a proof run.
     pub agent_broken: Option<Vec<String>>,
     pub runner_version: String,
+    /// What a power cut keeps: `lazy` (only what the node fsynced, local nodes' lazy data
+    /// root), `kernel` (every write) or `host` (what a real host's own power cut keeps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<String>,
     /// The runner's own external commands (ssh, nsenter, ip...) by program, so far in the
     /// run: what driving this kind of node costs.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -95,8 +95,13 @@ pub struct Memory {
     pub files: Vec<(String, String)>,
     /// `snapshot-containers`: every container's name, id and pid.
     pub containers: Option<String>,
-    /// `kill-agent-at` armed a kill point.
+    /// `kill-agent-at` armed a kill point that has not fired yet.
     pub armed: bool,
+    /// Each app's secret files (name, sha256) as the agent had written them when the last
+    /// fault struck (`secrets-unchanged`); `None` before any fault.
+    pub acked_secrets: Option<invariants::SecretSums>,
+    /// Each app's desired state as its last acknowledged request left it (`state-unchanged`).
+    pub acked_desired: BTreeMap<String, archy_agent::store::Desired>,
     /// State files already moved aside when the iteration began (`state-valid`).
     pub aside_before: Vec<String>,
     /// Requests and catalog changes of `op` and `catalog` steps (`model`), shared with the

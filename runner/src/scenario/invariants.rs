@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Context, Result};
 use archy_agent::manifest::{Manifest, Network};
+use archy_agent::quadlet::{whole_hash, LABEL_SPEC_HASH};
+use archy_agent::runtime::BackendKind;
 use archy_agent::store::{Desired, State, PREVIOUS_FILE, STATE_FILE};
 use serde_json::{json, Value};
 use sha2::Digest;
@@ -35,6 +37,9 @@ pub fn check(ctx: &StepCtx, inv: Invariant) -> Result<()> {
         Invariant::NoOrphans => no_orphans(ctx),
         Invariant::StateValid => state_valid(ctx),
         Invariant::PortsMatch => ports_match(ctx),
+        Invariant::SecretsUnchanged => secrets_unchanged(ctx),
+        Invariant::StateUnchanged => state_unchanged(ctx),
+        Invariant::UnitsIntact => units_intact(ctx),
         Invariant::Model => {
             let entries = ctx.memory.history.entries();
             let mut seen = ctx.memory.seen.clone();
@@ -108,12 +113,8 @@ pub fn secrets_of(node: &dyn Node, m: &Manifest, uid: u32) -> Result<Vec<(String
     let app = &m.id;
     let mut sums = Vec::new();
     for g in &m.generated_secrets {
-        let mut files = vec![g.target.clone()];
-        if g.kind == archy_agent::manifest::SecretKind::Bcrypt {
-            files.push(format!("{}{}", g.target, archy_agent::manifest::BCRYPT_PLAINTEXT_SUFFIX));
-        }
         let mut values = Vec::new();
-        for f in &files {
+        for f in &secret_files(g) {
             let rel = format!("data/secrets/{app}/{f}");
             let st = node.stat(&rel)?.with_context(|| format!("{app}/{f}: missing"))?;
             ensure!(
@@ -132,6 +133,140 @@ pub fn secrets_of(node: &dyn Node, m: &Manifest, uid: u32) -> Result<Vec<(String
         }
     }
     Ok(sums)
+}
+
+/// Each app's secret files that are there, with their sha256.
+pub type SecretSums = BTreeMap<String, Vec<(String, String)>>;
+
+/// The files of one generated secret: its value, and a bcrypt hash's password beside it.
+fn secret_files(g: &archy_agent::manifest::GeneratedSecret) -> Vec<String> {
+    let mut files = vec![g.target.clone()];
+    if g.kind == archy_agent::manifest::SecretKind::Bcrypt {
+        files.push(format!("{}{}", g.target, archy_agent::manifest::BCRYPT_PLAINTEXT_SUFFIX));
+    }
+    files
+}
+
+/// Every secret of the scenario's apps that is whole and valid now (both files of a bcrypt
+/// pair), each file with its sha256: what a fault that strikes now must leave as it is
+/// (`secrets-unchanged`). One caught half-written was never handed to its app: the agent may
+/// make it again.
+pub fn secret_sums(ctx: &StepCtx) -> Result<SecretSums> {
+    let mut out = BTreeMap::new();
+    for m in ctx.apps.iter().filter_map(|a| ctx.catalog.get(a)) {
+        let mut sums = Vec::new();
+        for g in &m.generated_secrets {
+            let files = secret_files(g);
+            let mut values = Vec::new();
+            for f in &files {
+                values.extend(ctx.node.read(&format!("data/secrets/{}/{f}", m.id))?);
+            }
+            if values.len() == files.len()
+                && archy_agent::secrets::problem(g.kind, &values[0], values.get(1)).is_none()
+            {
+                sums.extend(
+                    files.into_iter().zip(values.iter().map(|v| format!("{:x}", sha2::Sha256::digest(v)))),
+                );
+            }
+        }
+        out.insert(m.id.clone(), sums);
+    }
+    Ok(out)
+}
+
+/// The secrets there when the last fault struck are there, byte for byte, for every app
+/// still installed: a secret the agent lost and made again fails, though it is valid.
+fn secrets_unchanged(ctx: &StepCtx) -> Result<()> {
+    let acked = ctx.memory.acked_secrets.as_ref().context(
+        "no fault struck in this iteration (power-cut, reboot, graceful-reboot, kill-agent, kill-agent-during or an armed kill point), so no secret was snapshotted",
+    )?;
+    let installed: Vec<String> = installed(ctx)?.into_iter().map(|(app, _)| app).collect();
+    let mut changed = Vec::new();
+    for (app, files) in acked.iter().filter(|(app, _)| installed.contains(app)) {
+        for (f, sum) in files {
+            match ctx.node.hash(&format!("data/secrets/{app}/{f}"))? {
+                Some(now) if &now == sum => {}
+                Some(now) => changed.push(format!("{app}/{f} (sha256 {sum} -> {now})")),
+                None => changed.push(format!("{app}/{f} (gone)")),
+            }
+        }
+    }
+    ensure!(
+        changed.is_empty(),
+        "secrets the agent had written before the fault did not come back as they were: {changed:?}; every app that used the old values is locked out of its data (was a secret not fsynced, or its directory not synced after the rename?)"
+    );
+    Ok(())
+}
+
+/// Each app's desired state, as the agent reports it, is what the scenario's last
+/// acknowledged request for it made it.
+fn state_unchanged(ctx: &StepCtx) -> Result<()> {
+    let now = ctx.agent.list()?;
+    let mut lost = Vec::new();
+    for (app, want) in &ctx.memory.acked_desired {
+        let has = now.iter().find(|a| &a.id == app).map_or(Desired::Absent, |a| a.desired);
+        if has != *want {
+            lost.push(format!("{app}: acknowledged {}, now {}", want.as_str(), has.as_str()));
+        }
+    }
+    ensure!(
+        lost.is_empty(),
+        "the agent lost desired state it had acknowledged: {lost:?} (was the state file not fsynced, or its directory not synced after the rename?)"
+    );
+    Ok(())
+}
+
+/// Under Quadlet, each installed app's unit is there and whole, and the running container
+/// carries its hash. No other unit of the scenario's apps is there: not under the podman
+/// backend, not of an app uninstalled (either would start a container at boot).
+fn units_intact(ctx: &StepCtx) -> Result<()> {
+    let out = ctx.node.exec(&[
+        "podman",
+        "ps",
+        "--filter",
+        "label=io.archy.app",
+        "--format",
+        &format!("{{{{index .Labels \"io.archy.app\"}}}} {{{{index .Labels \"{LABEL_SPEC_HASH}\"}}}}"),
+    ])?;
+    ensure!(out.status.success(), "podman ps: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let running: BTreeMap<String, String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(a, h)| (a.to_string(), h.trim().to_string())))
+        .collect();
+    let installed: Vec<String> = installed(ctx)?.into_iter().map(|(app, _)| app).collect();
+    let mut bad = Vec::new();
+    for app in &ctx.apps {
+        let unit = ctx.node.exec(&[
+            "sh",
+            "-c",
+            "cat -- \"$HOME/.config/containers/systemd/$1.container\"",
+            "sh",
+            app,
+        ])?;
+        let want = ctx.backend == BackendKind::Quadlet && installed.contains(app);
+        match (want, unit.status.success()) {
+            (false, false) => {}
+            (false, true) => bad.push(format!(
+                "{app}: a unit, though {}",
+                match installed.contains(app) {
+                    true => "the podman backend runs it",
+                    false => "it is not installed",
+                }
+            )),
+            (true, false) => bad.push(format!("{app}: no unit")),
+            (true, true) => match (whole_hash(&String::from_utf8_lossy(&unit.stdout)), running.get(app)) {
+                (None, _) => {
+                    bad.push(format!("{app}: the unit is not whole (its bytes do not match its hash label)"))
+                }
+                (Some(h), Some(r)) if h != r => {
+                    bad.push(format!("{app}: the container runs spec {r}, the unit is {h}"))
+                }
+                _ => {}
+            },
+        }
+    }
+    ensure!(bad.is_empty(), "units: {bad:?}");
+    Ok(())
 }
 
 /// Files written by `write-data` still there with the same checksum.

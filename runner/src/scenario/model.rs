@@ -392,6 +392,15 @@ pub enum Invariant {
     /// The node, observed from outside the agent, is what the history of `op` and `catalog`
     /// steps implies (`scenario::history`), reached on the agent's own schedule.
     Model,
+    /// Every secret file the agent had written when the last fault struck is identical at
+    /// the end: come back, not regenerated (an app that encrypted data with it is locked out).
+    SecretsUnchanged,
+    /// Each app's desired state is what its last acknowledged request made it: a request the
+    /// agent answered must survive any fault.
+    StateUnchanged,
+    /// Every installed app's Quadlet unit is there and whole (its bytes match its own hash
+    /// label), and a running container was made from it; the podman backend leaves none.
+    UnitsIntact,
 }
 
 impl Invariant {

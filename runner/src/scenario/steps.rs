@@ -8,13 +8,14 @@ use archy_agent::failpoint::{
     INSTALL_POINTS_PODMAN, POINTS, UNINSTALL_POINTS_PODMAN, UNINSTALL_POINTS_QUADLET,
 };
 use archy_agent::runtime::BackendKind;
+use archy_agent::store::Desired;
 use rand::{Rng, RngCore};
 use serde_json::json;
 use sha2::Digest;
 
 use super::engine::StepCtx;
 use super::history::{self, Entry, History, Outcome};
-use super::model::{kpi, ApiOp, CatalogChange, Step};
+use super::model::{kpi, ApiOp, CatalogChange, Invariant, Step};
 use super::probe;
 use crate::evidence::{Evidence, FAILED_APPS};
 use crate::node::{DiskFault, FileFault, PODMAN_FAIL_FLAG};
@@ -40,14 +41,24 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
             Ok(Evidence::default().with("seconds", ctx.agent.wait_ready(timeout)?.as_secs_f64()))
         }
         Step::WriteData => write_data(ctx),
-        Step::PowerCut => ctx.node.power_cut(),
+        Step::PowerCut => {
+            acknowledge(ctx)?;
+            ctx.node.power_cut()
+        }
         Step::Boot => Ok(Evidence::default().with("ready_seconds", ctx.node.boot()?.as_secs_f64())),
         Step::Reboot => {
+            acknowledge(ctx)?;
             let (e, ready) = ctx.node.power_cycle()?;
             Ok(e.with("ready_seconds", ready.as_secs_f64()))
         }
-        Step::GracefulReboot => ctx.node.graceful_reboot(),
-        Step::KillAgent { signal } => ctx.node.kill_agent(signal),
+        Step::GracefulReboot => {
+            acknowledge(ctx)?;
+            ctx.node.graceful_reboot()
+        }
+        Step::KillAgent { signal } => {
+            acknowledge(ctx)?;
+            ctx.node.kill_agent(signal)
+        }
         Step::RestartAgent => ctx.node.restart_agent(),
         Step::KillContainer { app, signal } => ctx.node.kill_container(app, signal),
         Step::Oom { app } => ctx.node.oom_kill(app),
@@ -102,7 +113,7 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
             let apps: Vec<String> = ctx.apps.iter().filter(|a| !failed.contains_key(*a)).cloned().collect();
             failed.extend(settle(ctx, &apps)?);
             let apps: Vec<String> = apps.into_iter().filter(|a| !failed.contains_key(a)).collect();
-            let again = each_of(ctx, &apps, "install")?;
+            let (again, _) = each_of(ctx, &apps, "install")?;
             failed.extend(again.failed_apps());
             Ok(again.with(FAILED_APPS, failed))
         }
@@ -141,30 +152,78 @@ pub fn run(ctx: &mut StepCtx, step: &Step) -> Result<Evidence> {
 }
 
 /// `package.<op>` for every app. An agent that died at its armed kill point during the
-/// request is asked again once it is back, as any client would.
-fn each(ctx: &StepCtx, op: &str) -> Result<Evidence> {
-    each_of(ctx, &ctx.apps, op)
+/// request is asked again once it is back, as any client would. Each answered request is
+/// what `state-unchanged` holds the agent to; a kill point that fires (then or in a later
+/// tick) is a fault, whose secrets `secrets-unchanged` holds it to.
+fn each(ctx: &mut StepCtx, op: &str) -> Result<Evidence> {
+    let apps = ctx.apps.clone();
+    let (e, at_death) = each_of(ctx, &apps, op)?;
+    let desired = match op {
+        "install" | "start" | "restart" => Desired::Running,
+        "stop" => Desired::Stopped,
+        _ => Desired::Absent,
+    };
+    let failed = e.failed_apps();
+    for app in apps.iter().filter(|a| !failed.contains_key(*a)) {
+        ctx.memory.acked_desired.insert(app.clone(), desired);
+    }
+    if let Some(sums) = at_death {
+        ctx.memory.acked_secrets = Some(sums);
+        ctx.memory.armed = false;
+        return Ok(e.with("kill_point_fired", "during a request"));
+    }
+    if !ctx.memory.armed {
+        return Ok(e);
+    }
+    // The point fires in a tick after the requests: the agent is dead from then until its
+    // manager restarts it (1 s), which is when what it had written is looked at.
+    let start = Instant::now();
+    while ctx.node.stat(&failpoint_file())?.is_some() && start.elapsed() < ctx.s.converge_timeout.0 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    acknowledge(ctx)?;
+    ctx.memory.armed = false;
+    Ok(e.with("kill_point_fired", format!("{:.2} s after the requests", start.elapsed().as_secs_f64())))
 }
 
-fn each_of(ctx: &StepCtx, apps: &[String], op: &str) -> Result<Evidence> {
+/// Snapshots the secrets a fault striking now must leave as they are (`secrets-unchanged`).
+fn acknowledge(ctx: &mut StepCtx) -> Result<()> {
+    if ctx.s.checks().contains(&Invariant::SecretsUnchanged) {
+        ctx.memory.acked_secrets = Some(super::invariants::secret_sums(ctx)?);
+    }
+    Ok(())
+}
+
+/// [`each`] for `apps`, and the secrets as they were when an armed kill point cut a request.
+fn each_of(
+    ctx: &StepCtx,
+    apps: &[String],
+    op: &str,
+) -> Result<(Evidence, Option<super::invariants::SecretSums>)> {
     let failpoint = failpoint_file();
     let mut retried = Vec::new();
+    let mut at_death = None;
+    let watch = ctx.s.checks().contains(&Invariant::SecretsUnchanged);
     let failed = apart(ctx, apps, |app| {
         // Only a kill point armed in this iteration can cut a request (and a look at the
         // node's disk costs a round trip over SSH).
         let armed = ctx.memory.armed && ctx.node.stat(&failpoint)?.is_some();
         if let Err(e) = ctx.agent.op(op, app) {
             ensure!(armed && ctx.node.stat(&failpoint)?.is_none(), e);
+            if watch {
+                at_death = Some(super::invariants::secret_sums(ctx)?);
+            }
             ctx.agent.wait_ready(ctx.s.converge_timeout.0)?;
             ctx.agent.op(op, app)?;
             retried.push(app.to_string());
         }
         Ok(())
     })?;
-    Ok(Evidence::default()
+    let e = Evidence::default()
         .with("apps", apps)
         .with("retried_after_agent_death", retried)
-        .with(FAILED_APPS, failed))
+        .with(FAILED_APPS, failed);
+    Ok((e, at_death))
 }
 
 /// `f` for each app. In a per-app scenario an app's error fails that app alone and the
@@ -212,9 +271,12 @@ fn settle(ctx: &StepCtx, apps: &[String]) -> Result<BTreeMap<String, String>> {
     Ok(failed)
 }
 
-fn purge(ctx: &StepCtx) -> Result<Evidence> {
+fn purge(ctx: &mut StepCtx) -> Result<Evidence> {
     // Not installed is already the goal.
     let failed = apart(ctx, &ctx.apps, |app| Ok(ctx.agent.uninstall(app, true)?))?;
+    for app in ctx.apps.iter().filter(|a| !failed.contains_key(*a)) {
+        ctx.memory.acked_desired.insert(app.clone(), Desired::Absent);
+    }
     Ok(Evidence::default().with("apps", &ctx.apps).with("purge", true).with(FAILED_APPS, failed))
 }
 
@@ -292,7 +354,9 @@ fn kill_agent_during(ctx: &mut StepCtx, op: ApiOp, within: Duration) -> Result<E
     let delay = Duration::from_secs_f64(ctx.rng.random_range(0.0..within.as_secs_f64().max(0.001)));
     each(ctx, op.name())?;
     std::thread::sleep(delay);
-    Ok(ctx.node.kill_agent("KILL")?.with("delay_seconds", delay.as_secs_f64()))
+    let e = ctx.node.kill_agent("KILL")?;
+    acknowledge(ctx)?; // at once: its manager restarts it in 1 s
+    Ok(e.with("delay_seconds", delay.as_secs_f64()))
 }
 
 /// Every podman call of the agent fails (exit 125) for `duration`, then podman works again.
