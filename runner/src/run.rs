@@ -83,7 +83,8 @@ pub struct RunArgs {
     pub durability: Option<Durability>,
     /// Deliberately broken agent behaviour, for proving that the suite catches it (never on
     /// a real node): secrets never re-checked after install, state written in place,
-    /// ports published under host networking.
+    /// ports published under host networking, a secret, the state or a directory after a
+    /// rename never fsynced (caught only with `--durability lazy`).
     #[arg(long = "break", value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(archy_agent::failpoint::BREAKAGES))]
     pub breakages: Vec<String>,
     /// Apps a destructive scenario must not hurt (on a synced node a cycle costs hours of

@@ -52,7 +52,7 @@ fn reboot_survive_passes_with_evidence_and_a_replay_command() {
 #[test]
 fn bug_a_lazy_data_root_lost_the_directories_the_agent_never_synced() {
     let reports = tempfile::tempdir().unwrap();
-    let args = ["reboot-survive", "--durability", "lazy", "--iterations", "2", "--seed", "5"];
+    let args = ["reboot-survive", "--durability", "lazy", "--iterations", "1", "--seed", "5"];
     let (code, r, text) = run(&args, reports.path());
     assert_eq!(code, 0, "{text}\n{r}");
     assert!(r["replay"].as_str().unwrap().contains("--durability lazy"), "{r}");

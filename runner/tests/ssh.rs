@@ -543,7 +543,7 @@ fn smoke_runs_over_ssh_on_two_hosts_at_once_and_a_fleet_mixes_ssh_and_local() {
     .unwrap();
     let fleet_dir = reports.path().join("fleet").display().to_string();
     let inv = inventory.display().to_string();
-    let args = ["fleet", "run", "--inventory", &inv, "--suite", "reboot-survive", "--iterations", "2"];
+    let args = ["fleet", "run", "--inventory", &inv, "--suite", "reboot-survive", "--iterations", "1"];
     let out = chaos_cmd(&args).args(["--report-dir", &fleet_dir]).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{text}");
