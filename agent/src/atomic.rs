@@ -38,8 +38,7 @@ pub fn create_dir_all(dir: &Path, mode: u32) -> Result<(), Error> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
         r => r.map_err(io_err(dir, "create directory"))?,
     }
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(parent).and_then(|d| d.sync_all()).map_err(io_err(parent, "fsync directory"))
+    fsync_dir(dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
 }
 
 /// A temp file left by a writer that died between create and rename (a directory of that
@@ -128,6 +127,10 @@ pub fn sync_dir(dir: &Path) -> Result<(), Error> {
     if crate::failpoint::broken("no-dir-fsync") {
         return Ok(());
     }
+    fsync_dir(dir)
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "fsync directory"))
 }
 

@@ -154,6 +154,13 @@ struct Lazy {
 /// by a pull or build, its containers from units, and it is podman's crash-safety, not the
 /// agent's; a cut of it would fail scenarios on what no agent can fix (vfs copies of image
 /// layers through FUSE would also cost seconds per container).
+impl Lazy {
+    /// `<root>/<name>.<ext>`: its control socket, pid file or log.
+    fn file(self, root: &Path, ext: &str) -> PathBuf {
+        root.join(format!("{}.{ext}", self.name))
+    }
+}
+
 const LAZY_DATA: Lazy = Lazy { lower: "data.lower", mount: "data", name: "lazyfs" };
 /// The Quadlet unit directory, over a directory of this machine's disk: not the data image,
 /// whose disk faults are the data root's alone.
@@ -199,7 +206,7 @@ fn mount_data(root: &Path, lazy: bool) -> Result<()> {
 /// Ctrl-C of the runner is not a power cut of the node's files).
 fn mount_lazy(root: &Path, l: Lazy) -> Result<()> {
     let (lower, mount) = (root.join(l.lower), root.join(l.mount));
-    let (control, log_file) = (root.join(format!("{}.sock", l.name)), root.join(format!("{}.log", l.name)));
+    let (control, log_file) = (l.file(root, "sock"), l.file(root, "log"));
     std::fs::create_dir_all(&lower)?;
     std::fs::create_dir_all(&mount)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_file)?;
@@ -207,7 +214,7 @@ fn mount_lazy(root: &Path, l: Lazy) -> Result<()> {
     cmd.arg("lazyfs").arg(&lower).arg(&mount).arg(&control);
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
     let child = crate::exec::spawn(&mut cmd).context("starting a lazy filesystem")?;
-    std::fs::write(root.join(format!("{}.pid", l.name)), child.id().to_string())?;
+    std::fs::write(l.file(root, "pid"), child.id().to_string())?;
     std::mem::forget(child); // reaped by `reap_lazy` once it has unmounted
     let start = Instant::now();
     while !(control.exists() && mount_at(&mount)?.is_some()) {
@@ -234,7 +241,7 @@ fn reap_lazy(root: &Path, l: Lazy) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    if let Ok(pid) = std::fs::read_to_string(root.join(format!("{}.pid", l.name))) {
+    if let Ok(pid) = std::fs::read_to_string(l.file(root, "pid")) {
         let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap_or(0));
         let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
     }
@@ -244,7 +251,7 @@ fn reap_lazy(root: &Path, l: Lazy) -> Result<()> {
 /// One command to the lazy filesystem `l` (`lazyfs::serve`); its answer, JSON.
 fn lazy_control(root: &Path, l: Lazy, command: &str) -> Result<Value> {
     use std::io::{BufRead, Write};
-    let socket = root.join(format!("{}.sock", l.name));
+    let socket = l.file(root, "sock");
     let mut s = std::os::unix::net::UnixStream::connect(&socket)
         .with_context(|| format!("the lazy filesystem's control {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;

@@ -135,7 +135,7 @@ pub fn secrets_of(node: &dyn Node, m: &Manifest, uid: u32) -> Result<Vec<(String
     Ok(sums)
 }
 
-/// Each app's secret files that are there, with their sha256.
+/// Each app's secret files that are whole and valid, with their sha256.
 pub type SecretSums = BTreeMap<String, Vec<(String, String)>>;
 
 /// The files of one generated secret: its value, and a bcrypt hash's password beside it.
@@ -181,13 +181,14 @@ fn secrets_unchanged(ctx: &StepCtx) -> Result<()> {
         "no fault struck in this iteration (power-cut, reboot, graceful-reboot, kill-agent, kill-agent-during or an armed kill point), so no secret was snapshotted",
     )?;
     let installed: Vec<String> = installed(ctx)?.into_iter().map(|(app, _)| app).collect();
+    let now = secret_sums(ctx)?;
     let mut changed = Vec::new();
     for (app, files) in acked.iter().filter(|(app, _)| installed.contains(app)) {
         for (f, sum) in files {
-            match ctx.node.hash(&format!("data/secrets/{app}/{f}"))? {
-                Some(now) if &now == sum => {}
-                Some(now) => changed.push(format!("{app}/{f} (sha256 {sum} -> {now})")),
-                None => changed.push(format!("{app}/{f} (gone)")),
+            match now.get(app).and_then(|n| n.iter().find(|(g, _)| g == f)) {
+                Some((_, now)) if now == sum => {}
+                Some((_, now)) => changed.push(format!("{app}/{f} (sha256 {sum} -> {now})")),
+                None => changed.push(format!("{app}/{f} (gone, or no longer valid)")),
             }
         }
     }
