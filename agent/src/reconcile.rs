@@ -343,6 +343,13 @@ pub fn plan(w: &World) -> Plan {
                     Some((Op::Probe { app: app.into() }, Reason::Health))
                 }
                 ContainerState::Running | ContainerState::Stopping | ContainerState::Paused => None,
+                // A `podman run` that never got to start: killed midway, its storage may be
+                // half made, which `podman start` never heals. `run --replace` makes it anew
+                // (under Quadlet the unit's own `run --replace` does).
+                ContainerState::Created if !quadlet => Some((
+                    Op::Run { app: app.into(), unit: unit.clone(), reset_failed: false, wait: false },
+                    Reason::Start,
+                )),
                 ContainerState::Created => Some((Op::Start { app: app.into() }, Reason::Start)),
                 ContainerState::Exited | ContainerState::Other => {
                     let restart = match m.restart {

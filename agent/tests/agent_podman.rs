@@ -106,6 +106,37 @@ fn kill9_mid_install_then_restart_converges() {
 }
 
 #[test]
+fn bug_a_container_left_half_made_by_a_killed_podman_run_was_started_forever() {
+    // The agent's first `podman run` dies after the create, before the start, with the
+    // container's storage not yet made: what CI saw when kill9_mid_install killed a run
+    // midway. `podman start` fails on it every time ("unable to determine if .../shm is
+    // mounted"); the agent must make it anew.
+    let mut a = TestAgent::new(&[]);
+    let home = a.podman.home.path().to_path_buf();
+    let (flag, wrapper) = (home.join("run-killed"), home.join("podman-wrapper"));
+    let real = which("podman").unwrap();
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = run ] && [ ! -e {flag} ]; then\n  : > {flag}\n  shift 2\n  \
+             id=$({real} create \"$@\") || exit 125\n  \
+             rm -rf \"$HOME/.local/share/containers/storage/vfs-containers/$id\"\n  kill -9 $$\nfi\n\
+             exec {real} \"$@\"\n",
+            flag = flag.display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    a.extra = vec!["--podman".into(), wrapper.display().to_string()];
+    a.spawn();
+    a.rpc("package.install", json!({"id": "fx-web"}));
+    a.wait_up(&["fx-web"]);
+    assert!(flag.exists(), "the wrapper's killed run happened");
+    assert!(a.log_text().contains("action=run fx-web (start)"), "made anew, not started\n{}", a.log_text());
+}
+
+#[test]
 fn corrupt_state_file_is_recovered_and_containers_are_untouched() {
     let mut a = TestAgent::start(&[]);
     a.rpc("package.install", json!({"id": "fx-web"}));

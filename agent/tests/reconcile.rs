@@ -309,6 +309,19 @@ fn quadlet_leaves_a_starting_unit_to_systemd_and_resets_a_failed_one() {
 }
 
 #[test]
+fn a_created_container_is_run_anew_by_the_podman_backend_and_started_by_its_unit_under_quadlet() {
+    let c = catalog();
+    let mut case = Case::new(BackendKind::Podman, &[("fx-web", Desired::Running)]);
+    let mut created = healthy(&c, "fx-web");
+    created.state = ContainerState::Created;
+    case.observed.push(created);
+    assert_eq!(names(&case.plan(&c)), ["run fx-web (start)", "probe fx-web (health)"]);
+    case.backend = BackendKind::Quadlet;
+    case.units.insert("fx-web".into(), render(c.get("fx-web").unwrap(), &target()).text);
+    assert_eq!(names(&case.plan(&c)), ["start fx-web (start)"]);
+}
+
+#[test]
 fn exited_containers_follow_the_restart_policy() {
     let c = catalog();
     for (app, code, want) in [
