@@ -27,6 +27,7 @@ use crate::node::ssh::{SshNode, SshOptions};
 use crate::node::{Backend, LocalNode, Node};
 use crate::report::model::{ExploreReport, Found};
 use crate::report::{exit, NodeReport, Report, ScenarioReport};
+use crate::run::Durability;
 use crate::scenario::checker::{self, Seen, NEVER_HEALTHY};
 use crate::scenario::engine::{Iteration, Memory, StepCtx, StepRecord};
 use crate::scenario::history::{self, Entry, History};
@@ -84,6 +85,10 @@ pub struct ExploreArgs {
     /// Deliberately broken agent behaviour, for proving that explore catches it.
     #[arg(long = "break", value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(archy_agent::failpoint::BREAKAGES))]
     pub breakages: Vec<String>,
+    /// What a local node's power cut keeps: `lazy` (only what was fsynced) or `kernel`
+    /// (every write). Default: lazy where this machine has FUSE (see `run --help`).
+    #[arg(long, value_enum)]
+    pub durability: Option<Durability>,
     #[command(flatten)]
     pub ssh: SshOptions,
     /// Apps an SSH host keeps (never touched).
@@ -146,6 +151,11 @@ pub fn explore(args: ExploreArgs) -> ExitCode {
     };
     if let (Where::Ssh(_), true) = (&place, faults.contains(&Fault::Disk)) {
         return usage(anyhow::anyhow!("--faults disk needs a local node (its data root is a filesystem of its own); leave it out over SSH"));
+    }
+    if let (Where::Ssh(_), Some(Durability::Lazy)) = (&place, args.durability) {
+        return usage(anyhow::anyhow!(
+            "--durability lazy is for local nodes: a host over SSH keeps what its own power cut keeps"
+        ));
     }
     if let Err(e) = crate::interrupt::install() {
         return usage(anyhow::anyhow!("installing the signal handlers: {e}"));
@@ -257,6 +267,9 @@ fn replay(args: &ExploreArgs, seed: u64) -> String {
     if !args.breakages.is_empty() {
         r.push_str(&format!(" --break {}", args.breakages.join(",")));
     }
+    if args.node.starts_with("local") {
+        r.push_str(Durability::flag(args.durability));
+    }
     r
 }
 
@@ -293,10 +306,10 @@ impl Explorer<'_> {
             netns: true,
             fm3: false,
             breakages: self.args.breakages.clone(),
-            lazy: false,
+            lazy: Durability::lazy(self.args.durability),
         };
         let bin = std::env::current_exe()?.with_file_name("archy-agent");
-        LocalNode::up(&opts, &bin, &self.args.catalog).context("cannot bring up a local node")
+        LocalNode::up(&opts, &bin, &self.args.catalog).context(crate::run::up_failed(opts.lazy))
     }
 
     fn on_local(&self, name: &str, plan: &[Step]) -> Result<(Explored, Option<Found>)> {

@@ -157,6 +157,10 @@ enum NodeCommand {
         /// Deliberately broken agent behaviour, for proving the suite (see `run --help`).
         #[arg(long = "break", value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(archy_agent::failpoint::BREAKAGES))]
         breakages: Vec<String>,
+        /// What the node's power cut keeps: `lazy` (only what was fsynced) or `kernel` (every
+        /// write). Default: lazy where this machine has FUSE (see `run --help`).
+        #[arg(long, value_enum)]
+        durability: Option<run::Durability>,
         #[arg(long, default_value = "archy")]
         user: String,
         #[arg(long, default_value = "apps")]
@@ -399,12 +403,13 @@ fn remote_command(n: &node::ssh::SshNode, action: RemoteAction) -> anyhow::Resul
 }
 
 fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
+    use anyhow::Context;
     use node::{LocalNode, Node};
     fn show(v: impl serde::Serialize) {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
     }
     match cmd {
-        NodeCommand::Up { name, backend, netns, fm3, breakages, user, catalog, bare } => {
+        NodeCommand::Up { name, backend, netns, fm3, breakages, durability, user, catalog, bare } => {
             let bin = std::env::current_exe()?.with_file_name("archy-agent");
             let opts = node::local::UpOptions {
                 name: name.clone(),
@@ -413,13 +418,13 @@ fn node_command(cmd: NodeCommand) -> anyhow::Result<()> {
                 netns,
                 fm3,
                 breakages,
-                lazy: false,
+                lazy: run::Durability::lazy(durability),
             };
             if bare {
-                LocalNode::up_bare(&opts)?;
+                LocalNode::up_bare(&opts).context(run::up_failed(opts.lazy))?;
                 println!("node {name} up, without an agent");
             } else {
-                let n = LocalNode::up(&opts, &bin, &catalog)?;
+                let n = LocalNode::up(&opts, &bin, &catalog).context(run::up_failed(opts.lazy))?;
                 println!("node {name} up; agent at http://{}", n.api_addr());
             }
         }

@@ -23,6 +23,30 @@ pub enum Durability {
     Lazy,
 }
 
+/// Why a local node is not there, with the way out when its lazy mount may be to blame.
+pub fn up_failed(lazy: bool) -> &'static str {
+    match lazy {
+        true => "cannot bring up a local node with a lazy data root (--durability kernel runs without)",
+        false => "cannot bring up a local node",
+    }
+}
+
+impl Durability {
+    /// Whether local nodes get the lazy data root: asked, or where this machine has FUSE.
+    pub fn lazy(asked: Option<Durability>) -> bool {
+        asked.map_or_else(|| Path::new("/dev/fuse").exists(), |d| d == Durability::Lazy)
+    }
+
+    /// The replay's flag, as it ran: the default depends on the machine.
+    pub fn flag(asked: Option<Durability>) -> &'static str {
+        if Durability::lazy(asked) {
+            " --durability lazy"
+        } else {
+            " --durability kernel"
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// Scenarios (`scenarios/<id>.yml`, e.g. `reboot-survive`) and suites
@@ -102,13 +126,6 @@ pub struct RunArgs {
     pub json: bool,
     #[arg(long, default_value = "archy")]
     pub user: String,
-}
-
-impl RunArgs {
-    /// Whether local nodes get the lazy data root: asked, or where this machine has FUSE.
-    fn lazy(&self) -> bool {
-        self.durability.map_or_else(|| Path::new("/dev/fuse").exists(), |d| d == Durability::Lazy)
-    }
 }
 
 /// One scenario to run, resolved: its apps, backend and iteration count.
@@ -375,13 +392,10 @@ impl Driver<'_> {
             netns: true,
             fm3: args.fm3,
             breakages: args.breakages.clone(),
-            lazy: args.lazy(),
+            lazy: Durability::lazy(args.durability),
         };
         let bin = std::env::current_exe()?.with_file_name("archy-agent");
-        let node = LocalNode::up(&opts, &bin, &args.catalog).with_context(|| match opts.lazy {
-            true => "cannot bring up a local node with a lazy data root (--durability kernel runs without)",
-            false => "cannot bring up a local node",
-        })?;
+        let node = LocalNode::up(&opts, &bin, &args.catalog).context(up_failed(opts.lazy))?;
         let results = scenario::engine::run_scenario(&w.scenario, &node, &w.apps, range, seed, |g, it| {
             self.each(w, g, it)
         });
@@ -571,10 +585,9 @@ fn replay(args: &RunArgs, seed: u64) -> String {
     if args.fm3 {
         r.push_str(" --fm3");
     }
-    // As it ran: the default depends on the machine.
     let local = args.node.is_empty() || args.node.iter().any(|n| n.starts_with("local"));
     if args.durability.is_some() || local {
-        r.push_str(if args.lazy() { " --durability lazy" } else { " --durability kernel" });
+        r.push_str(Durability::flag(args.durability));
     }
     r
 }

@@ -32,6 +32,10 @@ fn bad_usage_exits_64_naming_the_flag() {
         (&["--apps", "nope"], "--apps"),
         (&["--node", "somewhere"], "--node"),
         (&["--node", "ssh://archy@127.0.0.1", "--faults", "disk"], "--faults disk"),
+        (
+            &["--node", "ssh://archy@127.0.0.1", "--faults", "kill", "--durability", "lazy"],
+            "--durability lazy",
+        ),
     ] {
         let mut argv = vec!["explore"];
         argv.extend(args);
@@ -78,6 +82,10 @@ fn explore_finds_the_panicking_reconciler_and_shrinks_it_to_a_scenario_run_repla
     ]);
     assert_eq!(code, 1, "{text}");
     let r = report(reports.path());
+    // As for `run`: a local node is lazy by default where FUSE is, and the replay says which ran.
+    let durability = if Path::new("/dev/fuse").exists() { "lazy" } else { "kernel" };
+    assert_eq!(r["nodes"][0]["environment"]["durability"], durability, "{text}");
+    assert!(r["replay"].as_str().unwrap().ends_with(&format!(" --durability {durability}")), "{r}");
     let x = &r["explore"];
     let f = &x["found"];
     assert!(f["failure"].as_str().unwrap().contains("not ready"), "{text}");

@@ -1,6 +1,7 @@
 //! Local nodes-in-a-box, driven through `archy-chaos node ...` as a person would: each fault
 //! primitive is real and checked for its effect, and `down` leaves nothing behind.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -136,11 +137,27 @@ fn power_cut_kills_every_process_and_boot_brings_apps_and_data_back() {
     let _g = serial();
     let n = TestNode::up("tpower", &[]);
     n.install(&["fx-web", "fx-client", "fx-hostnet"]);
-    let marker = n.root().join("data/apps/fx-web/data/www/marker.txt");
-    std::fs::write(&marker, "written before the power cut\n").unwrap();
+    let www = n.root().join("data/apps/fx-web/data/www");
+    // Synced, file and directories, as an app that needs its data back does: the node is lazy
+    // by default where FUSE is, and its power cut keeps only that.
+    let marker = www.join("marker.txt");
+    {
+        // Closed before the cut: a file held open keeps the mount busy.
+        let mut f = std::fs::File::create(&marker).unwrap();
+        f.write_all(b"written before the power cut\n").unwrap();
+        f.sync_all().unwrap();
+        // Up to the data root: the app made `www` itself and never synced its entry.
+        for dir in www.ancestors().take_while(|d| d.starts_with(n.root().join("data"))) {
+            std::fs::File::open(dir).unwrap().sync_all().unwrap();
+        }
+    }
+    let unsynced = www.join("unsynced.txt");
+    std::fs::write(&unsynced, "never synced\n").unwrap();
     let before = n.containers();
 
     let cut = n.json(&["node", "power-cut", "tpower"]);
+    let lazy = Path::new("/dev/fuse").exists();
+    assert_eq!(cut["lost"].is_object(), lazy, "{cut}");
     assert!(cut["processes_killed"].as_u64().unwrap() > 5, "{cut}");
     assert_eq!(cut["processes_left"], 0, "{cut}");
     let status = n.json(&["node", "status", "tpower"]);
@@ -163,6 +180,7 @@ fn power_cut_kills_every_process_and_boot_brings_apps_and_data_back() {
     assert_eq!(after.len(), before.len(), "{after:?}");
     assert_ne!(after, before, "new containers after a power cut");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "written before the power cut\n");
+    assert_eq!(unsynced.exists(), !lazy, "a lazy node's cut drops what was never synced: {cut}");
     assert!(n
         .exec(&["wget", "-q", "-O-", "http://127.0.0.1:18080/marker.txt"])
         .contains("before the power cut"));
@@ -345,12 +363,13 @@ fn nodes_of_two_node_directories_never_share_an_address() {
 
 /// The data root is a small filesystem of its own, so a full or read-only disk is real for
 /// the agent's service user inside the node; it outlives power cuts and a lost mount (this
-/// machine rebooted), and `down` leaves neither its mount nor its loop device.
+/// machine rebooted), and `down` leaves neither its mount nor its loop device. On the kernel
+/// path, where the image is the data root itself (lazy: under it, `data.lower`).
 #[test]
 fn the_data_root_is_its_own_filesystem_and_disk_faults_are_real_inside_the_node() {
     use std::os::unix::fs::MetadataExt;
     let _g = serial();
-    let n = TestNode::up("tdisk", &[]);
+    let n = TestNode::up("tdisk", &["--durability", "kernel"]);
     let (root, data) = (n.root(), n.root().join("data"));
     let img = root.join("data.img");
 

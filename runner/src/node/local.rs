@@ -236,7 +236,8 @@ fn reap_lazy(root: &Path, l: Lazy) -> Result<()> {
     while mount_at(&root.join(l.mount))?.is_some() {
         ensure!(
             start.elapsed() < Duration::from_secs(10),
-            "the lazy filesystem at {} stays mounted",
+            "the lazy filesystem at {0} stays mounted: a process outside the node may hold a file \
+             in it open (`fuser -vm {0}` lists them)",
             root.join(l.mount).display()
         );
         std::thread::sleep(Duration::from_millis(10));
