@@ -15,6 +15,17 @@ fn id(a: &TestAgent, app: &str) -> String {
         .unwrap_or_else(|| panic!("no container for {app}\n{}", a.log_text()))
 }
 
+/// The agent calls podman through a shell script: `body` first (`$REAL` is the real podman),
+/// then the real podman with the same arguments.
+fn podman_wrapper(a: &mut TestAgent, body: &str) {
+    let wrapper = a.podman.home.path().join("podman-wrapper");
+    let real = which("podman").unwrap();
+    fs::write(&wrapper, format!("#!/bin/sh\nREAL={}\n{body}\nexec \"$REAL\" \"$@\"\n", real.display()))
+        .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    a.extra = vec!["--podman".into(), wrapper.display().to_string()];
+}
+
 #[test]
 fn lifecycle_install_stop_start_restart_uninstall() {
     let a = TestAgent::start(&[]);
@@ -112,23 +123,16 @@ fn bug_a_container_left_half_made_by_a_killed_podman_run_was_started_forever() {
     // midway. `podman start` fails on it every time ("unable to determine if .../shm is
     // mounted"); the agent must make it anew.
     let mut a = TestAgent::new(&[]);
-    let home = a.podman.home.path().to_path_buf();
-    let (flag, wrapper) = (home.join("run-killed"), home.join("podman-wrapper"));
-    let real = which("podman").unwrap();
-    fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = run ] && [ ! -e {flag} ]; then\n  : > {flag}\n  shift 2\n  \
-             id=$({real} create \"$@\") || exit 125\n  \
-             rm -rf \"$HOME/.local/share/containers/storage/vfs-containers/$id\"\n  kill -9 $$\nfi\n\
-             exec {real} \"$@\"\n",
-            flag = flag.display(),
-            real = real.display()
+    let flag = a.podman.home.path().join("run-killed");
+    let flag_s = flag.display();
+    podman_wrapper(
+        &mut a,
+        &format!(
+            "if [ \"$1\" = run ] && [ ! -e {flag_s} ]; then\n  : > {flag_s}\n  shift 2\n  \
+             id=$(\"$REAL\" create \"$@\") || exit 125\n  \
+             rm -rf \"$HOME/.local/share/containers/storage/vfs-containers/$id\"\n  kill -9 $$\nfi"
         ),
-    )
-    .unwrap();
-    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
-    a.extra = vec!["--podman".into(), wrapper.display().to_string()];
+    );
     a.spawn();
     a.rpc("package.install", json!({"id": "fx-web"}));
     a.wait_up(&["fx-web"]);
@@ -259,20 +263,11 @@ fn podman_failing_for_a_while_is_survived() {
     // A podman that fails while a flag file exists: the agent must stay up, report the
     // failed passes, and converge once podman works again.
     let mut a = TestAgent::new(&[]);
-    let home = a.podman.home.path().to_path_buf();
-    let (flag, wrapper) = (home.join("podman-broken"), home.join("podman-wrapper"));
-    let real = which("podman").unwrap();
-    fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\n[ -e {} ] && {{ echo 'simulated failure' >&2; exit 125; }}\nexec {} \"$@\"\n",
-            flag.display(),
-            real.display()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
-    a.extra = vec!["--podman".into(), wrapper.display().to_string()];
+    let flag = a.podman.home.path().join("podman-broken");
+    podman_wrapper(
+        &mut a,
+        &format!("[ -e {} ] && {{ echo 'simulated failure' >&2; exit 125; }}", flag.display()),
+    );
     a.spawn();
     a.rpc("package.install", json!({"id": "fx-web"}));
     a.wait_up(&["fx-web"]);
